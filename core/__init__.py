@@ -1,0 +1,7 @@
+"""Training plumbing shared by the scripts, one topic per file:
+
+dist.py        distributed init (torchrun, SLURM, one process), gathers with gradients
+optim.py       parameter groups, LARS, cosine schedules, gradient clipping
+checkpoint.py  atomic save, resume, loading pretrained weights into a backbone
+logger.py      MetricLogger (periodic progress line), bool_flag
+"""

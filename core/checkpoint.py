@@ -1,0 +1,171 @@
+"""Checkpoints: atomic saves, resume, and loading pretrained weights into a bare backbone.
+
+Training checkpoints are one dict with the official key names (facebookresearch/dino):
+{"student", "teacher", "optimizer", "dino_loss" | "ibot_loss", "fp16_scaler", "epoch", "args"};
+single-network methods (SimCLR, rotation) store their network under "model". "args" is a
+plain dict so `torch.load(weights_only=True)` reads it.
+"""
+import argparse
+import os
+
+import torch
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash (or a SLURM
+    preemption) mid-write never leaves a truncated checkpoint behind."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_file(path):
+    """torch.load on CPU. Official DINO/iBOT training checkpoints pickle an argparse.Namespace,
+    which weights_only=True refuses; allow exactly that class."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint '{path}' does not exist; pass the path of a .pth "
+                         "file written by train_ssl.py or an official DINO/iBOT release")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
+        raise SystemExit(f"error: could not read checkpoint '{path}' ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); is it a PyTorch .pth file?")
+
+
+def restart_from_checkpoint(path, run_variables=None, **modules):
+    """Resume: load each named entry of the checkpoint into the given object (module,
+    optimizer, scaler) and copy plain values (e.g. epoch) into run_variables."""
+    if not os.path.isfile(path):
+        return False
+    ckpt = load_file(path)
+    print(f"Found checkpoint at {path}")
+    for key, obj in modules.items():
+        if obj is None:
+            continue
+        if key not in ckpt:
+            print(f"=> key '{key}' not found in checkpoint '{path}'")
+            continue
+        if isinstance(obj, torch.nn.Module):
+            msg = obj.load_state_dict(ckpt[key], strict=True)
+            print(f"=> loaded '{key}' from checkpoint '{path}' with msg {msg}")
+        else:
+            obj.load_state_dict(ckpt[key])
+            print(f"=> loaded '{key}' from checkpoint '{path}'")
+    if run_variables is not None:
+        for key in run_variables:
+            if key in ckpt:
+                run_variables[key] = ckpt[key]
+    return True
+
+
+def strip_prefixes(state_dict, prefixes=("module.", "backbone.")):
+    """Remove DDP's 'module.' and MultiCropWrapper's 'backbone.' prefixes (leading only).
+    Keys that start with 'head.' belong to the projection/DINO head, not to the backbone."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def extract_backbone_state(ckpt, checkpoint_key="teacher"):
+    """Pick the backbone weights out of any supported file:
+    - our and official DINO/iBOT training checkpoints: ckpt[checkpoint_key] ('teacher' or
+      'student'), keys 'backbone.*' (head keys dropped);
+    - our SimCLR/rotation checkpoints: ckpt['model'] (a single network, so no teacher);
+    - official released backbone weights: a bare state dict, or {'state_dict': ...}.
+    Returns (state_dict, description)."""
+    if not isinstance(ckpt, dict):
+        raise SystemExit("error: checkpoint is not a dict of tensors; pass a .pth state dict")
+    desc = "bare state dict"
+    if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
+        sd, desc = ckpt[checkpoint_key], f"key '{checkpoint_key}'"
+    elif "model" in ckpt and isinstance(ckpt["model"], dict):
+        sd, desc = ckpt["model"], "key 'model'"
+        print(f"Checkpoint has no '{checkpoint_key}' key: using its one network ('model'), "
+              "as trained by a single-network method (SimCLR, rotation).")
+    elif "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+        sd, desc = ckpt["state_dict"], "key 'state_dict'"
+    else:
+        tensors = {k: v for k, v in ckpt.items() if torch.is_tensor(v)}
+        if not tensors:
+            raise SystemExit(f"error: checkpoint has no '{checkpoint_key}', 'model' or "
+                             f"'state_dict' entry (keys: {sorted(ckpt)[:8]}); pass "
+                             "--checkpoint_key naming the network to evaluate")
+        sd = tensors
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "module.head."))}
+    return strip_prefixes(sd), desc
+
+
+def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing=("fc.", "head.")):
+    """Load a backbone from `path` into `model`. Refuses a file whose tensors do not fit
+    (different arch, patch size, ...) with one line; a different number of positional
+    embeddings is adopted from the checkpoint (the ViT interpolates it to any input size).
+    Prints which keys did not load. Returns the load message."""
+    if not path:
+        print("No --pretrained_weights: using RANDOM init weights (the baseline to compare with).")
+        return None
+    sd, desc = extract_backbone_state(load_file(path), checkpoint_key)
+    own = model.state_dict()
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape \
+            and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+        # The ViT interpolates its positional embedding to any input size, so adopt the
+        # checkpoint's grid (e.g. trained at 224, evaluated on 96px STL-10).
+        model.pos_embed = torch.nn.Parameter(torch.zeros_like(sd["pos_embed"]))
+        own = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and own[k].shape != v.shape]
+    if bad:
+        raise SystemExit(f"error: checkpoint '{path}' does not fit --arch/--patch_size "
+                         f"({len(bad)} shape mismatches, e.g. {bad[0]}); pass the --arch and "
+                         "--patch_size it was trained with")
+    matched = [k for k in sd if k in own]
+    if not matched:
+        raise SystemExit(f"error: no tensor of '{path}' ({desc}) matches the model's names "
+                         f"(e.g. '{next(iter(sd), '')}'); wrong --arch or --checkpoint_key?")
+    msg = model.load_state_dict(sd, strict=False)
+    missing = [k for k in msg.missing_keys if not k.startswith(allow_missing)]
+    if missing:
+        raise SystemExit(f"error: checkpoint '{path}' ({desc}) lacks {len(missing)} backbone "
+                         f"tensors, e.g. '{missing[0]}'; wrong --arch or --checkpoint_key?")
+    print(f"Pretrained weights found at {path} ({desc}) and loaded with msg: {msg}")
+    return msg
+
+
+def load_backbone(args, **build_kwargs):
+    """Shared by the evaluation scripts: build the backbone named by --arch / --patch_size and
+    load --pretrained_weights into it. Flags left at None are filled from the `args` stored in
+    one of our checkpoints (arch, patch_size, cifar_stem, input_size), so
+    `eval_knn.py --pretrained_weights out/checkpoint.pth` needs no model flags.
+    Returns (backbone, embed_dim)."""
+    from models import build_backbone  # local import: models must not depend on core
+
+    train_args = {}
+    if args.pretrained_weights:
+        ckpt_args = load_file(args.pretrained_weights).get("args")
+        if isinstance(ckpt_args, argparse.Namespace):
+            ckpt_args = vars(ckpt_args)
+        train_args = ckpt_args if isinstance(ckpt_args, dict) else {}
+    defaults = {"arch": "vit_small", "patch_size": 16, "cifar_stem": None}
+    for name, default in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, train_args.get(name, default))
+    if getattr(args, "image_size", None) is None:
+        args.image_size = train_args.get("input_size") or train_args.get("global_crops_size")
+    if args.cifar_stem is None:
+        args.cifar_stem = bool(args.image_size and args.image_size <= 64)
+    backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
+                                         img_size=[args.image_size or 224],
+                                         cifar_stem=args.cifar_stem, **build_kwargs)
+    load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key)
+    return backbone, embed_dim

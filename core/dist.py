@@ -1,0 +1,139 @@
+"""Distributed setup: torchrun env vars, then SLURM, then a single process.
+
+Mirrors facebookresearch/dino utils.init_distributed_mode, with two changes: it falls back to
+gloo on CPU (the official code refuses to run without a GPU) and a single process still gets a
+(world size 1) process group, so code that all-reduces (DINO's centre) runs unchanged.
+"""
+import builtins
+import datetime
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed_mode(args):
+    """Sets args.rank, args.world_size, args.gpu, args.device, args.distributed."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        # one task per GPU, launched by srun (slurm/*.sh export MASTER_ADDR / MASTER_PORT)
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    else:  # one process: still build a group so collectives work everywhere
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    use_cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = torch.device("cuda", args.gpu)
+    else:
+        args.device = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    dist_url = getattr(args, "dist_url", "env://")
+    dist.init_process_group(backend, init_method=dist_url, world_size=args.world_size,
+                            rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    args.distributed = args.world_size > 1
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}, {args.device})",
+          flush=True)
+    setup_for_distributed(args.rank == 0)
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on non-master ranks; print(..., force=True) still prints."""
+    builtin_print = builtins.print
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def fix_random_seeds(seed=0):
+    """Same seed on every rank, as DINO; DistributedSampler splits the data."""
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's
+    slice. Each rank's loss uses every rank's embeddings, so the gradient for an embedding is the
+    sum over all ranks' losses; DDP then averages parameter gradients over ranks, which gives
+    exactly the single-process gradient of the mean loss on the global batch. (Returning
+    grads[rank] without the all-reduce, as some SimCLR ports do, scales gradients by 1/W.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def all_gather_with_grad(x):
+    """(B, D) on each rank -> (W*B, D), rank-major, differentiable."""
+    if get_world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), 0)
+
+
+@torch.no_grad()
+def all_gather_nograd(x):
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+def all_reduce_mean(x):
+    if get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= get_world_size()
+    return x

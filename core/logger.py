@@ -1,0 +1,80 @@
+"""Progress logging in the spirit of DINO's MetricLogger, without a device sync per step:
+metrics arrive as tensors, are summed on the device, and are copied to the host only every
+`print_freq` iterations (and at the end of the epoch, all-reduced over ranks)."""
+import argparse
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+from core.dist import get_world_size
+
+
+def bool_flag(s):
+    """Parse 'true/false' style flags, as DINO's utils.bool_flag."""
+    if s.lower() in {"off", "false", "0", "no"}:
+        return False
+    if s.lower() in {"on", "true", "1", "yes"}:
+        return True
+    raise argparse.ArgumentTypeError("invalid value for a boolean flag (use true or false)")
+
+
+class MetricLogger:
+    """Accumulates per-step scalars; `log_every` yields the batches and prints
+    'epoch [it/n] eta it/s img/s metric: last (avg) ... max mem' every print_freq steps."""
+
+    def __init__(self, header="", print_freq=10, batch_size=None):
+        self.header, self.print_freq, self.batch_size = header, print_freq, batch_size
+        self.sums, self.last, self.count = {}, {}, 0
+
+    def update(self, **metrics):
+        """metrics: name -> 0-d tensor (kept on device) or float."""
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.last[k] = v
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def _fmt(self):
+        if not self.sums:
+            return ""
+        keys = list(self.sums)
+        host = torch.stack([self.last[k].to(self.sums[k].device) for k in keys]
+                           + [self.sums[k] for k in keys]).tolist()  # one sync
+        n = len(keys)
+        return "  ".join(f"{k}: {host[i]:.4g} ({host[n + i] / max(self.count, 1):.4g})"
+                         for i, k in enumerate(keys))
+
+    def log_every(self, iterable, n=None):
+        n = len(iterable) if n is None else n
+        start = end = time.time()
+        data_time = 0.0
+        for i, obj in enumerate(iterable):
+            data_time += time.time() - end
+            yield obj
+            if i % self.print_freq == 0 or i == n - 1:
+                elapsed = time.time() - start
+                its = (i + 1) / max(elapsed, 1e-9)
+                eta = datetime.timedelta(seconds=int((n - i - 1) / its))
+                mem = ""
+                if torch.cuda.is_available():
+                    mem = f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB"
+                imgs = ""
+                if self.batch_size:
+                    imgs = f"  img/s: {its * self.batch_size * get_world_size():.1f}"
+                print(f"{self.header} [{i}/{n}]  eta: {eta}  it/s: {its:.2f}{imgs}  "
+                      f"data: {data_time / (i + 1):.3f}s  {self._fmt()}{mem}", flush=True)
+            end = time.time()
+        self.total_time = time.time() - start
+
+    def global_averages(self):
+        """Epoch averages, all-reduced over ranks (one sync per epoch)."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        t = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        if get_world_size() > 1:
+            dist.all_reduce(t)
+            t /= get_world_size()
+        return dict(zip(keys, t.tolist()))

@@ -1,0 +1,388 @@
+"""Datasets by name.
+
+Every dataset built here yields `(transform(PIL RGB image), int label)` and carries two
+attributes, so that pretraining, k-NN and linear evaluation treat them all alike:
+    .targets      labels of the items, in item order (-1 for STL-10's unlabeled images)
+    .num_classes  number of classes (int)
+
+    DATASETS["cifar10"]                              -> DatasetInfo (classes, size, mean, std)
+    build_dataset("cifar10", root, "train", tf)      -> torch Dataset
+    build_dataset("cifar10", root, "val", tf, val_split=5000)   # 5k held out of train
+
+The datasets are plain picklable objects (no lambdas, no open file handles) so DataLoader
+workers can receive them under both the fork and the spawn start methods.
+"""
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int | None  # None: read from the data (class folders, label array)
+    image_size: int  # native / recommended input resolution
+    mean: tuple  # per-channel RGB mean in [0, 1], for Normalize
+    std: tuple
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": DatasetInfo(10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagefolder": DatasetInfo(None, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "tiny-imagenet": DatasetInfo(200, 64, IMAGENET_MEAN, IMAGENET_STD),
+    # image_size 32 is a placeholder (iBOT's CIFAR .npy files); dataset_info(root=...) reads it
+    "npy": DatasetInfo(None, 32, IMAGENET_MEAN, IMAGENET_STD),
+    # sklearn's 8x8 digits upscaled to 32x32, grayscale replicated to RGB; statistics measured
+    # on our train split (tests/test_data.py recomputes them)
+    "digits": DatasetInfo(10, 32, (0.3052,) * 3, (0.3234,) * 3),
+}
+
+# "val" is either carved out of "train" (val_split > 0) or the official evaluation split
+SPLITS = ("train", "val", "test")
+STL10_SPLITS = SPLITS + ("unlabeled", "train+unlabeled")
+
+
+def _check_name(name):
+    if name not in DATASETS:
+        raise SystemExit(f"error: unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+
+
+def dataset_info(name, root=None):
+    """Registry entry for `name`; with `root`, the data-dependent fields of `imagefolder`
+    (number of class folders) and `npy` (classes from the labels, size from the array) are
+    filled in when the files are there."""
+    _check_name(name)
+    info = DATASETS[name]
+    if root is None:
+        return info
+    if name == "imagefolder" and (Path(root) / "train").is_dir():
+        classes = [e.name for e in os.scandir(Path(root) / "train") if e.is_dir()]
+        return DatasetInfo(len(classes), info.image_size, info.mean, info.std)
+    if name == "npy" and _npy_paths(root, "train") is not None:
+        images_path, labels_path = _npy_paths(root, "train")
+        shape = np.load(images_path, mmap_mode="r").shape
+        size = shape[1] if _npy_layout(shape, images_path) != "nchw" else shape[2]
+        return DatasetInfo(_num_classes(np.load(labels_path)), int(size), info.mean, info.std)
+    return info
+
+
+def build_dataset(name, root, split, transform=None, val_split=0, seed=0, download=False):
+    """Dataset `name` stored under `root` (the --data_path), split `split`.
+
+    split: "train", "val" or "test" (stl10 also "unlabeled" and "train+unlabeled").
+    val_split: number (int >= 1) or fraction (0 < float < 1) of the official train split held
+        out as "val", class-stratified and fixed by `seed`; "train" is then the remainder.
+        With val_split == 0, "val" is the official validation/test split, same as "test".
+    download: let torchvision fetch cifar10/cifar100/stl10 when they are missing.
+    """
+    _check_name(name)
+    valid = STL10_SPLITS if name == "stl10" else SPLITS
+    if split not in valid:
+        raise SystemExit(f"error: unknown split '{split}' for {name}; choose one of {', '.join(valid)}")
+    if name != "digits" and root is None:
+        raise SystemExit(f"error: dataset {name} needs its location; pass --data_path")
+    build = _BUILDERS[name]
+    if not val_split or split in ("test", "unlabeled"):
+        return build(root, "test" if split == "val" else split, transform, download)
+
+    # held-out validation: carve it out of the official train split. For stl10's
+    # train+unlabeled the labeled part comes first and is the same as "train", so the
+    # same images are held out of both.
+    base = build(root, "train" if split == "val" else split, transform, download)
+    train_idx, val_idx = _holdout(base.targets, val_split, seed)
+    return _Subset(base, val_idx if split == "val" else train_idx)
+
+
+class _Subset(Dataset):
+    """torch.utils.data.Subset that also carries .targets and .num_classes."""
+
+    def __init__(self, dataset, indices):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.targets = [int(dataset.targets[i]) for i in self.indices]
+        self.num_classes = dataset.num_classes
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def _holdout(targets, val_split, seed):
+    """Split the labeled items (target >= 0) into (train, val) index arrays, class-stratified.
+
+    Only the labeled items are candidates for val; every other item stays in train. Items are
+    shuffled with `seed`, then ranked by (position within their class) / (class size), so the
+    first k of that ranking hold every class in proportion for any k.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    labeled = np.flatnonzero(targets >= 0)
+    n = len(labeled)
+    if 0 < val_split < 1:
+        k = round(val_split * n)
+    elif val_split >= 1 and float(val_split).is_integer():
+        k = int(val_split)
+    else:
+        raise SystemExit(f"error: --val_split {val_split} is invalid; give a count >= 1 or a fraction in (0, 1)")
+    if not 0 < k < n:
+        raise SystemExit(f"error: --val_split {val_split} holds out {k} of {n} labeled training images; "
+                         f"it must leave both splits non-empty")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    labels = targets[labeled][perm]
+    order = np.argsort(labels, kind="stable")  # perm positions grouped by class, shuffled within
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    sizes = np.searchsorted(sorted_labels, sorted_labels, side="right") - starts
+    rank = (np.arange(n) - starts + 0.5) / sizes
+    picked = order[np.argsort(rank, kind="stable")[:k]]
+    val_idx = np.sort(labeled[perm[picked]])
+    train_idx = np.setdiff1d(np.arange(len(targets)), val_idx)
+    return train_idx, val_idx
+
+
+def _num_classes(labels):
+    labels = np.asarray(labels)
+    return int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
+
+
+# ============ torchvision datasets: cifar10, cifar100, stl10 ============
+
+def _torchvision(cls, title, folder, root, download, **kwargs):
+    root = Path(root)
+    if root.name == folder:  # accept --data_path pointing at the extracted folder itself
+        root = root.parent
+    try:
+        return cls(str(root), download=download, **kwargs)
+    except (RuntimeError, OSError) as e:  # RuntimeError: files missing; OSError/URLError: offline
+        how = f"and it could not be downloaded ({e})" if download else "(downloading is off)"
+        raise SystemExit(f"error: {title} not found under {root} {how}; pass --data_path pointing to "
+                         f"the folder that holds {folder}/") from None
+
+
+def _build_cifar10(root, split, transform, download):
+    ds = _torchvision(tv_datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py", root, download,
+                      train=split == "train", transform=transform)
+    ds.num_classes = 10
+    return ds
+
+
+def _build_cifar100(root, split, transform, download):
+    ds = _torchvision(tv_datasets.CIFAR100, "CIFAR-100", "cifar-100-python", root, download,
+                      train=split == "train", transform=transform)
+    ds.num_classes = 100
+    return ds
+
+
+def _build_stl10(root, split, transform, download):
+    ds = _torchvision(tv_datasets.STL10, "STL-10", "stl10_binary", root, download,
+                      split=split, transform=transform)
+    ds.targets = [int(t) for t in ds.labels]  # torchvision calls them .labels; -1 = unlabeled
+    ds.num_classes = 10
+    return ds
+
+
+# ============ class-folder datasets: imagefolder, tiny-imagenet ============
+
+def _image_folder(folder, transform, train_folder, layout):
+    try:
+        ds = tv_datasets.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: no images found in {folder} ({e}); pass --data_path pointing to {layout}") from None
+    # class indices come from sorted folder names, so train and val agree only if they hold
+    # the same class folders
+    if Path(folder) != Path(train_folder) and Path(train_folder).is_dir():
+        train_classes, _ = ds.find_classes(str(train_folder))
+        if ds.classes != train_classes:
+            raise SystemExit(f"error: the class folders of {folder} and {train_folder} differ; "
+                             f"both splits need the same classes so that label indices agree")
+    ds.num_classes = len(ds.classes)
+    return ds
+
+
+def _build_imagefolder(root, split, transform, download):
+    root = Path(root)
+    layout = "a folder with train/ and val/ (or test/) holding one sub-folder per class"
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} does not exist; pass --data_path pointing to {layout}")
+    if split == "train":
+        folder = root / "train"
+    else:
+        folder = root / "val" if (root / "val").is_dir() else root / "test"
+    if not folder.is_dir():
+        want = "train/" if split == "train" else "val/ or test/"
+        raise SystemExit(f"error: {root} has no {want} folder; pass --data_path pointing to {layout}")
+    return _image_folder(folder, transform, root / "train", layout)
+
+
+def _prepare_tiny_imagenet_val(val_dir):
+    """Move val/images/<file> into val/<wnid>/<file> (from val_annotations.txt) so that
+    ImageFolder reads it. Idempotent, and safe to rerun after an interruption: files are moved
+    one by one and images/ is removed last, only once empty. Run it on one process first when
+    training distributed (build the val set on rank 0, barrier, then on every rank)."""
+    images = val_dir / "images"
+    if not images.is_dir():
+        return  # already reorganised
+    annotations = val_dir / "val_annotations.txt"
+    if not annotations.is_file():
+        raise SystemExit(f"error: {annotations} is missing; pass --data_path pointing to an "
+                         f"unmodified copy of tiny-imagenet-200")
+    for line in annotations.read_text().splitlines():
+        if not line.strip():
+            continue
+        filename, wnid = line.split("\t")[:2]
+        (val_dir / wnid).mkdir(exist_ok=True)
+        try:
+            os.replace(images / filename, val_dir / wnid / filename)
+        except FileNotFoundError:  # moved by an earlier, interrupted run
+            pass
+    left = sorted(os.listdir(images))
+    if left:
+        raise SystemExit(f"error: {len(left)} files in {images} (e.g. {left[0]}) are not in "
+                         f"{annotations.name}; remove them or restore the original annotations")
+    images.rmdir()
+
+
+def _build_tiny_imagenet(root, split, transform, download):
+    root = Path(root)
+    if (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    layout = ("tiny-imagenet-200/ with train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
+              "val/val_annotations.txt")
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise SystemExit(f"error: Tiny ImageNet not found under {root}; pass --data_path pointing to {layout}")
+    if split == "train":
+        return _image_folder(root / "train", transform, root / "train", layout)
+    # the official test split has no labels, so "test" and "val" both mean val/
+    _prepare_tiny_imagenet_val(root / "val")
+    return _image_folder(root / "val", transform, root / "train", layout)
+
+
+# ============ uint8 image arrays: npy, digits ============
+
+class ArrayDataset(Dataset):
+    """uint8 images in an array of shape (N, H, W, C), (N, C, H, W) or (N, H, W), C in {1, 3}.
+
+    `images` is an array, or the path of a .npy file: that is memory-mapped on first access in
+    each process and never pickled, so DataLoader workers share the pages instead of copying
+    the whole array.
+    """
+
+    def __init__(self, images, targets, num_classes, transform=None, layout="nhwc"):
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.num_classes = num_classes
+        self.transform = transform
+        self.layout = layout
+        self._array = images if isinstance(images, np.ndarray) else None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if not isinstance(self.images, np.ndarray):
+            state["_array"] = None  # reopened lazily by the worker
+        return state
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        if self._array is None:
+            self._array = np.load(self.images, mmap_mode="r")
+        img = np.asarray(self._array[i])
+        if self.layout == "nchw":
+            img = img.transpose(1, 2, 0)
+        if img.ndim == 3 and img.shape[2] == 1:
+            img = img[:, :, 0]
+        img = Image.fromarray(np.ascontiguousarray(img)).convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+def _npy_paths(root, split):
+    """(images, labels) paths of `split` in either layout, or None."""
+    root = Path(root)
+    for images, labels in [(root / split / "images.npy", root / split / "labels.npy"),
+                           (root / f"{split}_images.npy", root / f"{split}_labels.npy")]:
+        if images.is_file() and labels.is_file():
+            return images, labels
+    return None
+
+
+def _npy_layout(shape, path):
+    if len(shape) == 3:
+        return "nhw"
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return "nhwc"
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return "nchw"
+    raise SystemExit(f"error: {path} has shape {tuple(shape)}; expected uint8 images as "
+                     f"N x H x W x C or N x C x H x W with C in {{1, 3}}")
+
+
+def _build_npy(root, split, transform, download):
+    if split == "test":  # like imagefolder: the official eval split is val/ if present, else test/
+        split = "val" if _npy_paths(root, "val") is not None else "test"
+    paths = _npy_paths(root, split)
+    if paths is None:
+        raise SystemExit(f"error: no {split} arrays under {root}; pass --data_path pointing to a folder "
+                         f"with {split}/images.npy + {split}/labels.npy (or {split}_images.npy + "
+                         f"{split}_labels.npy)")
+    images_path, labels_path = paths
+    images = np.load(images_path, mmap_mode="r")
+    labels = np.load(labels_path).reshape(-1)
+    layout = _npy_layout(images.shape, images_path)
+    if images.dtype != np.uint8:
+        raise SystemExit(f"error: {images_path} holds {images.dtype}; convert the images to uint8 (0..255)")
+    if len(labels) != len(images):
+        raise SystemExit(f"error: {images_path} has {len(images)} images but {labels_path} has "
+                         f"{len(labels)} labels; they must match")
+    # the test split may miss a class: count classes on train so the indices agree
+    train = _npy_paths(root, "train")
+    num_classes = _num_classes(np.load(train[1]) if train else labels)
+    return ArrayDataset(str(images_path), labels, num_classes, transform, layout)
+
+
+_DIGITS_SEED = 0  # fixed: every run and every process sees the same 80/20 split
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays():
+    """sklearn's bundled digits: (1797, 32, 32) uint8 images, labels, and the test indices."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    digits = load_digits()
+    small = np.round(digits.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
+    big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BILINEAR))
+                    for im in small])
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = _holdout(labels, 0.2, _DIGITS_SEED)
+    return big, labels, train_idx, test_idx
+
+
+def _build_digits(root, split, transform, download):
+    images, labels, train_idx, test_idx = _digits_arrays()
+    idx = train_idx if split == "train" else test_idx
+    return ArrayDataset(images[idx], labels[idx], 10, transform, "nhw")
+
+
+_BUILDERS = {
+    "cifar10": _build_cifar10,
+    "cifar100": _build_cifar100,
+    "stl10": _build_stl10,
+    "imagefolder": _build_imagefolder,
+    "tiny-imagenet": _build_tiny_imagenet,
+    "npy": _build_npy,
+    "digits": _build_digits,
+}

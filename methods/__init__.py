@@ -1,0 +1,16 @@
+"""Self-supervised methods, one file each. Every module offers the same few names, so
+train_ssl.py never branches on the method:
+
+add_args(parser)            the method's flags, with the original repositories' names/defaults
+input_size(args, info)      the resolution the backbone is built for (ViT position grid)
+build_transform(args, info) image -> the views the method needs (info: data.DatasetInfo)
+build(args, backbone, embed_dim, niter_per_ep) -> nn.Module with
+    forward(views, epoch, it) -> (loss, stats)   stats: dict of 0-d tensors (no host sync)
+    after_backward(epoch)                       e.g. DINO's frozen last layer
+    after_step(it)                              e.g. the EMA teacher update
+    eval_backbone()                             the network k-NN monitoring should use
+    checkpoint_modules()                        {checkpoint key: module}, official key names
+"""
+from methods import simclr
+
+METHODS = {"simclr": simclr}

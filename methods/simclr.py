@@ -1,0 +1,103 @@
+"""SimCLR (Chen et al. 2020, https://arxiv.org/abs/2002.05709): two augmented views per image,
+a projection head, and the NT-Xent / InfoNCE loss with every other embedding as a negative.
+
+Plugs into train_ssl.py through add_args / build_transform / build (see methods/__init__.py).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.dist import all_gather_with_grad, get_rank
+from data import TwoViewTransform
+
+
+def add_args(parser):
+    group = parser.add_argument_group("SimCLR")
+    group.add_argument("--temperature", default=0.1, type=float,
+                       help="InfoNCE temperature. 0.1 is google-research/simclr's ImageNet default, "
+                            "0.2-0.5 is common on CIFAR, 0.07 in sthalles/SimCLR.")
+    group.add_argument("--proj_hidden_dim", default=2048, type=int,
+                       help="Hidden width of the projection MLP (2048 in solo-learn; the 128px "
+                            "seed used 512).")
+    group.add_argument("--proj_output_dim", default=128, type=int,
+                       help="Output dimension of the projection head (128 in the paper).")
+    group.add_argument("--crop_size", default=0, type=int,
+                       help="RandomResizedCrop size of the views; 0 means the dataset's native "
+                            "size (32 for CIFAR, 96 for STL-10, 224 for ImageFolder).")
+    group.add_argument("--min_crop_scale", default=0.08, type=float,
+                       help="Lower bound of the RandomResizedCrop area (0.08 in the paper).")
+
+
+def input_size(args, info):
+    """The resolution the backbone is built for (ViT positional embedding grid)."""
+    return args.crop_size or info.image_size
+
+
+def build_transform(args, info):
+    return TwoViewTransform(input_size(args, info), info.mean, info.std,
+                            scale=(args.min_crop_scale, 1.0))
+
+
+def projection_head(in_dim, hidden_dim, out_dim):
+    """Linear-BN-ReLU-Linear, the SimCLR v1 / solo-learn projector."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+def info_nce_loss(z1, z2, temperature=0.1):
+    """NT-Xent over the global batch.
+
+    z1, z2: (B, D) projections of the two views of the same B images on this rank.
+    Every one of the 2B local embeddings is an anchor; its positive is the other view of the
+    same image; all other 2*B*W - 2 embeddings of every rank are negatives (gathered with
+    gradients). Returns (loss: mean over the 2B local anchors, top1, top5: % of anchors whose
+    positive ranks first / in the first five among the 2BW - 1 candidates)."""
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)             # (2B, D), fp32 for 1/T
+    candidates = all_gather_with_grad(z)                             # (2BW, D), rank-major
+    logits = z @ candidates.T / temperature                          # (2B, 2BW)
+    idx = torch.arange(2 * b, device=z.device)
+    offset = get_rank() * 2 * b
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[idx, offset + idx] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    positives = offset + (idx + b) % (2 * b)
+    loss = F.cross_entropy(logits, positives)
+    with torch.no_grad():
+        pos_logit = logits[idx, positives]
+        rank = (logits > pos_logit[:, None]).sum(1)                 # candidates above the positive
+        top1 = (rank < 1).float().mean() * 100
+        top5 = (rank < 5).float().mean() * 100
+    return loss, top1, top5
+
+
+class SimCLR(nn.Module):
+    def __init__(self, backbone, embed_dim, args):
+        super().__init__()
+        self.backbone = backbone
+        self.head = projection_head(embed_dim, args.proj_hidden_dim, args.proj_output_dim)
+        self.temperature = args.temperature
+
+    def forward(self, views, epoch, it):
+        """views: [x1, x2], each (B, 3, H, W). Both views go through the backbone as one batch
+        (BatchNorm statistics over the 2B images, as google-research/simclr)."""
+        z = self.head(self.backbone(torch.cat(views)))
+        z1, z2 = z.chunk(2)
+        loss, top1, top5 = info_nce_loss(z1, z2, self.temperature)
+        return loss, {"acc1": top1, "acc5": top5}
+
+    def after_backward(self, epoch):
+        pass
+
+    def after_step(self, it):
+        pass
+
+    def eval_backbone(self):
+        return self.backbone
+
+    def checkpoint_modules(self):
+        return {"model": self}
+
+
+def build(args, backbone, embed_dim, niter_per_ep):
+    return SimCLR(backbone, embed_dim, args)

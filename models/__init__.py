@@ -1,0 +1,90 @@
+"""Backbones by name, and the evaluation features every eval script shares.
+
+build_backbone("vit_small", patch_size=16) -> (model, 384); the arch names are the builder
+functions below, so adding a builder adds an arch. "deit_tiny"/"deit_small" are accepted as in
+official DINO, which rewrites "deit" to "vit".
+"""
+import torch
+
+from .resnet import ResNet, resnet18, resnet34, resnet50
+from .vision_transformer import VisionTransformer, vit_base, vit_small, vit_tiny
+
+_VITS = {f.__name__: f for f in (vit_tiny, vit_small, vit_base)}
+_RESNETS = {f.__name__: f for f in (resnet18, resnet34, resnet50)}
+ARCHS = list(_VITS) + list(_RESNETS)
+ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
+# the only keyword arguments a ResNet understands; ViT-only ones are dropped for it
+_RESNET_KWARGS = ("zero_init_residual", "width_per_group", "norm_layer")
+
+
+def build_backbone(arch, patch_size=16, img_size=224, drop_path_rate=0.0, cifar_stem=False, **kwargs):
+    """Backbone without classifier (num_classes=0) and its feature dimension.
+
+    ViT: extra kwargs (masked_im_modeling, return_all_tokens, use_mean_pooling, ...) are passed on.
+    ResNet: patch_size, img_size, drop_path_rate and ViT-only kwargs are ignored; cifar_stem is used.
+    """
+    arch = ALIASES.get(arch, arch)
+    if arch in _VITS:
+        model = _VITS[arch](patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
+                            num_classes=0, **kwargs)
+    elif arch in _RESNETS:
+        kwargs = {k: v for k, v in kwargs.items() if k in _RESNET_KWARGS}
+        model = _RESNETS[arch](num_classes=0, cifar_stem=cifar_stem, **kwargs)
+    else:
+        raise SystemExit(f"error: unknown --arch '{arch}'; choose one of: {', '.join(ARCHS + list(ALIASES))}")
+    return model, model.embed_dim
+
+
+def is_vit(model):
+    return isinstance(model, VisionTransformer)
+
+
+def _check_eval_args(model, n_last_blocks, avgpool_patchtokens):
+    if avgpool_patchtokens not in (0, 1, 2):
+        raise SystemExit(f"error: --avgpool_patchtokens {avgpool_patchtokens} is not one of 0, 1, 2; "
+                         "use 0 (CLS), 1 (patch mean) or 2 (both)")
+    if not 1 <= n_last_blocks <= len(model.blocks):
+        raise SystemExit(f"error: --n_last_blocks {n_last_blocks} is outside 1..{len(model.blocks)}; "
+                         "use 1 (k-NN) or 4 (ViT-S linear probe)")
+
+
+def feature_dim(model, n_last_blocks=1, avgpool_patchtokens=0):
+    """Size F of the features `extract_features` returns with the same arguments."""
+    if not is_vit(model):
+        return model.num_features
+    _check_eval_args(model, n_last_blocks, avgpool_patchtokens)
+    return model.embed_dim * {0: n_last_blocks, 1: 1, 2: n_last_blocks + 1}[avgpool_patchtokens]
+
+
+def extract_features(model, x, n_last_blocks=1, avgpool_patchtokens=0):
+    """Evaluation features (B, F) for k-NN, linear probing and fine-tuning; x: (B, 3, H, W).
+
+    ViT (iBOT eval layout, from the normed outputs of get_intermediate_layers):
+      avgpool 0: [CLS of each of the last n blocks]; n=1 is model(x), DINO's k-NN feature;
+      avgpool 1: mean of the last block's patch tokens (n ignored);
+      avgpool 2: [CLS of the last n blocks..., patch mean of the last block].
+    ResNet: the pooled features (B, 512 * expansion); n_last_blocks and avgpool are ignored.
+    """
+    if not is_vit(model):
+        return model(x)
+    _check_eval_args(model, n_last_blocks, avgpool_patchtokens)
+    out = model.get_intermediate_layers(x, n_last_blocks)
+    feats = [o[:, 0] for o in out] if avgpool_patchtokens in (0, 2) else []
+    if avgpool_patchtokens in (1, 2):
+        feats.append(out[-1][:, 1:].mean(dim=1))
+    return torch.cat(feats, dim=-1)
+
+
+def layerwise_features(model, x):
+    """One feature per depth, for a layer-by-layer probe; x: (B, 3, H, W).
+
+    ViT: the normed CLS (B, D) after every block (through the final norm, as get_intermediate_layers).
+    ResNet: the 4 global-average-pooled stage outputs (B, C_i).
+    """
+    if is_vit(model):
+        return [o[:, 0] for o in model.get_intermediate_layers(x, n=len(model.blocks))]
+    return model.forward_stages(x)
+
+
+__all__ = ["ARCHS", "ALIASES", "build_backbone", "is_vit", "extract_features", "feature_dim",
+           "layerwise_features", "VisionTransformer", "ResNet"]

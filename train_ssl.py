@@ -1,0 +1,346 @@
+"""Self-supervised pre-training of a ViT or ResNet backbone with one of methods/.
+
+One process (CPU or one GPU):
+    python train_ssl.py --method simclr --arch resnet18 --dataset digits --epochs 20 --warmup_epochs 2
+Several GPUs / CPU processes on one node (nccl on GPUs, gloo on CPUs):
+    torchrun --nproc_per_node=4 train_ssl.py --method simclr --arch resnet18 \
+        --dataset imagefolder --data_path ../shared/data/cifar10-jpeg --output_dir out/simclr
+Several nodes under SLURM:
+    sbatch slurm/simclr_pretrain.sh
+`python train_ssl.py --method <name> --help` lists that method's own flags.
+
+The file reads top to bottom like facebookresearch/dino's main_dino.py: arguments, distributed
+init, data, networks, optimizer, schedules, resume, the epoch loop, and one training epoch.
+Everything method-specific lives in methods/<name>.py.
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from core import dist as distu
+from core.checkpoint import restart_from_checkpoint, save_atomic
+from core.logger import MetricLogger, bool_flag
+from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
+                        lr_for_batch)
+from data import DATASETS, build_dataset, dataset_info
+from methods import METHODS
+from models import ARCHS, build_backbone, is_vit
+
+
+def get_args_parser(method="simclr", add_help=True):
+    parser = argparse.ArgumentParser("minissl pre-training", add_help=add_help)
+    parser.add_argument("--method", default=method, type=str, choices=sorted(METHODS),
+                        help="Self-supervised method; its own flags are listed by "
+                             "`--method <name> --help`.")
+
+    # Model parameters
+    parser.add_argument("--arch", default="resnet18", type=str, choices=ARCHS,
+                        help="Backbone. vit_small is DINO's default on ImageNet; resnet18 with "
+                             "--cifar_stem for 32px images.")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="ViT patch size: 16 (or 8) at 224px, 4 at 32px CIFAR, 8 at 64px.")
+    parser.add_argument("--drop_path_rate", default=0.1, type=float,
+                        help="Stochastic depth rate of the (student) ViT (DINO: 0.1).")
+    parser.add_argument("--cifar_stem", default=None, type=bool_flag,
+                        help="ResNet 3x3 stride-1 first conv without max-pool; default: on when "
+                             "the input is 64px or smaller.")
+
+    # Training/Optimization parameters
+    parser.add_argument("--use_fp16", type=bool_flag, default=False,
+                        help="On CUDA, autocast to float16 with a GradScaler. Without it, CUDA "
+                             "runs autocast to bfloat16 (no scaler needed). CPU runs in float32.")
+    parser.add_argument("--weight_decay", type=float, default=0.04,
+                        help="Initial weight decay (DINO: 0.04; SimCLR with LARS: 1e-6).")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4,
+                        help="Final weight decay of the cosine schedule (DINO: 0.4; set it equal "
+                             "to --weight_decay for a constant value).")
+    parser.add_argument("--clip_grad", type=float, default=3.0,
+                        help="Per-parameter gradient norm clipping as DINO (3.0); 0 disables.")
+    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+                        help="Per-process batch size: the global batch is this times the number "
+                             "of processes.")
+    parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
+    parser.add_argument("--lr", default=0.0005, type=float,
+                        help="Learning rate at the end of the warmup, for a global batch of 256; "
+                             "scaled linearly with the batch (DINO: 5e-4 with adamw; SimCLR with "
+                             "lars: 0.3).")
+    parser.add_argument("--min_lr", type=float, default=1e-6,
+                        help="Final learning rate of the cosine schedule.")
+    parser.add_argument("--warmup_epochs", default=10, type=int,
+                        help="Epochs of linear learning-rate warmup (must be below --epochs).")
+    parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
+                        help="adamw for ViTs (DINO); lars for large-batch SimCLR / ResNets.")
+
+    # Data
+    parser.add_argument("--dataset", default="digits", type=str, choices=sorted(DATASETS),
+                        help="digits (scikit-learn's bundled 8x8 digits, no download) is the "
+                             "embedded default; imagefolder reads <data_path>/train.")
+    parser.add_argument("--data_path", default="", type=str,
+                        help="Dataset root (not needed for digits).")
+    parser.add_argument("--download", default=False, type=bool_flag,
+                        help="Let torchvision download CIFAR/STL-10 if missing.")
+
+    # Misc
+    parser.add_argument("--output_dir", default="out", type=str,
+                        help="Where checkpoint.pth, log.txt and TensorBoard runs go.")
+    parser.add_argument("--saveckp_freq", default=20, type=int,
+                        help="Keep a numbered snapshot checkpoint{epoch:04}.pth every this many "
+                             "epochs (0: never).")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    parser.add_argument("--num_workers", default=10, type=int,
+                        help="Data loading workers per process.")
+    parser.add_argument("--print_freq", default=10, type=int,
+                        help="Print a progress line every this many iterations.")
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="URL used to set up distributed training.")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Ignored: the local rank is read from LOCAL_RANK.")
+    parser.add_argument("--cpu", action="store_true", help="Train on CPU even if CUDA is there.")
+    parser.add_argument("--knn_eval", default=True, type=bool_flag,
+                        help="After training, print the 20-NN accuracy of the trained backbone "
+                             "beside the same backbone at its random init.")
+    parser.add_argument("--knn_k", default=20, type=int, help="k of the final k-NN check.")
+    parser.add_argument("--tensorboard", default=True, type=bool_flag,
+                        help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
+    METHODS[method].add_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    """Two passes: find --method first, then parse with that method's flags added."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="simclr")
+    known, _ = pre.parse_known_args(argv)
+    if known.method not in METHODS:
+        raise SystemExit(f"error: unknown --method '{known.method}'; choose one of: "
+                         f"{', '.join(sorted(METHODS))}")
+    args = get_args_parser(known.method).parse_args(argv)
+    if args.warmup_epochs >= args.epochs and args.epochs > 0:
+        raise SystemExit(f"error: --warmup_epochs ({args.warmup_epochs}) must be below --epochs "
+                         f"({args.epochs}); lower --warmup_epochs")
+    return args
+
+
+def autocast_context(args):
+    """One autocast context for every forward: bf16 on CUDA, fp16 with --use_fp16, none on CPU."""
+    if args.device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.float16 if args.use_fp16 else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def train_ssl(args):
+    distu.init_distributed_mode(args)
+    distu.fix_random_seeds(args.seed)
+    method = METHODS[args.method]
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    # ============ preparing data ... ============
+    info = dataset_info(args.dataset, args.data_path)
+    args.input_size = method.input_size(args, info)
+    transform = method.build_transform(args, info)
+    dataset = build_dataset(args.dataset, args.data_path, "train", transform, download=args.download)
+    global_batch = args.batch_size_per_gpu * args.world_size
+    if len(dataset) < global_batch:
+        raise SystemExit(f"error: the train split has {len(dataset)} images, fewer than one "
+                         f"global batch ({global_batch}); lower --batch_size_per_gpu")
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
+    data_loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers, pin_memory=args.device.type == "cuda", drop_last=True,
+        persistent_workers=args.num_workers > 0)
+    print(f"Data loaded: there are {len(dataset)} images.")
+
+    # ============ building the networks ... ============
+    if args.cifar_stem is None:
+        args.cifar_stem = args.input_size <= 64
+    backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
+                                         img_size=[args.input_size],
+                                         drop_path_rate=args.drop_path_rate,
+                                         cifar_stem=args.cifar_stem)
+    init_backbone = copy.deepcopy(backbone) if args.knn_eval else None  # the random-init baseline
+    model = method.build(args, backbone, embed_dim, len(data_loader)).to(args.device)
+    if not is_vit(backbone) and args.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if args.distributed and has_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # DDP only averages gradients of parameters that require them (the student); a method's
+    # EMA teacher and loss buffers ride along without being synchronised by DDP.
+    ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
+                                        else None) if args.distributed else model
+    print(f"Backbone {args.arch} ({embed_dim}-d features, "
+          f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters) and "
+          f"{args.method} built.")
+
+    # ============ preparing optimizer ... ============
+    optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device)
+    fp16_scaler = torch.amp.GradScaler("cuda") if args.use_fp16 and args.device.type == "cuda" \
+        else None
+
+    # ============ init schedulers ... ============
+    niter = len(data_loader)
+    base_lr = lr_for_batch(args.lr, global_batch)  # linear scaling rule
+    print(f"base lr: {args.lr:.3e}  actual lr: {base_lr:.3e}  global batch: {global_batch} "
+          f"({args.batch_size_per_gpu} x {args.world_size})")
+    lr_schedule = cosine_scheduler(base_lr, args.min_lr, args.epochs, niter,
+                                   warmup_epochs=args.warmup_epochs)
+    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+
+    # ============ optionally resume training ... ============
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    to_restore = {"epoch": 0}
+    restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"),
+                            run_variables=to_restore, optimizer=optimizer,
+                            fp16_scaler=fp16_scaler, **model.checkpoint_modules())
+    start_epoch = to_restore["epoch"]
+
+    writer = None
+    if args.tensorboard and distu.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+
+    start_time = time.time()
+    print(f"Starting {args.method} training from epoch {start_epoch}!")
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+
+        # ============ training one epoch ... ============
+        train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
+                                      wd_schedule, epoch, fp16_scaler, args)
+
+        # ============ writing logs and checkpoint ... ============
+        save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
+        save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch + 1, args=vars_plain(args))
+        if fp16_scaler is not None:
+            save_dict["fp16_scaler"] = fp16_scaler.state_dict()
+        if distu.is_main_process():
+            save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            if writer is not None:
+                for k, v in train_stats.items():
+                    writer.add_scalar(f"train/{k}", v, epoch)
+                writer.flush()
+    total_time = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+
+    if args.knn_eval and info.num_classes != 0:
+        final_knn_check(model.eval_backbone(), init_backbone, args, info, writer)
+    if writer is not None:
+        writer.close()
+    distu.cleanup()
+
+
+def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
+                    fp16_scaler, args):
+    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
+                          batch_size=args.batch_size_per_gpu)
+    ddp_model.train()
+    nonfinite = torch.zeros((), device=args.device)
+    for i, (views, _) in enumerate(logger.log_every(data_loader)):
+        it = len(data_loader) * epoch + i  # global training iteration
+        for j, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr_schedule[it]
+            if j == 0:  # only the first group is regularized
+                group["weight_decay"] = wd_schedule[it]
+
+        views = to_device(views, args.device)
+        with autocast_context(args):
+            loss, stats = ddp_model(views, epoch, it)
+        # Checked on the host only every print_freq steps, so the step has no device sync.
+        nonfinite += ~torch.isfinite(loss.detach())
+
+        optimizer.zero_grad(set_to_none=True)
+        if fp16_scaler is None:
+            loss.backward()
+            if args.clip_grad:
+                clip_gradients(model, args.clip_grad)
+            model.after_backward(epoch)
+            optimizer.step()
+        else:
+            fp16_scaler.scale(loss).backward()
+            if args.clip_grad:
+                fp16_scaler.unscale_(optimizer)  # clip the true gradients
+                clip_gradients(model, args.clip_grad)
+            model.after_backward(epoch)
+            fp16_scaler.step(optimizer)
+            fp16_scaler.update()
+        model.after_step(it)
+
+        logger.update(loss=loss.detach(), **stats)
+        if i % args.print_freq == 0 or i == len(data_loader) - 1:
+            check_finite(nonfinite, epoch, i)
+    stats = logger.global_averages()
+    stats.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
+    print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
+    return stats
+
+
+def check_finite(nonfinite, epoch, i):
+    n = nonfinite.clone()
+    if distu.get_world_size() > 1:
+        torch.distributed.all_reduce(n)
+    if n.item() > 0:
+        print(f"error: loss is not finite (nan/inf) at epoch {epoch}, iteration {i}; stopping "
+              "without saving. Lower --lr, raise --warmup_epochs, or keep --clip_grad on.",
+              file=sys.stderr, force=True)
+        sys.exit(1)
+
+
+def to_device(obj, device):
+    if torch.is_tensor(obj):
+        obj = obj.to(device, non_blocking=True)
+        if obj.ndim == 4 and obj.is_floating_point() and device.type == "cuda":
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def vars_plain(args):
+    """args as a dict of plain Python values, so torch.load(weights_only=True) can read it."""
+    return {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+
+
+def final_knn_check(trained, init_backbone, args, info, writer):
+    """The quickstart's proof of learning: k-NN top-1 of the trained backbone beside the
+    same backbone at random init, on the dataset's labelled train/test splits."""
+    from eval_knn import knn_eval_backbone
+    results = {}
+    for name, net in (("pretrained", trained), ("random init", init_backbone.to(args.device))):
+        top1, top5 = knn_eval_backbone(net, args.dataset, args.data_path, args.input_size,
+                                       args.knn_k, args.batch_size_per_gpu, args.num_workers,
+                                       args.device)
+        results[name] = top1
+        print(f"{args.knn_k}-NN top-1 on {args.dataset} test ({name}): {top1:.2f}%")
+    if writer is not None:
+        writer.add_scalar("knn/top1_pretrained", results["pretrained"], args.epochs)
+        writer.add_scalar("knn/top1_random_init", results["random init"], args.epochs)
+    if distu.is_main_process():
+        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps({"knn_k": args.knn_k, "knn_top1_pretrained": results["pretrained"],
+                                "knn_top1_random_init": results["random init"]}) + "\n")
+
+
+if __name__ == "__main__":
+    train_ssl(parse_args())
