@@ -17,7 +17,6 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -165,24 +164,15 @@ def train_ssl(args):
     print(f"Data loaded: there are {len(dataset)} images.")
 
     # ============ building the networks ... ============
-    if args.cifar_stem is None:
-        args.cifar_stem = args.input_size <= 64
-    backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
-                                         img_size=[args.input_size],
-                                         drop_path_rate=args.drop_path_rate,
-                                         cifar_stem=args.cifar_stem)
-    init_backbone = copy.deepcopy(backbone) if args.knn_eval else None  # the random-init baseline
-    model = method.build(args, backbone, embed_dim, len(data_loader)).to(args.device)
-    if not is_vit(backbone) and args.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model, backbone, init_backbone = build_networks(args, len(data_loader))
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if args.distributed and has_bn:
+    if args.distributed and has_bn and args.device.type == "cuda":  # SyncBN is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # DDP only averages gradients of parameters that require them (the student); a method's
     # EMA teacher and loss buffers ride along without being synchronised by DDP.
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
                                         else None) if args.distributed else model
-    print(f"Backbone {args.arch} ({embed_dim}-d features, "
+    print(f"Backbone {args.arch} ({backbone.embed_dim}-d features, "
           f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters) and "
           f"{args.method} built.")
 
@@ -248,6 +238,22 @@ def train_ssl(args):
     distu.cleanup()
 
 
+def build_networks(args, niter_per_ep):
+    """Backbone + the method's module on the device. Returns (model, backbone, a CPU copy of
+    the backbone at its random init when --knn_eval, for the final baseline)."""
+    if args.cifar_stem is None:
+        args.cifar_stem = args.input_size <= 64
+    backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
+                                         img_size=[args.input_size],
+                                         drop_path_rate=args.drop_path_rate,
+                                         cifar_stem=args.cifar_stem)
+    init_backbone = copy.deepcopy(backbone) if args.knn_eval else None
+    model = METHODS[args.method].build(args, backbone, embed_dim, niter_per_ep).to(args.device)
+    if not is_vit(backbone) and args.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions
+    return model, backbone, init_backbone
+
+
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
                     fp16_scaler, args):
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
@@ -257,9 +263,9 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
     for i, (views, _) in enumerate(logger.log_every(data_loader)):
         it = len(data_loader) * epoch + i  # global training iteration
         for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[it]
+            group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the first group is regularized
-                group["weight_decay"] = wd_schedule[it]
+                group["weight_decay"] = float(wd_schedule[it])
 
         views = to_device(views, args.device)
         with autocast_context(args):

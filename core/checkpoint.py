@@ -8,8 +8,12 @@ plain dict so `torch.load(weights_only=True)` reads it.
 import argparse
 import os
 
+import numpy as np
 import torch
 
+_SAFE_GLOBALS = [argparse.Namespace, np.dtype, np._core.multiarray.scalar,
+                 type(np.dtype(np.float64)), type(np.dtype(np.float32)),
+                 type(np.dtype(np.int64))]
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, then rename: a crash (or a SLURM
@@ -25,12 +29,13 @@ def save_atomic(obj, path):
 
 def load_file(path):
     """torch.load on CPU. Official DINO/iBOT training checkpoints pickle an argparse.Namespace,
-    which weights_only=True refuses; allow exactly that class."""
+    and numpy scalars (their optimizer state holds numpy floats), which weights_only=True
+    refuses; allow exactly those classes."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint '{path}' does not exist; pass the path of a .pth "
                          "file written by train_ssl.py or an official DINO/iBOT release")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
         raise SystemExit(f"error: could not read checkpoint '{path}' ({type(e).__name__}: "

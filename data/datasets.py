@@ -63,7 +63,7 @@ def dataset_info(name, root=None):
     filled in when the files are there."""
     _check_name(name)
     info = DATASETS[name]
-    if root is None:
+    if not root:
         return info
     if name == "imagefolder" and (Path(root) / "train").is_dir():
         classes = [e.name for e in os.scandir(Path(root) / "train") if e.is_dir()]
@@ -89,7 +89,7 @@ def build_dataset(name, root, split, transform=None, val_split=0, seed=0, downlo
     valid = STL10_SPLITS if name == "stl10" else SPLITS
     if split not in valid:
         raise SystemExit(f"error: unknown split '{split}' for {name}; choose one of {', '.join(valid)}")
-    if name != "digits" and root is None:
+    if name != "digits" and not root:
         raise SystemExit(f"error: dataset {name} needs its location; pass --data_path")
     build = _BUILDERS[name]
     if not val_split or split in ("test", "unlabeled"):

@@ -12,6 +12,10 @@ from data import TwoViewTransform
 
 
 def add_args(parser):
+    # SimCLR's own optimisation recipe (google-research/simclr): LARS, lr 0.3 x batch/256,
+    # weight decay 1e-6 held constant, no gradient clipping.
+    parser.set_defaults(optimizer="lars", lr=0.3, weight_decay=1e-6, weight_decay_end=1e-6,
+                        clip_grad=0.0)
     group = parser.add_argument_group("SimCLR")
     group.add_argument("--temperature", default=0.1, type=float,
                        help="InfoNCE temperature. 0.1 is google-research/simclr's ImageNet default, "

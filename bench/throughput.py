@@ -1,0 +1,176 @@
+"""Training throughput of one method: images/s and peak memory of the FULL training step.
+
+    python bench/throughput.py --method simclr --arch resnet18 --batch_size 64 256
+    python bench/throughput.py --method simclr --arch vit_tiny --patch_size 4 --batch_size 64
+    python bench/throughput.py --method dino --arch vit_tiny --patch_size 4 \
+        --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 --batch_size 64
+    python bench/throughput.py --method simclr --arch vit_small --dataset imagefolder \
+        --device cuda --dtype bf16 --batch_size 128 256 --steps 50
+
+One line per batch size, e.g.
+    method=simclr arch=resnet18 input=32 batch=64 device=cpu dtype=fp32 img/s=... step_ms=...
+    peak_mem_MB=...
+img/s counts images of the batch (not views) per second. The step is train_ssl.train_one_epoch
+itself, run on one synthetic batch repeated: forward, loss, backward, clipping, optimizer step
+and the method's after_backward / after_step (EMA teacher) - nothing re-implemented, so the
+numbers follow the training code. Views come from the method's own transform applied to random
+PIL images and collated as the DataLoader does (multi-crop, masks, ...). Data loading is not
+timed. Every train_ssl.py flag of the method is accepted (--method <name> --help lists them).
+
+peak_mem_MB: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU, the peak
+resident set size of the whole process so far (includes Python and torch, ~0.3-0.5 GB, and
+never goes down, so list batch sizes in increasing order).
+Run it as one plain process (not torchrun): it builds a world-size-1 process group, as
+train_ssl.py does, for the methods that all-reduce.
+"""
+import argparse
+import contextlib
+import io
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import train_ssl  # noqa: E402
+from core import dist as distu  # noqa: E402
+from core.optim import build_optimizer, get_params_groups, lr_for_batch  # noqa: E402
+from data import dataset_info  # noqa: E402
+from methods import METHODS  # noqa: E402
+
+
+def get_args_parser(method):
+    """train_ssl.py's parser for `method` (all its flags and defaults) plus the bench's own."""
+    parser = argparse.ArgumentParser(
+        "minissl training throughput", allow_abbrev=False,
+        parents=[train_ssl.get_args_parser(method, add_help=False)])
+    group = parser.add_argument_group("Benchmark")
+    group.add_argument("--batch_size", default=[64], type=int, nargs="+",
+                       help="Per-process batch size(s); one output line each.")
+    group.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                       help="Default: cuda when available, else cpu.")
+    group.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                       help="bf16 (train_ssl's CUDA default), fp16 (= --use_fp16 true, with a "
+                            "GradScaler) or fp32. Default: bf16 on CUDA, fp32 on CPU (train_ssl "
+                            "always trains in fp32 on CPU).")
+    group.add_argument("--steps", default=20, type=int, help="Timed training steps.")
+    group.add_argument("--warmup", default=5, type=int,
+                       help="Untimed steps first (cudnn autotuning, allocator, lazy init).")
+    return parser
+
+
+def parse_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="simclr")
+    known, _ = pre.parse_known_args(argv)
+    if known.method not in METHODS:
+        raise SystemExit(f"error: unknown --method '{known.method}'; choose one of: "
+                         f"{', '.join(sorted(METHODS))}")
+    args = get_args_parser(known.method).parse_args(argv)
+    if args.device is None:
+        args.device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        args.device_name = args.device
+    if args.device_name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device_name == "cuda" else "fp32"
+    if args.device_name == "cpu" and args.dtype != "fp32":
+        raise SystemExit(f"error: --dtype {args.dtype} on CPU, but train_ssl.py trains in fp32 on "
+                         "CPU; pass --dtype fp32")
+    if args.steps < 1 or args.warmup < 0 or min(args.batch_size) < 2:
+        raise SystemExit("error: need --steps >= 1, --warmup >= 0 and every --batch_size >= 2; "
+                         "fix the values")
+    args.cpu = args.device_name == "cpu"  # read by init_distributed_mode
+    args.use_fp16 = args.dtype == "fp16"
+    args.knn_eval, args.tensorboard, args.num_workers = False, False, 0
+    return args
+
+
+def synthetic_batch(transform, batch_size, image_size, seed=0):
+    """Views of `batch_size` random RGB images through the method's transform, collated as the
+    DataLoader collates them; returns what train_ssl's loop unpacks: (views, labels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(batch_size, image_size, image_size, 3), dtype=np.uint8)
+    samples = [(transform(Image.fromarray(img)), 0) for img in images]
+    return torch.utils.data.default_collate(samples)
+
+
+def build_training(args, niter):
+    """The model / optimizer / scaler setup of train_ssl.train_ssl, for one process."""
+    model, _, _ = train_ssl.build_networks(args, niter)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device)
+    scaler = torch.amp.GradScaler("cuda") if args.use_fp16 and args.device.type == "cuda" else None
+    return model, optimizer, scaler
+
+
+def measure(args, info, transform, batch_size):
+    """(images/s, ms/step, peak MB) of `args.steps` training steps after `args.warmup`."""
+    args.batch_size_per_gpu = batch_size
+    niter = max(args.steps, args.warmup)
+    torch.manual_seed(args.seed)
+    model, optimizer, scaler = build_training(args, niter)
+    batch = synthetic_batch(transform, batch_size, max(info.image_size, args.input_size))
+    batch = train_ssl.to_device(batch, args.device)
+    # Constant schedules; the steps run as the LAST epoch, so warmup-only behaviour (DINO's
+    # frozen last layer, teacher temperature warmup) is over, as in most of a real run.
+    lr = np.full(args.epochs * niter, lr_for_batch(args.lr, batch_size))
+    wd = np.full(args.epochs * niter, args.weight_decay)
+    epoch = args.epochs - 1
+    cuda = args.device.type == "cuda"
+
+    def run(n):
+        with contextlib.redirect_stdout(io.StringIO()):  # train_one_epoch's progress lines
+            train_ssl.train_one_epoch(model, model, [batch] * n, optimizer, lr, wd, epoch, scaler,
+                                      args)
+
+    if args.warmup:
+        run(args.warmup)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run(args.steps)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    del model, optimizer, batch
+    if cuda:
+        torch.cuda.empty_cache()
+    return batch_size * args.steps / elapsed, 1000 * elapsed / args.steps, peak
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dtype == "fp32" and args.device_name == "cuda":
+        # train_ssl's autocast_context has no fp32 mode on CUDA; the bench swaps in a disabled one
+        train_ssl.autocast_context = lambda a: torch.autocast("cuda", enabled=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        distu.init_distributed_mode(args)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    info = dataset_info(args.dataset, args.data_path or None)
+    # the same order as train_ssl: input size, then the transform, then the networks
+    args.input_size = METHODS[args.method].input_size(args, info)
+    transform = METHODS[args.method].build_transform(args, info)
+    arch = f"{args.arch}/{args.patch_size}" if args.arch.startswith(("vit", "deit")) else args.arch
+    for batch_size in args.batch_size:
+        img_s, step_ms, peak = measure(args, info, transform, batch_size)
+        print(f"method={args.method} arch={arch} input={args.input_size} batch={batch_size} "
+              f"device={args.device_name} dtype={args.dtype} img/s={img_s:.1f} "
+              f"step_ms={step_ms:.1f} peak_mem_MB={peak:.0f}", flush=True)
+    distu.cleanup()
+
+
+if __name__ == "__main__":
+    main()

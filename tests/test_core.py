@@ -1,0 +1,257 @@
+"""core/: schedules, parameter groups, clipping, LARS, atomic checkpoints, loading pretrained
+backbones from every supported checkpoint layout, bool_flag."""
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from core.checkpoint import load_pretrained_weights, save_atomic
+from core.logger import bool_flag
+from core.optim import (LARS, cancel_gradients_last_layer, clip_gradients, cosine_scheduler,
+                        get_params_groups, lr_for_batch)
+from models import build_backbone
+
+
+# ============ cosine_scheduler ============
+
+def test_cosine_scheduler_warmup_and_cosine():
+    base, final, epochs, niter, warmup = 0.5, 0.01, 10, 7, 2
+    s = cosine_scheduler(base, final, epochs, niter, warmup_epochs=warmup, start_warmup_value=0.1)
+    assert len(s) == epochs * niter
+    w = warmup * niter
+    assert s[0] == pytest.approx(0.1)  # warmup starts at start_warmup_value
+    assert s[w - 1] == pytest.approx(base)  # ... and reaches base on its last iteration
+    np.testing.assert_allclose(np.diff(s[:w]), (base - 0.1) / (w - 1))  # linearly
+    assert s[w] == pytest.approx(base)  # the cosine starts at base
+    assert np.all(np.diff(s[w:]) < 0)  # and decreases monotonically towards final
+    assert final < s[-1] < final + 1e-2 * (base - final)
+    # closed form of the cosine part
+    k = np.arange(len(s) - w)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * k / len(k)))
+    np.testing.assert_allclose(s[w:], cosine)
+
+
+def test_cosine_scheduler_without_warmup_and_constant():
+    s = cosine_scheduler(1.0, 0.0, 3, 4)
+    assert len(s) == 12 and s[0] == 1.0 and s[6] == pytest.approx(0.5)  # halfway: the mean
+    np.testing.assert_allclose(cosine_scheduler(0.04, 0.04, 2, 5), 0.04)  # base == final
+    assert lr_for_batch(0.3, 512) == pytest.approx(0.6)  # linear scaling rule, per 256
+
+
+# ============ get_params_groups ============
+
+def test_params_groups_regularize_only_matrices():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
+            self.fc = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.scale = nn.Parameter(torch.ones(4))  # 1-D without a ".bias" name
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+
+    net = Net()
+    reg, not_reg = get_params_groups(net)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(reg["params"]) == ids([net.pos_embed, net.fc.weight])
+    assert ids(not_reg["params"]) == ids([net.fc.bias, net.norm.weight, net.norm.bias, net.scale])
+    assert not_reg["weight_decay"] == 0.0 and "weight_decay" not in reg
+
+
+def test_params_groups_on_a_vit():
+    vit, _ = build_backbone("vit_tiny", patch_size=4, img_size=[16])
+    reg, not_reg = get_params_groups(vit)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    reg_names = {names[id(p)] for p in reg["params"]}
+    assert {"pos_embed", "cls_token", "patch_embed.proj.weight"} <= reg_names  # DINO decays them
+    assert all(p.ndim > 1 for p in reg["params"]) and all(p.ndim == 1 for p in not_reg["params"])
+    assert len(reg["params"]) + len(not_reg["params"]) == len(list(vit.parameters()))
+
+
+# ============ clipping and frozen last layer ============
+
+def test_clip_gradients_is_per_parameter():
+    net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False))
+    big = torch.full((4, 3), 10.0)
+    small = torch.full((2, 4), 0.1)  # norm 0.283 < clip: must stay exactly as it is
+    net[0].weight.grad, net[1].weight.grad = big.clone(), small.clone()
+    clip_gradients(net, 1.0)
+    assert net[0].weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(net[0].weight.grad, big / big.norm(), rtol=1e-5, atol=0)
+    # a global-norm clip (torch.nn.utils.clip_grad_norm_) would have shrunk this one too
+    assert torch.equal(net[1].weight.grad, small)
+    net[0].weight.grad = None  # parameters without a gradient are skipped
+    clip_gradients(net, 1.0)
+    assert net[0].weight.grad is None
+
+
+def test_cancel_gradients_last_layer():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Linear(3, 3)
+            self.last_layer = nn.Linear(3, 2)
+
+    head = Head()
+    head.last_layer(head.mlp(torch.randn(2, 3))).sum().backward()
+    cancel_gradients_last_layer(epoch=1, model=head, freeze_last_layer=1)  # epoch >= freeze: kept
+    assert head.last_layer.weight.grad is not None
+    cancel_gradients_last_layer(epoch=0, model=head, freeze_last_layer=1)
+    assert head.last_layer.weight.grad is None and head.last_layer.bias.grad is None
+    assert head.mlp.weight.grad is not None and head.mlp.bias.grad is not None
+
+
+# ============ LARS ============
+
+def test_lars_adapts_matrices_and_leaves_vectors_alone():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    b = nn.Parameter(torch.randn(3))
+    zero = nn.Parameter(torch.zeros(2, 2))  # zero norm: trust ratio falls back to 1
+    lr, wd, eta, momentum = 0.5, 0.1, 0.001, 0.9
+    opt = LARS([{"params": [w, zero], "weight_decay": wd}, {"params": [b], "weight_decay": wd}],
+               lr=lr, eta=eta, momentum=momentum)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    gw, gb, gz = torch.randn(3, 4), torch.randn(3), torch.randn(2, 2)
+
+    w.grad, b.grad, zero.grad = gw.clone(), gb.clone(), gz.clone()
+    opt.step()
+    dw = gw + wd * w0
+    mu_w = dw * (eta * w0.norm() / dw.norm())
+    torch.testing.assert_close(w.detach(), w0 - lr * mu_w)
+    torch.testing.assert_close(b.detach(), b0 - lr * gb)  # 1-D: no decay, no trust ratio
+    torch.testing.assert_close(zero.detach(), -lr * gz)  # wd * 0 = 0, ratio 1
+
+    # second step: momentum accumulates the adapted update
+    w1, b1 = w.detach().clone(), b.detach().clone()
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    dw = gw + wd * w1
+    mu_w = momentum * mu_w + dw * (eta * w1.norm() / dw.norm())
+    torch.testing.assert_close(w.detach(), w1 - lr * mu_w)
+    torch.testing.assert_close(b.detach(), b1 - lr * (momentum * gb + gb))
+
+
+# ============ save_atomic ============
+
+def test_save_atomic_replaces_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_atomic({"epoch": 1, "w": torch.ones(2)}, str(path))
+    save_atomic({"epoch": 2, "w": torch.zeros(2)}, str(path))
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    assert torch.load(path)["epoch"] == 2
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_atomic({"epoch": 1}, str(path))
+    with pytest.raises(Exception):
+        save_atomic({"epoch": 2, "oops": lambda: 0}, str(path))  # lambdas do not pickle
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    assert torch.load(path)["epoch"] == 1
+
+
+# ============ load_pretrained_weights ============
+
+def _resnet():
+    torch.manual_seed(0)
+    return build_backbone("resnet18", cifar_stem=True)[0]
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_load_strips_ddp_and_wrapper_prefixes_and_drops_head(tmp_path):
+    src = _resnet()
+    teacher = {f"module.backbone.{k}": v for k, v in src.state_dict().items()}
+    teacher["module.head.mlp.0.weight"] = torch.randn(7, 512)  # DINO head: not a backbone key
+    torch.save({"teacher": teacher, "student": {}, "epoch": 3}, tmp_path / "dino.pth")
+    dst = build_backbone("resnet18", cifar_stem=True)[0]
+    msg = load_pretrained_weights(dst, str(tmp_path / "dino.pth"), "teacher")
+    assert msg.unexpected_keys == [] and msg.missing_keys == []  # the head key was dropped
+    _assert_same_weights(dst, src)
+
+
+def test_load_falls_back_to_simclr_model_key(tmp_path):
+    src = _resnet()
+    model = {f"backbone.{k}": v for k, v in src.state_dict().items()}
+    model["head.0.weight"] = torch.randn(16, 512)  # SimCLR projection head
+    torch.save({"model": model, "epoch": 1}, tmp_path / "simclr.pth")
+    dst = build_backbone("resnet18", cifar_stem=True)[0]
+    msg = load_pretrained_weights(dst, str(tmp_path / "simclr.pth"), "teacher")
+    assert msg.unexpected_keys == [] and msg.missing_keys == []
+    _assert_same_weights(dst, src)
+
+
+def test_load_bare_state_dict(tmp_path):
+    src = _resnet()
+    torch.save(src.state_dict(), tmp_path / "bare.pth")
+    dst = build_backbone("resnet18", cifar_stem=True)[0]
+    load_pretrained_weights(dst, str(tmp_path / "bare.pth"))
+    _assert_same_weights(dst, src)
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "vit_tiny"])
+def test_load_refuses_mismatched_arch_with_one_line(tmp_path, arch):
+    torch.save({"model": {f"backbone.{k}": v for k, v in _resnet().state_dict().items()}},
+               tmp_path / "r18.pth")
+    dst = build_backbone(arch, patch_size=4, img_size=[16], cifar_stem=True)[0]
+    with pytest.raises(SystemExit) as e:
+        load_pretrained_weights(dst, str(tmp_path / "r18.pth"))
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and "--arch" in msg
+
+
+def test_load_refuses_other_vit_width_and_missing_file(tmp_path):
+    torch.save(build_backbone("vit_tiny", patch_size=4, img_size=[16])[0].state_dict(),
+               tmp_path / "tiny.pth")
+    small = build_backbone("vit_small", patch_size=4, img_size=[16])[0]
+    with pytest.raises(SystemExit, match=r"^error: .*does not fit"):
+        load_pretrained_weights(small, str(tmp_path / "tiny.pth"))
+    with pytest.raises(SystemExit, match=r"^error: .*does not exist"):
+        load_pretrained_weights(small, str(tmp_path / "nope.pth"))
+
+
+def test_load_adopts_a_different_pos_embed_grid(tmp_path):
+    torch.manual_seed(0)
+    src = build_backbone("vit_tiny", patch_size=4, img_size=[16])[0]  # 4x4 grid + CLS
+    with torch.no_grad():
+        src.pos_embed.normal_()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in src.state_dict().items()}},
+               tmp_path / "vit.pth")
+    dst = build_backbone("vit_tiny", patch_size=4, img_size=[32])[0]  # 8x8 grid + CLS
+    assert dst.pos_embed.shape[1] == 65
+    load_pretrained_weights(dst, str(tmp_path / "vit.pth"))
+    assert dst.pos_embed.shape == (1, 17, 192)
+    _assert_same_weights(dst, src)
+    src.eval(), dst.eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(dst(x), src(x))
+    assert dst(torch.randn(2, 3, 32, 32)).shape == (2, 192)  # interpolated to the 8x8 grid
+
+
+# ============ bool_flag ============
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True), ("on", True),
+                                         ("yes", True), ("false", False), ("FALSE", False),
+                                         ("0", False), ("off", False), ("no", False)])
+def test_bool_flag(text, value):
+    assert bool_flag(text) is value
+
+
+def test_bool_flag_rejects_other_words():
+    with pytest.raises(argparse.ArgumentTypeError):
+        bool_flag("maybe")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flag", type=bool_flag, default=True)
+    assert parser.parse_args(["--flag", "false"]).flag is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--flag", "2"])
