@@ -79,6 +79,9 @@ def get_args_parser(method="simclr", add_help=True):
                         help="Epochs of linear learning-rate warmup (must be below --epochs).")
     parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
                         help="adamw for ViTs (DINO); lars for large-batch SimCLR / ResNets.")
+    parser.add_argument("--adamw_betas", default=(0.9, 0.999), type=float, nargs=2,
+                        help="AdamW betas (DINO: PyTorch's 0.9 0.999; MAE-style recipes and the "
+                             "rotation seed: 0.9 0.95).")
 
     # Data
     parser.add_argument("--dataset", default="digits", type=str, choices=sorted(DATASETS),
@@ -177,7 +180,8 @@ def train_ssl(args):
           f"{args.method} built.")
 
     # ============ preparing optimizer ... ============
-    optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device,
+                                betas=args.adamw_betas)
     fp16_scaler = torch.amp.GradScaler("cuda") if args.use_fp16 and args.device.type == "cuda" \
         else None
 

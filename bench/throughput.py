@@ -104,7 +104,8 @@ def synthetic_batch(transform, batch_size, image_size, seed=0):
 def build_training(args, niter):
     """The model / optimizer / scaler setup of train_ssl.train_ssl, for one process."""
     model, _, _ = train_ssl.build_networks(args, niter)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device,
+                                betas=args.adamw_betas)
     scaler = torch.amp.GradScaler("cuda") if args.use_fp16 and args.device.type == "cuda" else None
     return model, optimizer, scaler
 

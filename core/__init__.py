@@ -4,4 +4,5 @@ dist.py        distributed init (torchrun, SLURM, one process), gathers with gra
 optim.py       parameter groups, LARS, cosine schedules, gradient clipping
 checkpoint.py  atomic save, resume, loading pretrained weights into a backbone
 logger.py      MetricLogger (periodic progress line), bool_flag
+report.py      classification report, prediction grid and bar chart of the evaluation scripts
 """

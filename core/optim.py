@@ -51,11 +51,11 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-g["lr"])
 
 
-def build_optimizer(name, param_groups, device):
+def build_optimizer(name, param_groups, device, betas=(0.9, 0.999)):
     """adamw | sgd | lars. lr and weight decay are set every iteration from the schedules."""
     fused = {"fused": True} if device.type == "cuda" else {}
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, **fused)  # betas (0.9, 0.999), eps 1e-8 as DINO
+        return torch.optim.AdamW(param_groups, betas=tuple(betas), **fused)  # eps 1e-8 as DINO
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=0, momentum=0.9, **fused)
     if name == "lars":

@@ -76,7 +76,7 @@ def save_prediction_grid(images, targets, preds, confidences, names, path, mean,
                          tile=128):
     """images (N, 3, H, W) normalised with mean/std; targets, preds (N,) ints; confidences (N,)
     softmax probabilities of the predicted class. Each tile shows the image with
-    'pred: <class> <conf>%' (green if right, red if wrong) and 'true: <class>' under it."""
+    'pred: <class> (<conf>%)' (green if right, red if wrong) and 'true: <class>' under it."""
     mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     images = (images.float().cpu() * std + mean).clamp(0, 1)
@@ -88,8 +88,9 @@ def save_prediction_grid(images, targets, preds, confidences, names, path, mean,
         canvas.paste(Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
         draw = ImageDraw.Draw(canvas)
         color = (0, 140, 0) if int(p) == int(t) else (200, 0, 0)
-        draw.text((3, tile + 2), f"pred: {names[int(p)]} {100 * float(c):.0f}%", fill=color, font=font)
-        draw.text((3, tile + 17), f"true: {names[int(t)]}", fill=(0, 0, 0), font=font)
+        # names cut to fit the tile (ImageNet's are long)
+        draw.text((3, tile + 2), f"pred: {names[int(p)][:12]} ({100 * float(c):.0f}%)", fill=color, font=font)
+        draw.text((3, tile + 17), f"true: {names[int(t)][:16]}", fill=(0, 0, 0), font=font)
         tiles.append(torch.from_numpy(np.array(canvas)).permute(2, 0, 1))
     grid = make_grid(torch.stack(tiles), nrow=nrow, padding=4, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
@@ -98,13 +99,14 @@ def save_prediction_grid(images, targets, preds, confidences, names, path, mean,
 def save_bar_chart(labels, values, path, title, width=None, height=320):
     """A vertical bar chart of values in [0, 100] (e.g. top-1 per layer), value above each bar."""
     n = len(labels)
-    bar, gap, left, bottom, top = 36, 12, 44, 40, 40
-    width = width or left + n * (bar + gap) + gap
+    gap, left, bottom, top = 12, 44, 40, 40
+    font, title_font = _font(11), _font(13)
+    width = width or max(left + n * 48 + gap, int(title_font.getlength(title)) + left + 10, 320)
+    bar = (width - left - gap) / n - gap  # bars share the width left after the axis
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    font = _font(11)
     plot_h = height - top - bottom
-    draw.text((left, 10), title, fill=(0, 0, 0), font=_font(13))
+    draw.text((left, 10), title, fill=(0, 0, 0), font=title_font)
     for tick in range(0, 101, 25):  # y axis with grid lines at 0, 25, ..., 100
         y = top + plot_h * (1 - tick / 100)
         draw.line([(left, y), (width - 4, y)], fill=(220, 220, 220))

@@ -1,7 +1,8 @@
 # Sourced by every slurm/*.sh job after its #SBATCH header: one task per GPU, rendezvous on the
 # first node, requeue on preemption. `source slurm/common.sh script.py --flag ...` runs
 # `srun python script.py --flag ...` on every task. The scripts read SLURM_PROCID / SLURM_NTASKS /
-# SLURM_LOCALID (core/dist.py), and auto-resume from <output_dir>/checkpoint.pth, so a requeued
+# SLURM_LOCALID (core/dist.py), and auto-resume from <output_dir>/checkpoint.pth (eval_linear.py:
+# checkpoint.pth.tar, as DINO), so a requeued
 # job simply continues. Submit from the repository root.
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"

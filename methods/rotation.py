@@ -1,0 +1,101 @@
+"""Rotation prediction (RotNet, Gidaris et al. 2018, https://arxiv.org/abs/1803.07728): every
+image of the batch is shown at 0, 90, 180 and 270 degrees and a classification head predicts
+which rotation it sees. Recognising "upright" needs the object's shape and pose, so the backbone
+learns semantic features without labels.
+
+As gidariss/FeatureLearningRotNet: one augmented view per image (RandomCrop + flip on CIFAR,
+RandomResizedCrop + flip above 64px), then all four rotations of that same view in one batch
+with labels 0-3 (k quarter turns counter-clockwise, as np.rot90), plain 4-way cross-entropy.
+The optimisation recipe is the seed's (AdamW betas 0.9/0.95, lr 1.5e-4 per 256 images,
+weight decay 0.05, warmup + cosine), not RotNet's step-decayed SGD.
+
+Plugs into train_ssl.py through add_args / build_transform / build (see methods/__init__.py).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import SingleViewTransform
+
+NUM_ROTATIONS = 4
+
+
+def add_args(parser):
+    # the seed's recipe: AdamW with betas (0.9, 0.95) as MAE, lr 1.5e-4, weight decay 0.05
+    parser.set_defaults(optimizer="adamw", lr=1.5e-4, weight_decay=0.05, weight_decay_end=0.05,
+                        adamw_betas=(0.9, 0.95))
+    group = parser.add_argument_group("Rotation prediction (RotNet)")
+    group.add_argument("--crop_size", default=0, type=int,
+                       help="Size of the (square) training view; 0 means the dataset's native "
+                            "size (32 for CIFAR, 96 for STL-10, 224 for ImageFolder).")
+    group.add_argument("--min_crop_scale", default=0.08, type=float,
+                       help="Lower bound of the RandomResizedCrop area above 64px (unused at "
+                            "CIFAR size, where RotNet pads by 4 and random-crops instead).")
+    group.add_argument("--rot_hidden_dim", default=0, type=int,
+                       help="0: a linear rotation head on the pooled features, as RotNet's "
+                            "Linear(192, 4); > 0: Linear-BN-ReLU-Linear with this hidden width.")
+
+
+def input_size(args, info):
+    """The resolution the backbone is built for (ViT positional embedding grid)."""
+    return args.crop_size or info.image_size
+
+
+def build_transform(args, info):
+    return SingleViewTransform(input_size(args, info), info.mean, info.std,
+                               scale=(args.min_crop_scale, 1.0))
+
+
+def rotate_batch(images):
+    """images (B, C, S, S) -> (rotated (4B, C, S, S), labels (4B,) int64).
+
+    Rows 4i..4i+3 are image i turned by 0, 90, 180, 270 degrees counter-clockwise (label k =
+    k quarter turns, np.rot90's direction), RotNet's per-image stacking. Runs on the images'
+    device; the images must be square so the four rotations share one shape."""
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise SystemExit(f"error: rotation prediction needs a batch of square images (B, C, S, S), "
+                         f"got {tuple(images.shape)}; use square crops (--crop_size)")
+    b = images.shape[0]
+    # dims (2, 3) = (H, W): torch.rot90 turns from the first dim towards the second, which is
+    # counter-clockwise on the displayed image, as np.rot90 on an HWC array
+    rotated = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(NUM_ROTATIONS)], dim=1)
+    labels = torch.arange(NUM_ROTATIONS, device=images.device).repeat(b)
+    return rotated.flatten(0, 1), labels
+
+
+class RotationPrediction(nn.Module):
+    def __init__(self, backbone, embed_dim, hidden_dim=0):
+        super().__init__()
+        self.backbone = backbone
+        if hidden_dim > 0:
+            self.head = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                      nn.ReLU(inplace=True), nn.Linear(hidden_dim, NUM_ROTATIONS))
+        else:
+            self.head = nn.Linear(embed_dim, NUM_ROTATIONS)
+
+    def forward(self, views, epoch, it):
+        """views: (B, 3, S, S) (one view per image); the backbone sees all 4B rotations at once,
+        so every BatchNorm batch holds each image in all four orientations."""
+        x = views[0] if isinstance(views, (list, tuple)) else views
+        rotated, labels = rotate_batch(x)
+        logits = self.head(self.backbone(rotated))
+        loss = F.cross_entropy(logits.float(), labels)
+        with torch.no_grad():
+            acc = (logits.argmax(dim=1) == labels).float().mean() * 100
+        return loss, {"rot_acc": acc}
+
+    def after_backward(self, epoch):
+        pass
+
+    def after_step(self, it):
+        pass
+
+    def eval_backbone(self):
+        return self.backbone
+
+    def checkpoint_modules(self):
+        return {"model": self}
+
+
+def build(args, backbone, embed_dim, niter_per_ep):
+    return RotationPrediction(backbone, embed_dim, args.rot_hidden_dim)
