@@ -11,6 +11,6 @@ build(args, backbone, embed_dim, niter_per_ep) -> nn.Module with
     eval_backbone()                             the network k-NN monitoring should use
     checkpoint_modules()                        {checkpoint key: module}, official key names
 """
-from methods import rotation, simclr
+from methods import dino, ibot, rotation, simclr
 
-METHODS = {"rotation": rotation, "simclr": simclr}
+METHODS = {"dino": dino, "ibot": ibot, "rotation": rotation, "simclr": simclr}
