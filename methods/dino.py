@@ -21,7 +21,7 @@ methods/__init__.py):
     python train_ssl.py --method dino --arch vit_tiny --patch_size 4 --global_crops_size 32 \
         --local_crops_size 16 --out_dim 4096 --batch_size_per_gpu 64 --epochs 10 --warmup_epochs 1
 
-docs/dino_ibot.md has the recipes for CIFAR, STL-10, Tiny ImageNet and ImageNet.
+README.md (DINO and iBOT) has the recipes for CIFAR, STL-10, Tiny ImageNet and ImageNet.
 """
 import math
 

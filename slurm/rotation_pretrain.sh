@@ -1,0 +1,19 @@
+#!/bin/bash
+# Rotation prediction (RotNet) ViT-S/16 at 160px on ImageNet, 2 nodes x 4 GPUs.
+#   DATA=/datasets/imagenet sbatch slurm/rotation_pretrain.sh
+#   DATA=/datasets/imagenet OUT=out/rot_rn50 sbatch slurm/rotation_pretrain.sh --arch resnet50 --crop_size 224
+#SBATCH --job-name=rotation_pretrain
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=10
+#SBATCH --time=24:00:00
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+DATA="${DATA:?set DATA=path/to/imagenet (an ImageFolder root with train/)}"
+OUT="${OUT:-out/rotation_vits16}"
+source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" train_ssl.py --method rotation --arch vit_small \
+    --patch_size 16 --crop_size 160 --dataset imagefolder --data_path "$DATA" --output_dir "$OUT" \
+    --epochs 100 --batch_size_per_gpu 128 --num_workers "${SLURM_CPUS_PER_TASK:-10}" "$@"
