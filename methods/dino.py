@@ -3,7 +3,7 @@
 A student network (backbone + DINOHead) is trained to match, with a cross-entropy, the
 sharpened and centred output of a teacher that sees other crops of the same image. The teacher
 is an exponential moving average (EMA) of the student; it gets no gradient. Every detail follows
-facebookresearch/dino main_dino.py (see ../shared/notes/reference-dino-ibot.md, section 2):
+https://github.com/facebookresearch/dino (main_dino.py, utils.py, vision_transformer.py):
 
     multi-crop      2 global crops (the teacher sees only these) + n local crops, crop-major
     DINOHead        3-layer MLP -> L2 normalisation -> weight-normalised linear layer

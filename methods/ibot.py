@@ -2,8 +2,8 @@
 online tokenizer. DINO's [CLS] self-distillation plus masked image modelling: the student sees
 its global crops with some patches replaced by a learned `masked_embed` token and must predict,
 for each masked patch, the teacher's softmax over `patch_out_dim` prototypes for the unmasked
-patch. Details follow bytedance/ibot main_ibot.py, models/head.py and loader.py (see
-../shared/notes/reference-dino-ibot.md, sections 2.9-2.11):
+patch. Details follow https://github.com/bytedance/ibot (main_ibot.py, models/head.py,
+loader.py):
 
     masks           block-wise (BEiT) or random, drawn per global crop in the data workers
     iBOTHead        DINO's MLP on every token; [CLS] -> last_layer, patches -> last_layer2
@@ -15,7 +15,7 @@ The head, multi-crop wrapper, EMA and temperature schedule come from methods/din
 
     torchrun --nproc_per_node=4 train_ssl.py --method ibot --dataset imagefolder \
         --data_path /path/to/imagenet --output_dir out/ibot_vits16
-    sbatch slurm/ibot_pretrain.sh
+    DATA=/path/to/imagenet sbatch slurm/ibot_pretrain.sh
 """
 import math
 import random
@@ -440,8 +440,10 @@ def build(args, backbone, embed_dim, niter_per_ep):
                                                   shared_head=args.shared_head))
     teacher = MultiCropWrapper(teacher_backbone, iBOTHead(embed_dim, args.out_dim, **head,
                                                           shared_head=args.shared_head_teacher))
-    # strict=False as the official code: the teacher has no masked_embed; with a shared teacher
-    # head and separate student heads, last_layer2 is copied last and wins (reference 2.11)
+    # strict=False as the official code: the teacher has no masked_embed. Official quirk, kept:
+    # with a shared teacher head and separate student heads, the student's last_layer2 is
+    # copied after its last_layer into the one shared layer, so the teacher starts from the
+    # patch layer; the EMA (matched by name) then pulls it towards the student's last_layer.
     init_teacher(student, teacher, strict=False)
     loss = iBOTLoss(args.out_dim, patch_dim, args.global_crops_number, args.local_crops_number,
                     args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_patch_temp,
