@@ -118,15 +118,16 @@ def get_args_parser(method="simclr", add_help=True):
     return parser
 
 
-def parse_args(argv=None):
-    """Two passes: find --method first, then parse with that method's flags added."""
+def parse_args(argv=None, make_parser=None):
+    """Two passes: find --method first, then parse with that method's flags added.
+    make_parser(method) builds the full parser (default: get_args_parser; bench/ extends it)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="simclr")
     known, _ = pre.parse_known_args(argv)
     if known.method not in METHODS:
         raise SystemExit(f"error: unknown --method '{known.method}'; choose one of: "
                          f"{', '.join(sorted(METHODS))}")
-    args = get_args_parser(known.method).parse_args(argv)
+    args = (make_parser or get_args_parser)(known.method).parse_args(argv)
     if args.warmup_epochs >= args.epochs and args.epochs > 0:
         raise SystemExit(f"error: --warmup_epochs ({args.warmup_epochs}) must be below --epochs "
                          f"({args.epochs}); lower --warmup_epochs")

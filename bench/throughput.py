@@ -65,13 +65,7 @@ def get_args_parser(method):
 
 
 def parse_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="simclr")
-    known, _ = pre.parse_known_args(argv)
-    if known.method not in METHODS:
-        raise SystemExit(f"error: unknown --method '{known.method}'; choose one of: "
-                         f"{', '.join(sorted(METHODS))}")
-    args = get_args_parser(known.method).parse_args(argv)
+    args = train_ssl.parse_args(argv, make_parser=get_args_parser)
     if args.device is None:
         args.device_name = "cuda" if torch.cuda.is_available() else "cpu"
     else:
