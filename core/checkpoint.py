@@ -112,7 +112,8 @@ def extract_backbone_state(ckpt, checkpoint_key="teacher"):
     return strip_prefixes(sd), desc
 
 
-def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing=("fc.", "head.")):
+def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing=("fc.", "head."),
+                            ckpt=None):
     """Load a backbone from `path` into `model`. Refuses a file whose tensors do not fit
     (different arch, patch size, ...) with one line; a different number of positional
     embeddings is adopted from the checkpoint (the ViT interpolates it to any input size).
@@ -120,7 +121,7 @@ def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing
     if not path:
         print("No --pretrained_weights: using RANDOM init weights (the baseline to compare with).")
         return None
-    sd, desc = extract_backbone_state(load_file(path), checkpoint_key)
+    sd, desc = extract_backbone_state(load_file(path) if ckpt is None else ckpt, checkpoint_key)
     own = model.state_dict()
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape \
             and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
@@ -155,9 +156,10 @@ def load_backbone(args, **build_kwargs):
     Returns (backbone, embed_dim)."""
     from models import build_backbone  # local import: models must not depend on core
 
-    train_args = {}
+    train_args, ckpt = {}, None
     if args.pretrained_weights:
-        ckpt_args = load_file(args.pretrained_weights).get("args")
+        ckpt = load_file(args.pretrained_weights)  # read once: args here, weights below
+        ckpt_args = ckpt.get("args") if isinstance(ckpt, dict) else None
         if isinstance(ckpt_args, argparse.Namespace):
             ckpt_args = vars(ckpt_args)
         train_args = ckpt_args if isinstance(ckpt_args, dict) else {}
@@ -172,5 +174,5 @@ def load_backbone(args, **build_kwargs):
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
                                          img_size=[args.image_size or 224],
                                          cifar_stem=args.cifar_stem, **build_kwargs)
-    load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key)
+    load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
     return backbone, embed_dim
