@@ -57,6 +57,34 @@ def _check_name(name):
         raise SystemExit(f"error: unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
 
 
+def resolve_dataset(name, root):
+    """The dataset a run uses. `--dataset` given: that one. Not given (None): digits without
+    --data_path; with --data_path, inferred from what the folder holds, so that a given path is
+    never ignored. Raises ValueError when the folder's layout names no dataset."""
+    if name is not None:
+        _check_name(name)
+        return name
+    if not root:
+        return "digits"
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data_path {root} does not exist; pass an existing folder "
+                                f"(or --dataset digits to use the embedded data)")
+    for folder, dataset in (("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),
+                            ("stl10_binary", "stl10"), ("tiny-imagenet-200", "tiny-imagenet")):
+        if root.name == folder or (root / folder).is_dir():
+            return dataset
+    if (root / "wnids.txt").is_file() and (root / "train").is_dir():
+        return "tiny-imagenet"
+    if _npy_paths(root, "train") is not None:
+        return "npy"
+    if (root / "train").is_dir():
+        return "imagefolder"
+    raise ValueError(f"cannot tell which dataset {root} holds (no train/ folder, no "
+                     f"train/images.npy, no CIFAR/STL-10/Tiny ImageNet files); pass --dataset "
+                     f"explicitly (one of {', '.join(DATASETS)})")
+
+
 def dataset_info(name, root=None):
     """Registry entry for `name`; with `root`, the data-dependent fields of `imagefolder`
     (number of class folders) and `npy` (classes from the labels, size from the array) are
