@@ -7,7 +7,8 @@ Several GPUs / CPU processes on one node (nccl on GPUs, gloo on CPUs):
         --dataset imagefolder --data_path ../shared/data/cifar10-jpeg --output_dir out/simclr
 Several nodes under SLURM:
     sbatch slurm/simclr_pretrain.sh
-`python train_ssl.py --method <name> --help` lists that method's own flags.
+`python train_ssl.py --method <name> --help` lists every flag with its default for that method:
+the generic flags below take their defaults from the method's RECIPE (methods/<name>.py).
 
 The file reads top to bottom like facebookresearch/dino's main_dino.py: arguments, distributed
 init, data, networks, optimizer, schedules, resume, the epoch loop, and one training epoch.
@@ -26,76 +27,88 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from core import amp, cli
 from core import dist as distu
 from core.checkpoint import restart_from_checkpoint, save_atomic
 from core.logger import MetricLogger, bool_flag
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
-from data import DATASETS, build_dataset, dataset_info
+from data import DATASETS, build_dataset, dataset_info, resolve_dataset
 from methods import METHODS
 from models import ARCHS, build_backbone, is_vit
 
+# Generic flags whose default is the method's RECIPE (every methods/<name>.py sets them all).
+RECIPE_FLAGS = ("arch", "optimizer", "lr", "min_lr", "weight_decay", "weight_decay_end",
+                "clip_grad", "warmup_epochs", "epochs", "batch_size_per_gpu", "drop_path_rate",
+                "adamw_betas", "saveckp_freq")
 
-def get_args_parser(method="simclr", add_help=True):
-    parser = argparse.ArgumentParser("minissl pre-training", add_help=add_help)
+
+class HelpFormatter(cli.HelpFormatter):
+    recipe_flags = RECIPE_FLAGS
+
+
+def get_args_parser(method, add_help=True):
+    """All flags of `method` (None: the generic ones only, for `--help` without --method), with
+    the method's RECIPE as the defaults of the generic flags."""
+    parser = argparse.ArgumentParser("minissl pre-training", add_help=add_help,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--method", default=method, type=str, choices=sorted(METHODS),
-                        help="Self-supervised method; its own flags are listed by "
-                             "`--method <name> --help`.")
+                        help="Self-supervised method (required); `--method <name> --help` lists "
+                             "its flags and recipe.")
 
     # Model parameters
-    parser.add_argument("--arch", default="resnet18", type=str, choices=ARCHS,
+    parser.add_argument("--arch", default=None, type=str, choices=ARCHS,
                         help="Backbone. vit_small is DINO's default on ImageNet; resnet18 with "
                              "--cifar_stem for 32px images.")
     parser.add_argument("--patch_size", default=16, type=int,
                         help="ViT patch size: 16 (or 8) at 224px, 4 at 32px CIFAR, 8 at 64px.")
-    parser.add_argument("--drop_path_rate", default=0.1, type=float,
+    parser.add_argument("--drop_path_rate", default=None, type=float,
                         help="Stochastic depth rate of the (student) ViT (DINO: 0.1).")
     parser.add_argument("--cifar_stem", default=None, type=bool_flag,
                         help="ResNet 3x3 stride-1 first conv without max-pool; default: on when "
                              "the input is 64px or smaller.")
 
     # Training/Optimization parameters
-    parser.add_argument("--use_fp16", type=bool_flag, default=False,
-                        help="On CUDA, autocast to float16 with a GradScaler. Without it, CUDA "
-                             "runs autocast to bfloat16 (no scaler needed). CPU runs in float32.")
-    parser.add_argument("--weight_decay", type=float, default=0.04,
+    amp.add_precision_args(parser)
+    parser.add_argument("--weight_decay", type=float, default=None,
                         help="Initial weight decay (DINO: 0.04; SimCLR with LARS: 1e-6).")
-    parser.add_argument("--weight_decay_end", type=float, default=0.4,
+    parser.add_argument("--weight_decay_end", type=float, default=None,
                         help="Final weight decay of the cosine schedule (DINO: 0.4; set it equal "
                              "to --weight_decay for a constant value).")
-    parser.add_argument("--clip_grad", type=float, default=3.0,
+    parser.add_argument("--clip_grad", type=float, default=None,
                         help="Per-parameter gradient norm clipping as DINO (3.0); 0 disables.")
-    parser.add_argument("--batch_size_per_gpu", default=64, type=int,
+    parser.add_argument("--batch_size_per_gpu", default=None, type=int,
                         help="Per-process batch size: the global batch is this times the number "
                              "of processes.")
-    parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
-    parser.add_argument("--lr", default=0.0005, type=float,
+    parser.add_argument("--epochs", default=None, type=int, help="Number of epochs of training.")
+    parser.add_argument("--lr", default=None, type=float,
                         help="Learning rate at the end of the warmup, for a global batch of 256; "
                              "scaled linearly with the batch (DINO: 5e-4 with adamw; SimCLR with "
                              "lars: 0.3).")
-    parser.add_argument("--min_lr", type=float, default=1e-6,
+    parser.add_argument("--min_lr", type=float, default=None,
                         help="Final learning rate of the cosine schedule.")
-    parser.add_argument("--warmup_epochs", default=10, type=int,
+    parser.add_argument("--warmup_epochs", default=None, type=int,
                         help="Epochs of linear learning-rate warmup (must be below --epochs).")
-    parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
+    parser.add_argument("--optimizer", default=None, type=str, choices=["adamw", "sgd", "lars"],
                         help="adamw for ViTs (DINO); lars for large-batch SimCLR / ResNets.")
-    parser.add_argument("--adamw_betas", default=(0.9, 0.999), type=float, nargs=2,
+    parser.add_argument("--adamw_betas", default=None, type=float, nargs=2,
                         help="AdamW betas (DINO: PyTorch's 0.9 0.999; MAE-style recipes and the "
                              "rotation seed: 0.9 0.95).")
 
     # Data
-    parser.add_argument("--dataset", default="digits", type=str, choices=sorted(DATASETS),
-                        help="digits (scikit-learn's bundled 8x8 digits, no download) is the "
-                             "embedded default; imagefolder reads <data_path>/train.")
+    parser.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
+                        help="Default: inferred from --data_path (torchvision's CIFAR/STL-10 "
+                             "files, train/images.npy: npy, train/<class>/: imagefolder), or "
+                             "digits (scikit-learn's bundled 8x8 digits, no download) without it.")
     parser.add_argument("--data_path", default="", type=str,
-                        help="Dataset root (not needed for digits).")
+                        help="Dataset root (none for digits).")
     parser.add_argument("--download", default=False, type=bool_flag,
                         help="Let torchvision download CIFAR/STL-10 if missing.")
 
     # Misc
     parser.add_argument("--output_dir", default="out", type=str,
                         help="Where checkpoint.pth, log.txt and TensorBoard runs go.")
-    parser.add_argument("--saveckp_freq", default=20, type=int,
+    parser.add_argument("--saveckp_freq", default=None, type=int,
                         help="Keep a numbered snapshot checkpoint{epoch:04}.pth every this many "
                              "epochs (0: never).")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
@@ -104,9 +117,8 @@ def get_args_parser(method="simclr", add_help=True):
     parser.add_argument("--print_freq", default=10, type=int,
                         help="Print a progress line every this many iterations.")
     parser.add_argument("--dist_url", default="env://", type=str,
-                        help="URL used to set up distributed training.")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="Ignored: the local rank is read from LOCAL_RANK.")
+                        help="URL used to set up distributed training (launch with torchrun, "
+                             "which passes the ranks in the environment).")
     parser.add_argument("--cpu", action="store_true", help="Train on CPU even if CUDA is there.")
     parser.add_argument("--knn_eval", default=True, type=bool_flag,
                         help="After training, print the 20-NN accuracy of the trained backbone "
@@ -114,32 +126,35 @@ def get_args_parser(method="simclr", add_help=True):
     parser.add_argument("--knn_k", default=20, type=int, help="k of the final k-NN check.")
     parser.add_argument("--tensorboard", default=True, type=bool_flag,
                         help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
-    METHODS[method].add_args(parser)
+    if method is not None:
+        METHODS[method].add_args(parser)
+        parser.set_defaults(**METHODS[method].RECIPE)
     return parser
 
 
 def parse_args(argv=None, make_parser=None):
-    """Two passes: find --method first, then parse with that method's flags added.
-    make_parser(method) builds the full parser (default: get_args_parser; bench/ extends it)."""
+    """Two passes: find --method first, then parse with that method's flags and recipe.
+    make_parser(method) builds the full parser (default: get_args_parser; bench/ extends it).
+    Then every check that needs no data: the method's check_args, --dataset from --data_path,
+    the precision. Raises ValueError (the script's entry point prints it as one line)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="simclr")
+    pre.add_argument("--method")
+    pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    if known.method not in METHODS:
-        raise SystemExit(f"error: unknown --method '{known.method}'; choose one of: "
-                         f"{', '.join(sorted(METHODS))}")
+    choices = ", ".join(sorted(METHODS))
+    if known.method is None and not known.help:
+        raise ValueError(f"pass --method, one of {choices} (e.g. --method simclr); "
+                         "`--method <name> --help` lists its flags and recipe")
+    if known.method is not None and known.method not in METHODS:
+        raise ValueError(f"unknown --method '{known.method}'; choose one of: {choices}")
     args = (make_parser or get_args_parser)(known.method).parse_args(argv)
     if args.warmup_epochs >= args.epochs and args.epochs > 0:
-        raise SystemExit(f"error: --warmup_epochs ({args.warmup_epochs}) must be below --epochs "
+        raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
                          f"({args.epochs}); lower --warmup_epochs")
+    METHODS[args.method].check_args(args)
+    args.dataset = resolve_dataset(args.dataset, args.data_path)
+    amp.resolve_precision(args, "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     return args
-
-
-def autocast_context(args):
-    """One autocast context for every forward: bf16 on CUDA, fp16 with --use_fp16, none on CPU."""
-    if args.device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.float16 if args.use_fp16 else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def train_ssl(args):
@@ -158,8 +173,8 @@ def train_ssl(args):
     dataset = build_dataset(args.dataset, args.data_path, "train", transform, download=args.download)
     global_batch = args.batch_size_per_gpu * args.world_size
     if len(dataset) < global_batch:
-        raise SystemExit(f"error: the train split has {len(dataset)} images, fewer than one "
-                         f"global batch ({global_batch}); lower --batch_size_per_gpu")
+        raise ValueError(f"the train split has {len(dataset)} images, fewer than one global "
+                         f"batch ({global_batch}); lower --batch_size_per_gpu")
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
     data_loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
@@ -172,10 +187,16 @@ def train_ssl(args):
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if args.distributed and has_bn and args.device.type == "cuda":  # SyncBN is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # DDP only averages gradients of parameters that require them (the student); a method's
-    # EMA teacher and loss buffers ride along without being synchronised by DDP.
+    # DDP averages the gradients of the parameters that require them (the student); the EMA
+    # teacher gets none and stays identical on every rank because the student does. With
+    # broadcast_buffers=True every forward also copies rank 0's buffers to the other ranks:
+    # BatchNorm running statistics (different per rank without SyncBN, and the teacher's are
+    # never averaged) and the loss buffers (DINO's centre, already equal through its
+    # all-reduce). So every rank holds the network rank 0 checkpoints, at the cost of one small
+    # broadcast per step.
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
-                                        else None) if args.distributed else model
+                                        else None, broadcast_buffers=True) \
+        if args.distributed else model
     print(f"Backbone {args.arch} ({backbone.embed_dim}-d features, "
           f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters) and "
           f"{args.method} built.")
@@ -183,8 +204,7 @@ def train_ssl(args):
     # ============ preparing optimizer ... ============
     optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device,
                                 betas=args.adamw_betas)
-    fp16_scaler = torch.amp.GradScaler("cuda") if args.use_fp16 and args.device.type == "cuda" \
-        else None
+    scaler = amp.grad_scaler(args.precision, args.device)  # a no-op unless fp16
 
     # ============ init schedulers ... ============
     niter = len(data_loader)
@@ -200,7 +220,8 @@ def train_ssl(args):
     to_restore = {"epoch": 0}
     restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"),
                             run_variables=to_restore, optimizer=optimizer,
-                            fp16_scaler=fp16_scaler, **model.checkpoint_modules())
+                            fp16_scaler=scaler if scaler.is_enabled() else None,
+                            **model.checkpoint_modules())
     start_epoch = to_restore["epoch"]
 
     writer = None
@@ -215,13 +236,13 @@ def train_ssl(args):
 
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
-                                      wd_schedule, epoch, fp16_scaler, args)
+                                      wd_schedule, epoch, scaler, args)
 
         # ============ writing logs and checkpoint ... ============
         save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
         save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch + 1, args=vars_plain(args))
-        if fp16_scaler is not None:
-            save_dict["fp16_scaler"] = fp16_scaler.state_dict()
+        if scaler.is_enabled():
+            save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
         if distu.is_main_process():
             save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
             if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
@@ -244,27 +265,34 @@ def train_ssl(args):
 
 
 def build_networks(args, niter_per_ep):
-    """Backbone + the method's module on the device. Returns (model, backbone, a CPU copy of
-    the backbone at its random init when --knn_eval, for the final baseline)."""
+    """Backbone + the method's module around it, on the device. Returns (model, backbone, a CPU
+    copy of that backbone at its random init when --knn_eval, for the final baseline)."""
+    method = METHODS[args.method]
     if args.cifar_stem is None:
         args.cifar_stem = args.input_size <= 64
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
                                          img_size=[args.input_size],
                                          drop_path_rate=args.drop_path_rate,
-                                         cifar_stem=args.cifar_stem)
+                                         cifar_stem=args.cifar_stem, **method.backbone_kwargs(args))
     init_backbone = copy.deepcopy(backbone) if args.knn_eval else None
-    model = METHODS[args.method].build(args, backbone, embed_dim, niter_per_ep).to(args.device)
+    model = method.build(args, backbone, embed_dim, niter_per_ep).to(args.device)
     if not is_vit(backbone) and args.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions
     return model, backbone, init_backbone
 
 
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
-                    fp16_scaler, args):
+                    scaler, args):
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
                           batch_size=args.batch_size_per_gpu)
     ddp_model.train()
     nonfinite = torch.zeros((), device=args.device)
+
+    def edit_gradients():  # between backward and step, on the unscaled gradients
+        if args.clip_grad:
+            clip_gradients(model, args.clip_grad)
+        model.after_backward(epoch)  # e.g. DINO's frozen last layer
+
     for i, (views, _) in enumerate(logger.log_every(data_loader)):
         it = len(data_loader) * epoch + i  # global training iteration
         for j, group in enumerate(optimizer.param_groups):
@@ -273,26 +301,12 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
                 group["weight_decay"] = float(wd_schedule[it])
 
         views = to_device(views, args.device)
-        with autocast_context(args):
+        with amp.autocast(args.precision, args.device):
             loss, stats = ddp_model(views, epoch, it)
         # Checked on the host only every print_freq steps, so the step has no device sync.
         nonfinite += ~torch.isfinite(loss.detach())
 
-        optimizer.zero_grad(set_to_none=True)
-        if fp16_scaler is None:
-            loss.backward()
-            if args.clip_grad:
-                clip_gradients(model, args.clip_grad)
-            model.after_backward(epoch)
-            optimizer.step()
-        else:
-            fp16_scaler.scale(loss).backward()
-            if args.clip_grad:
-                fp16_scaler.unscale_(optimizer)  # clip the true gradients
-                clip_gradients(model, args.clip_grad)
-            model.after_backward(epoch)
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
+        amp.backward_step(loss, optimizer, scaler, after_unscale=edit_gradients)
         model.after_step(it)
 
         logger.update(loss=loss.detach(), **stats)
@@ -310,8 +324,8 @@ def check_finite(nonfinite, epoch, i):
         torch.distributed.all_reduce(n)
     if n.item() > 0:
         print(f"error: loss is not finite (nan/inf) at epoch {epoch}, iteration {i}; stopping "
-              "without saving. Lower --lr, raise --warmup_epochs, or keep --clip_grad on.",
-              file=sys.stderr, force=True)
+              "without saving. Lower --lr, raise --warmup_epochs, keep --clip_grad on, or train "
+              "in --precision bf16 or fp32 if this was fp16.", file=sys.stderr, force=True)
         sys.exit(1)
 
 
@@ -354,4 +368,4 @@ def final_knn_check(trained, init_backbone, args, info, writer):
 
 
 if __name__ == "__main__":
-    train_ssl(parse_args())
+    cli.run(lambda: train_ssl(parse_args()))

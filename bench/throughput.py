@@ -4,18 +4,19 @@
     python bench/throughput.py --method simclr --arch vit_tiny --patch_size 4 --batch_size 64
     python bench/throughput.py --method dino --arch vit_tiny --patch_size 4 \
         --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 --batch_size 64
-    python bench/throughput.py --method simclr --arch vit_small --dataset imagefolder \
-        --device cuda --dtype bf16 --batch_size 128 256 --steps 50
+    python bench/throughput.py --method simclr --arch vit_small --crop_size 224 \
+        --device cuda --precision bf16 --batch_size 128 256 --steps 50
 
 One line per batch size, e.g.
-    method=simclr arch=resnet18 input=32 batch=64 device=cpu dtype=fp32 img/s=... step_ms=...
+    method=simclr arch=resnet18 input=32 batch=64 device=cpu precision=fp32 img/s=... step_ms=...
     peak_mem_MB=...
 img/s counts images of the batch (not views) per second. The step is train_ssl.train_one_epoch
 itself, run on one synthetic batch repeated: forward, loss, backward, clipping, optimizer step
 and the method's after_backward / after_step (EMA teacher) - nothing re-implemented, so the
 numbers follow the training code. Views come from the method's own transform applied to random
 PIL images and collated as the DataLoader does (multi-crop, masks, ...). Data loading is not
-timed. Every train_ssl.py flag of the method is accepted (--method <name> --help lists them).
+timed. Every train_ssl.py flag of the method is accepted (--method <name> --help lists them),
+--precision / --use_fp16 included (train_ssl.py's default: bf16 on CUDA, fp32 on CPU).
 
 peak_mem_MB: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU, the peak
 resident set size of the whole process so far (includes Python and torch, ~0.3-0.5 GB, and
@@ -38,6 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import train_ssl  # noqa: E402
+from core import amp, cli  # noqa: E402
 from core import dist as distu  # noqa: E402
 from core.optim import build_optimizer, get_params_groups, lr_for_batch  # noqa: E402
 from data import dataset_info  # noqa: E402
@@ -47,17 +49,13 @@ from methods import METHODS  # noqa: E402
 def get_args_parser(method):
     """train_ssl.py's parser for `method` (all its flags and defaults) plus the bench's own."""
     parser = argparse.ArgumentParser(
-        "minissl training throughput", allow_abbrev=False,
+        "minissl training throughput", allow_abbrev=False, formatter_class=train_ssl.HelpFormatter,
         parents=[train_ssl.get_args_parser(method, add_help=False)])
     group = parser.add_argument_group("Benchmark")
     group.add_argument("--batch_size", default=[64], type=int, nargs="+",
                        help="Per-process batch size(s); one output line each.")
     group.add_argument("--device", default=None, choices=["cpu", "cuda"],
                        help="Default: cuda when available, else cpu.")
-    group.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                       help="bf16 (train_ssl's CUDA default), fp16 (= --use_fp16 true, with a "
-                            "GradScaler) or fp32. Default: bf16 on CUDA, fp32 on CPU (train_ssl "
-                            "always trains in fp32 on CPU).")
     group.add_argument("--steps", default=20, type=int, help="Timed training steps.")
     group.add_argument("--warmup", default=5, type=int,
                        help="Untimed steps first (cudnn autotuning, allocator, lazy init).")
@@ -71,17 +69,12 @@ def parse_args(argv=None):
     else:
         args.device_name = args.device
     if args.device_name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device_name == "cuda" else "fp32"
-    if args.device_name == "cpu" and args.dtype != "fp32":
-        raise SystemExit(f"error: --dtype {args.dtype} on CPU, but train_ssl.py trains in fp32 on "
-                         "CPU; pass --dtype fp32")
+        raise ValueError("--device cuda but CUDA is not available; pass --device cpu")
     if args.steps < 1 or args.warmup < 0 or min(args.batch_size) < 2:
-        raise SystemExit("error: need --steps >= 1, --warmup >= 0 and every --batch_size >= 2; "
+        raise ValueError("need --steps >= 1, --warmup >= 0 and every --batch_size >= 2; "
                          "fix the values")
     args.cpu = args.device_name == "cpu"  # read by init_distributed_mode
-    args.use_fp16 = args.dtype == "fp16"
+    amp.resolve_precision(args, args.device_name)  # again: --device may differ from the default
     args.knn_eval, args.tensorboard, args.num_workers = False, False, 0
     return args
 
@@ -100,8 +93,7 @@ def build_training(args, niter):
     model, _, _ = train_ssl.build_networks(args, niter)
     optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device,
                                 betas=args.adamw_betas)
-    scaler = torch.amp.GradScaler("cuda") if args.use_fp16 and args.device.type == "cuda" else None
-    return model, optimizer, scaler
+    return model, optimizer, amp.grad_scaler(args.precision, args.device)
 
 
 def measure(args, info, transform, batch_size):
@@ -146,9 +138,6 @@ def measure(args, info, transform, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.dtype == "fp32" and args.device_name == "cuda":
-        # train_ssl's autocast_context has no fp32 mode on CUDA; the bench swaps in a disabled one
-        train_ssl.autocast_context = lambda a: torch.autocast("cuda", enabled=False)
     with contextlib.redirect_stdout(io.StringIO()):
         distu.init_distributed_mode(args)
     torch.backends.cudnn.benchmark = True
@@ -162,10 +151,10 @@ def main(argv=None):
     for batch_size in args.batch_size:
         img_s, step_ms, peak = measure(args, info, transform, batch_size)
         print(f"method={args.method} arch={arch} input={args.input_size} batch={batch_size} "
-              f"device={args.device_name} dtype={args.dtype} img/s={img_s:.1f} "
+              f"device={args.device_name} precision={args.precision} img/s={img_s:.1f} "
               f"step_ms={step_ms:.1f} peak_mem_MB={peak:.0f}", flush=True)
     distu.cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

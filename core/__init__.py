@@ -4,5 +4,7 @@ dist.py        distributed init (torchrun, SLURM, one process), gathers with gra
 optim.py       parameter groups, LARS, cosine schedules, gradient clipping
 checkpoint.py  atomic save, resume, loading pretrained weights into a backbone
 logger.py      MetricLogger (periodic progress line), bool_flag
+amp.py         --precision / --use_fp16, autocast, GradScaler, the one backward step
+cli.py         the edge: a library's ValueError/OSError -> one `error: ...` line, exit code 2
 report.py      classification report, prediction grid and bar chart of the evaluation scripts
 """

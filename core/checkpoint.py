@@ -3,7 +3,8 @@
 Training checkpoints are one dict with the official key names (facebookresearch/dino):
 {"student", "teacher", "optimizer", "dino_loss" | "ibot_loss", "fp16_scaler", "epoch", "args"};
 single-network methods (SimCLR, rotation) store their network under "model". "args" is a
-plain dict so `torch.load(weights_only=True)` reads it.
+plain dict so `torch.load(weights_only=True)` reads it; official DINO/iBOT checkpoints hold an
+argparse.Namespace there, and `checkpoint_args` reads either.
 """
 import argparse
 import os
@@ -11,9 +12,12 @@ import os
 import numpy as np
 import torch
 
-_SAFE_GLOBALS = [argparse.Namespace, np.dtype, np._core.multiarray.scalar,
+# numpy 2 renamed numpy.core to numpy._core (the old name warns); numpy 1.x only has .core
+_NP_CORE = np._core if hasattr(np, "_core") else np.core
+_SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
                  type(np.dtype(np.float64)), type(np.dtype(np.float32)),
                  type(np.dtype(np.int64))]
+
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, then rename: a crash (or a SLURM
@@ -32,14 +36,23 @@ def load_file(path):
     and numpy scalars (their optimizer state holds numpy floats), which weights_only=True
     refuses; allow exactly those classes."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint '{path}' does not exist; pass the path of a .pth "
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass the path of a .pth "
                          "file written by train_ssl.py or an official DINO/iBOT release")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
-        raise SystemExit(f"error: could not read checkpoint '{path}' ({type(e).__name__}: "
+        raise ValueError(f"could not read checkpoint '{path}' ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); is it a PyTorch .pth file?")
+
+
+def checkpoint_args(ckpt):
+    """The training flags stored in a checkpoint, as a dict: ours store a plain dict, official
+    DINO/iBOT checkpoints an argparse.Namespace (read as `ckpt["args"].arch`). {} when absent."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
 
 
 def restart_from_checkpoint(path, run_variables=None, **modules):
@@ -91,7 +104,7 @@ def extract_backbone_state(ckpt, checkpoint_key="teacher"):
     - official released backbone weights: a bare state dict, or {'state_dict': ...}.
     Returns (state_dict, description)."""
     if not isinstance(ckpt, dict):
-        raise SystemExit("error: checkpoint is not a dict of tensors; pass a .pth state dict")
+        raise ValueError("checkpoint is not a dict of tensors; pass a .pth state dict")
     desc = "bare state dict"
     if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], dict):
         sd, desc = ckpt[checkpoint_key], f"key '{checkpoint_key}'"
@@ -104,7 +117,7 @@ def extract_backbone_state(ckpt, checkpoint_key="teacher"):
     else:
         tensors = {k: v for k, v in ckpt.items() if torch.is_tensor(v)}
         if not tensors:
-            raise SystemExit(f"error: checkpoint has no '{checkpoint_key}', 'model' or "
+            raise ValueError(f"checkpoint has no '{checkpoint_key}', 'model' or "
                              f"'state_dict' entry (keys: {sorted(ckpt)[:8]}); pass "
                              "--checkpoint_key naming the network to evaluate")
         sd = tensors
@@ -132,17 +145,17 @@ def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
            if k in own and own[k].shape != v.shape]
     if bad:
-        raise SystemExit(f"error: checkpoint '{path}' does not fit --arch/--patch_size "
+        raise ValueError(f"checkpoint '{path}' does not fit --arch/--patch_size "
                          f"({len(bad)} shape mismatches, e.g. {bad[0]}); pass the --arch and "
                          "--patch_size it was trained with")
     matched = [k for k in sd if k in own]
     if not matched:
-        raise SystemExit(f"error: no tensor of '{path}' ({desc}) matches the model's names "
+        raise ValueError(f"no tensor of '{path}' ({desc}) matches the model's names "
                          f"(e.g. '{next(iter(sd), '')}'); wrong --arch or --checkpoint_key?")
     msg = model.load_state_dict(sd, strict=False)
     missing = [k for k in msg.missing_keys if not k.startswith(allow_missing)]
     if missing:
-        raise SystemExit(f"error: checkpoint '{path}' ({desc}) lacks {len(missing)} backbone "
+        raise ValueError(f"checkpoint '{path}' ({desc}) lacks {len(missing)} backbone "
                          f"tensors, e.g. '{missing[0]}'; wrong --arch or --checkpoint_key?")
     print(f"Pretrained weights found at {path} ({desc}) and loaded with msg: {msg}")
     return msg
@@ -159,10 +172,7 @@ def load_backbone(args, **build_kwargs):
     train_args, ckpt = {}, None
     if args.pretrained_weights:
         ckpt = load_file(args.pretrained_weights)  # read once: args here, weights below
-        ckpt_args = ckpt.get("args") if isinstance(ckpt, dict) else None
-        if isinstance(ckpt_args, argparse.Namespace):
-            ckpt_args = vars(ckpt_args)
-        train_args = ckpt_args if isinstance(ckpt_args, dict) else {}
+        train_args = checkpoint_args(ckpt)
     defaults = {"arch": "vit_small", "patch_size": 16, "cifar_stem": None}
     for name, default in defaults.items():
         if getattr(args, name, None) is None:

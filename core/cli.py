@@ -5,7 +5,10 @@ message; the script's entry point turns them into one `error: ...` line and exit
         cli.run(lambda: main(parse_args()))
 
 Set MINISSL_TRACEBACK=1 to see the full traceback instead.
+
+HelpFormatter makes `--help` end every flag's help with its effective default.
 """
+import argparse
 import os
 import sys
 
@@ -29,3 +32,35 @@ def run(main):
             raise
         print(error_message(exc), file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def format_value(value):
+    """A default as it would be typed: true/false, space-separated lists, short floats."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(format_value(v) for v in value)
+    return str(value) if value != "" else '""'
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every flag's help, X being the parser's default at the time
+    of --help, so defaults set by set_defaults (a method's recipe) show too. Flags listed in
+    `recipe_flags` read "(default: X, the method's recipe)". A flag whose default is None says
+    in its own help what unset means."""
+
+    recipe_flags = ()
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS \
+                or "%(default)" in help or action.dest == "help":
+            return help
+        recipe = action.dest in self.recipe_flags
+        if action.default is None:
+            return help + " (default: the method's recipe)" if recipe else help
+        value = format_value(action.default).replace("%", "%%")  # help strings are %-formatted
+        suffix = ", the method's recipe" if recipe else ""
+        return f"{help} (default: {value}{suffix})"

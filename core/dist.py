@@ -130,10 +130,3 @@ def all_gather_nograd(x):
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, 0)
 
-
-def all_reduce_mean(x):
-    if get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= get_world_size()
-    return x

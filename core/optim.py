@@ -1,7 +1,5 @@
 """Optimizer pieces shared by every method: parameter groups, LARS, per-iteration cosine
 schedules and DINO's per-parameter gradient clipping (facebookresearch/dino utils.py)."""
-import math
-
 import numpy as np
 import torch
 
@@ -60,7 +58,7 @@ def build_optimizer(name, param_groups, device, betas=(0.9, 0.999)):
         return torch.optim.SGD(param_groups, lr=0, momentum=0.9, **fused)
     if name == "lars":
         return LARS(param_groups)  # wd and lr are filled in by the schedules
-    raise SystemExit(f"error: unknown --optimizer '{name}'; choose adamw, sgd or lars")
+    raise ValueError(f"unknown --optimizer '{name}'; choose adamw, sgd or lars")
 
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
@@ -104,7 +102,3 @@ def lr_for_batch(lr, global_batch):
     """Linear scaling rule (Goyal et al.): the --lr flag is for a global batch of 256."""
     return lr * global_batch / 256.0
 
-
-def cosine_value(base, final, progress):
-    """Plain cosine from base (progress 0) to final (progress 1); used by eval scripts."""
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))

@@ -54,35 +54,53 @@ STL10_SPLITS = SPLITS + ("unlabeled", "train+unlabeled")
 
 def _check_name(name):
     if name not in DATASETS:
-        raise SystemExit(f"error: unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
 
 
 def resolve_dataset(name, root):
-    """The dataset a run uses. `--dataset` given: that one. Not given (None): digits without
-    --data_path; with --data_path, inferred from what the folder holds, so that a given path is
-    never ignored. Raises ValueError when the folder's layout names no dataset."""
+    """The dataset a run uses, from --dataset and --data_path, so that a given path is never
+    ignored. `name` given: that one (it must be able to use `root`). `name` None: digits without
+    a root; with one, inferred from what the folder holds:
+        cifar-10-batches-py/, cifar-100-python/, stl10_binary/ (torchvision's files), or the
+        folder itself       -> cifar10, cifar100, stl10
+        tiny-imagenet-200/ or wnids.txt + train/   -> tiny-imagenet
+        train/images.npy + train/labels.npy (or train_images.npy + train_labels.npy) -> npy
+        train/              -> imagefolder
+    Raises FileNotFoundError for a missing folder, ValueError when the layout names no dataset
+    (or several)."""
     if name is not None:
         _check_name(name)
+        if name == "digits" and root:
+            raise ValueError(f"--dataset digits is embedded and reads no files, but --data_path "
+                             f"{root} was given; drop --data_path, or name the dataset it holds "
+                             f"with --dataset")
+        if name != "digits" and not root:
+            raise ValueError(f"dataset {name} needs its location; pass --data_path")
         return name
     if not root:
         return "digits"
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data_path {root} does not exist; pass an existing folder "
-                                f"(or --dataset digits to use the embedded data)")
-    for folder, dataset in (("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),
-                            ("stl10_binary", "stl10"), ("tiny-imagenet-200", "tiny-imagenet")):
-        if root.name == folder or (root / folder).is_dir():
-            return dataset
-    if (root / "wnids.txt").is_file() and (root / "train").is_dir():
-        return "tiny-imagenet"
-    if _npy_paths(root, "train") is not None:
-        return "npy"
-    if (root / "train").is_dir():
-        return "imagefolder"
-    raise ValueError(f"cannot tell which dataset {root} holds (no train/ folder, no "
+                                f"(or no --data_path to use the embedded digits)")
+    found = [dataset for folder, dataset in (
+        ("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),
+        ("stl10_binary", "stl10"), ("tiny-imagenet-200", "tiny-imagenet"))
+        if root.name == folder or (root / folder).is_dir()]
+    if not found and (root / "wnids.txt").is_file() and (root / "train").is_dir():
+        found = ["tiny-imagenet"]
+    if not found and _npy_paths(root, "train") is not None:
+        found = ["npy"]
+    if not found and (root / "train").is_dir():
+        found = ["imagefolder"]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"--data_path {root} holds several datasets ({', '.join(found)}); pass "
+                         f"--dataset to pick one")
+    raise ValueError(f"cannot tell which dataset --data_path {root} holds (no train/ folder, no "
                      f"train/images.npy, no CIFAR/STL-10/Tiny ImageNet files); pass --dataset "
-                     f"explicitly (one of {', '.join(DATASETS)})")
+                     f"(one of {', '.join(DATASETS)})")
 
 
 def dataset_info(name, root=None):
@@ -116,9 +134,9 @@ def build_dataset(name, root, split, transform=None, val_split=0, seed=0, downlo
     _check_name(name)
     valid = STL10_SPLITS if name == "stl10" else SPLITS
     if split not in valid:
-        raise SystemExit(f"error: unknown split '{split}' for {name}; choose one of {', '.join(valid)}")
+        raise ValueError(f"unknown split '{split}' for {name}; choose one of {', '.join(valid)}")
     if name != "digits" and not root:
-        raise SystemExit(f"error: dataset {name} needs its location; pass --data_path")
+        raise ValueError(f"dataset {name} needs its location; pass --data_path")
     build = _BUILDERS[name]
     if not val_split or split in ("test", "unlabeled"):
         return build(root, "test" if split == "val" else split, transform, download)
@@ -162,9 +180,9 @@ def _holdout(targets, val_split, seed):
     elif val_split >= 1 and float(val_split).is_integer():
         k = int(val_split)
     else:
-        raise SystemExit(f"error: --val_split {val_split} is invalid; give a count >= 1 or a fraction in (0, 1)")
+        raise ValueError(f"--val_split {val_split} is invalid; give a count >= 1 or a fraction in (0, 1)")
     if not 0 < k < n:
-        raise SystemExit(f"error: --val_split {val_split} holds out {k} of {n} labeled training images; "
+        raise ValueError(f"--val_split {val_split} holds out {k} of {n} labeled training images; "
                          f"it must leave both splits non-empty")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
@@ -195,7 +213,7 @@ def _torchvision(cls, title, folder, root, download, **kwargs):
         return cls(str(root), download=download, **kwargs)
     except (RuntimeError, OSError) as e:  # RuntimeError: files missing; OSError/URLError: offline
         how = f"and it could not be downloaded ({e})" if download else "(downloading is off)"
-        raise SystemExit(f"error: {title} not found under {root} {how}; pass --data_path pointing to "
+        raise FileNotFoundError(f"{title} not found under {root} {how}; pass --data_path pointing to "
                          f"the folder that holds {folder}/") from None
 
 
@@ -227,13 +245,13 @@ def _image_folder(folder, transform, train_folder, layout):
     try:
         ds = tv_datasets.ImageFolder(str(folder), transform=transform)
     except (FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: no images found in {folder} ({e}); pass --data_path pointing to {layout}") from None
+        raise FileNotFoundError(f"no images found in {folder} ({e}); pass --data_path pointing to {layout}") from None
     # class indices come from sorted folder names, so train and val agree only if they hold
     # the same class folders
     if Path(folder) != Path(train_folder) and Path(train_folder).is_dir():
         train_classes, _ = ds.find_classes(str(train_folder))
         if ds.classes != train_classes:
-            raise SystemExit(f"error: the class folders of {folder} and {train_folder} differ; "
+            raise ValueError(f"the class folders of {folder} and {train_folder} differ; "
                              f"both splits need the same classes so that label indices agree")
     ds.num_classes = len(ds.classes)
     return ds
@@ -243,14 +261,14 @@ def _build_imagefolder(root, split, transform, download):
     root = Path(root)
     layout = "a folder with train/ and val/ (or test/) holding one sub-folder per class"
     if not root.is_dir():
-        raise SystemExit(f"error: {root} does not exist; pass --data_path pointing to {layout}")
+        raise FileNotFoundError(f"{root} does not exist; pass --data_path pointing to {layout}")
     if split == "train":
         folder = root / "train"
     else:
         folder = root / "val" if (root / "val").is_dir() else root / "test"
     if not folder.is_dir():
         want = "train/" if split == "train" else "val/ or test/"
-        raise SystemExit(f"error: {root} has no {want} folder; pass --data_path pointing to {layout}")
+        raise FileNotFoundError(f"{root} has no {want} folder; pass --data_path pointing to {layout}")
     return _image_folder(folder, transform, root / "train", layout)
 
 
@@ -264,7 +282,7 @@ def _prepare_tiny_imagenet_val(val_dir):
         return  # already reorganised
     annotations = val_dir / "val_annotations.txt"
     if not annotations.is_file():
-        raise SystemExit(f"error: {annotations} is missing; pass --data_path pointing to an "
+        raise FileNotFoundError(f"{annotations} is missing; pass --data_path pointing to an "
                          f"unmodified copy of tiny-imagenet-200")
     for line in annotations.read_text().splitlines():
         if not line.strip():
@@ -277,7 +295,7 @@ def _prepare_tiny_imagenet_val(val_dir):
             pass
     left = sorted(os.listdir(images))
     if left:
-        raise SystemExit(f"error: {len(left)} files in {images} (e.g. {left[0]}) are not in "
+        raise ValueError(f"{len(left)} files in {images} (e.g. {left[0]}) are not in "
                          f"{annotations.name}; remove them or restore the original annotations")
     images.rmdir()
 
@@ -289,7 +307,7 @@ def _build_tiny_imagenet(root, split, transform, download):
     layout = ("tiny-imagenet-200/ with train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
               "val/val_annotations.txt")
     if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise SystemExit(f"error: Tiny ImageNet not found under {root}; pass --data_path pointing to {layout}")
+        raise FileNotFoundError(f"Tiny ImageNet not found under {root}; pass --data_path pointing to {layout}")
     if split == "train":
         return _image_folder(root / "train", transform, root / "train", layout)
     # the official test split has no labels, so "test" and "val" both mean val/
@@ -355,7 +373,7 @@ def _npy_layout(shape, path):
         return "nhwc"
     if len(shape) == 4 and shape[1] in (1, 3):
         return "nchw"
-    raise SystemExit(f"error: {path} has shape {tuple(shape)}; expected uint8 images as "
+    raise ValueError(f"{path} has shape {tuple(shape)}; expected uint8 images as "
                      f"N x H x W x C or N x C x H x W with C in {{1, 3}}")
 
 
@@ -364,7 +382,7 @@ def _build_npy(root, split, transform, download):
         split = "val" if _npy_paths(root, "val") is not None else "test"
     paths = _npy_paths(root, split)
     if paths is None:
-        raise SystemExit(f"error: no {split} arrays under {root}; pass --data_path pointing to a folder "
+        raise FileNotFoundError(f"no {split} arrays under {root}; pass --data_path pointing to a folder "
                          f"with {split}/images.npy + {split}/labels.npy (or {split}_images.npy + "
                          f"{split}_labels.npy)")
     images_path, labels_path = paths
@@ -372,9 +390,9 @@ def _build_npy(root, split, transform, download):
     labels = np.load(labels_path).reshape(-1)
     layout = _npy_layout(images.shape, images_path)
     if images.dtype != np.uint8:
-        raise SystemExit(f"error: {images_path} holds {images.dtype}; convert the images to uint8 (0..255)")
+        raise ValueError(f"{images_path} holds {images.dtype}; convert the images to uint8 (0..255)")
     if len(labels) != len(images):
-        raise SystemExit(f"error: {images_path} has {len(images)} images but {labels_path} has "
+        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has "
                          f"{len(labels)} labels; they must match")
     # the test split may miss a class: count classes on train so the indices agree
     train = _npy_paths(root, "train")

@@ -96,7 +96,7 @@ class MultiCropTransform:
     def __init__(self, global_size=224, local_size=96, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
                  local_number=8, global_number=2, mean=IMAGENET_MEAN, std=IMAGENET_STD, blur=None):
         if global_number < 1 or local_number < 0:
-            raise SystemExit(f"error: {global_number} global / {local_number} local crops requested; "
+            raise ValueError(f"{global_number} global / {local_number} local crops requested; "
                              f"need at least 1 global crop and no negative local count")
         if blur is None:
             blur = global_size >= 64
@@ -153,7 +153,7 @@ def eval_transform(size, mean, std, crop_pct=None):
     if crop_pct is None:
         crop_pct = 0.875 if size >= 128 else 1.0
     if not 0 < crop_pct <= 1:
-        raise SystemExit(f"error: crop_pct {crop_pct} is out of range; use a value in (0, 1]")
+        raise ValueError(f"crop_pct {crop_pct} is out of range; use a value in (0, 1]")
     return T.Compose([
         T.Resize(int(size / crop_pct), interpolation=BICUBIC),
         T.CenterCrop(size),

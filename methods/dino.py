@@ -13,7 +13,7 @@ https://github.com/facebookresearch/dino (main_dino.py, utils.py, vision_transfo
     EMA teacher     momentum 0.996 -> 1 on a per-iteration cosine schedule
     freeze_last_layer   no update of the head's last layer during the first epoch(s)
 
-Plugs into train_ssl.py through add_args / input_size / build_transform / build (see
+Plugs into train_ssl.py through RECIPE / add_args / check_args / build (see
 methods/__init__.py):
 
     torchrun --nproc_per_node=4 train_ssl.py --method dino --dataset imagefolder \
@@ -37,20 +37,22 @@ from core.optim import cancel_gradients_last_layer, cosine_scheduler
 from data import MultiCropTransform
 from models import build_backbone
 
+# main_dino.py's defaults (ViT-S/16, ImageNet) for train_ssl.py's generic flags; --lr is for a
+# global batch of 256 and scaled linearly.
+RECIPE = dict(arch="vit_small", optimizer="adamw", lr=0.0005, min_lr=1e-6, weight_decay=0.04,
+              weight_decay_end=0.4, clip_grad=3.0, warmup_epochs=10, epochs=100,
+              batch_size_per_gpu=64, drop_path_rate=0.1, adamw_betas=(0.9, 0.999),
+              saveckp_freq=20)
+
 
 # ============ flags (main_dino.py names and defaults) ============
 
 def add_args(parser):
-    # DINO's optimisation recipe for ViTs; train_ssl.py owns these flags, DINO only sets defaults.
-    parser.set_defaults(arch="vit_small", optimizer="adamw", lr=0.0005, min_lr=1e-6,
-                        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, warmup_epochs=10,
-                        epochs=100, drop_path_rate=0.1, batch_size_per_gpu=64, saveckp_freq=20)
     group = parser.add_argument_group("DINO")
     add_head_args(group, out_dim=65536)
     group.add_argument("--use_bn_in_head", default=False, type=bool_flag,
-                       help="Whether to use batch normalizations in projection head (Default: "
-                            "False). Does not change the ViT result much; DINO's ResNet-50 run "
-                            "keeps it off too.")
+                       help="Whether to use batch normalizations in projection head. Does not "
+                            "change the ViT result much; DINO's ResNet-50 run keeps it off too.")
     add_teacher_temp_args(group, warmup_epochs=0)
     add_multicrop_args(group, global_scale=(0.4, 1.0), local_number=8)
 
@@ -59,9 +61,9 @@ def add_head_args(group, out_dim):
     """Head and teacher flags shared by DINO and iBOT (same names and defaults in both repos,
     except --out_dim)."""
     group.add_argument("--out_dim", default=out_dim, type=int,
-                       help=f"Dimensionality of the head output (default {out_dim}). For complex "
-                            "and large datasets large values (like 65k) work well; 4096-16384 "
-                            "is plenty for CIFAR-sized data.")
+                       help="Dimensionality of the head output. For complex and large datasets "
+                            "large values (like 65k) work well; 4096-16384 is plenty for "
+                            "CIFAR-sized data.")
     group.add_argument("--norm_last_layer", default=True, type=bool_flag,
                        help="Whether or not to weight normalize the last layer of the head. Not "
                             "normalizing leads to better performance but can make the training "
@@ -84,53 +86,55 @@ def add_teacher_temp_args(group, warmup_epochs):
                        help="Final value (after linear warmup) of the teacher temperature. "
                             "Anything above 0.07 is unstable; the 'boosted' recipes use 0.07.")
     group.add_argument("--warmup_teacher_temp_epochs", default=warmup_epochs, type=int,
-                       help=f"Number of warmup epochs for the teacher temperature (default "
-                            f"{warmup_epochs}; DINO's boosted recipes use 30).")
+                       help="Number of warmup epochs for the teacher temperature (DINO's boosted "
+                            "recipes use 30).")
 
 
 def add_multicrop_args(group, global_scale, local_number):
     group.add_argument("--global_crops_scale", type=float, nargs="+", default=global_scale,
-                       help=f"Area range of the global crops relative to the image (default "
-                            f"{global_scale[0]} {global_scale[1]}). Without local crops a "
-                            "wider range such as 0.14 1 is recommended.")
+                       help="Area range of the global crops relative to the image. Without local "
+                            "crops a wider range such as 0.14 1 is recommended.")
     group.add_argument("--local_crops_number", type=int, default=local_number,
-                       help=f"Number of small local views (default {local_number}); 0 disables "
-                            "multi-crop.")
+                       help="Number of small local views; 0 disables multi-crop.")
     group.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
-                       help="Area range of the local crops relative to the image (default "
-                            "0.05 0.4).")
+                       help="Area range of the local crops relative to the image.")
     group.add_argument("--global_crops_size", type=int, default=224,
                        help="Resolution of the global crops, and the one the ViT is built for "
-                            "(DINOv2's name; default 224). 32 for CIFAR, 64 for Tiny ImageNet, "
-                            "96 for STL-10.")
+                            "(DINOv2's name). 32 for CIFAR, 64 for Tiny ImageNet, 96 for STL-10.")
     group.add_argument("--local_crops_size", type=int, default=96,
-                       help="Resolution of the local crops (DINOv2's name; default 96). About "
-                            "half the global size at low resolution: 16 for CIFAR.")
+                       help="Resolution of the local crops (DINOv2's name). About half the "
+                            "global size at low resolution: 16 for CIFAR.")
 
 
 def check_multicrop_args(args):
     for name in ("global_crops_scale", "local_crops_scale"):
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise SystemExit(f"error: --{name} {' '.join(map(str, scale))} is not a range; "
+            raise ValueError(f"--{name} {' '.join(map(str, scale))} is not a range; "
                              f"give two numbers 0 < min <= max <= 1, e.g. 0.4 1")
     if args.local_crops_number < 0:
-        raise SystemExit(f"error: --local_crops_number {args.local_crops_number} is negative; "
+        raise ValueError(f"--local_crops_number {args.local_crops_number} is negative; "
                          "use 0 to disable local crops")
     for name in ("global_crops_size", "local_crops_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} {getattr(args, name)} must be positive")
+            raise ValueError(f"--{name} {getattr(args, name)} must be positive")
         if not args.arch.startswith("resnet") and getattr(args, name) < args.patch_size:
-            raise SystemExit(f"error: --{name} {getattr(args, name)} is smaller than "
+            raise ValueError(f"--{name} {getattr(args, name)} is smaller than "
                              f"--patch_size {args.patch_size}; lower the patch size (4 for "
                              "32px images) or raise the crop size")
 
 
-def input_size(args, info):
-    """The ViT is built for the global crop size; local crops interpolate its position grid.
-    train_ssl.py calls this first, so bad flags are reported before any data is read."""
+def check_args(args):
     check_multicrop_args(args)
+
+
+def input_size(args, info):
+    """The ViT is built for the global crop size; local crops interpolate its position grid."""
     return args.global_crops_size
+
+
+def backbone_kwargs(args):
+    return {}
 
 
 def build_transform(args, info):
@@ -355,14 +359,11 @@ def ema_update_(student_params, teacher_params, momentum):
 
 class TeacherStudent(nn.Module):
     """The parts every teacher-student method shares: EMA update, frozen last layer, checkpoint
-    keys. Subclasses define forward(views, epoch, it)."""
+    keys. Subclasses hold their loss and define forward(views, epoch, it)."""
 
-    loss_key = "loss"
-
-    def __init__(self, student, teacher, loss, momentum_schedule, freeze_last_layer):
+    def __init__(self, student, teacher, momentum_schedule, freeze_last_layer):
         super().__init__()
         self.student, self.teacher = student, teacher
-        setattr(self, self.loss_key, loss)  # registered under its official checkpoint name
         self.momentum_schedule = momentum_schedule
         self.freeze_last_layer = freeze_last_layer
         self._ema_params = None
@@ -382,8 +383,7 @@ class TeacherStudent(nn.Module):
         return self.teacher.backbone
 
     def checkpoint_modules(self):
-        return {"student": self.student, "teacher": self.teacher,
-                self.loss_key: getattr(self, self.loss_key)}
+        return {"student": self.student, "teacher": self.teacher}
 
 
 def init_teacher(student, teacher, strict=True):
@@ -399,7 +399,12 @@ def teacher_momentum_schedule(args, niter_per_ep):
 
 
 class DINO(TeacherStudent):
-    loss_key = "dino_loss"
+    def __init__(self, student, teacher, dino_loss, momentum_schedule, freeze_last_layer):
+        super().__init__(student, teacher, momentum_schedule, freeze_last_layer)
+        self.dino_loss = dino_loss  # main_dino.py's name, also its checkpoint key
+
+    def checkpoint_modules(self):
+        return {**super().checkpoint_modules(), "dino_loss": self.dino_loss}
 
     def forward(self, views, epoch, it):
         """views: list of crops [g1, g2, l1, ..., ln], each (B, 3, H, W)."""

@@ -27,11 +27,16 @@ import torch.nn.functional as F
 
 from core.logger import bool_flag
 from data import MultiCropTransform
+from methods import dino
 from methods.dino import (MultiCropWrapper, TeacherStudent, WeightNormLinear, add_head_args,
                           add_multicrop_args, add_teacher_temp_args, check_multicrop_args,
                           ema_center_, init_head_weights, init_teacher, teacher_momentum_schedule,
                           teacher_temp_schedule)
-from models import build_backbone, is_vit
+from models import build_backbone
+
+# main_ibot.py's defaults for train_ssl.py's generic flags: DINO's, with 128 images per GPU and
+# a snapshot every 40 epochs.
+RECIPE = dict(dino.RECIPE, batch_size_per_gpu=128, saveckp_freq=40)
 
 NORMS = ("bn", "syncbn", "ln")
 
@@ -39,10 +44,6 @@ NORMS = ("bn", "syncbn", "ln")
 # ============ flags (main_ibot.py names and defaults) ============
 
 def add_args(parser):
-    # iBOT's recipe: DINO's, with 128 images per GPU and a snapshot every 40 epochs
-    parser.set_defaults(arch="vit_small", optimizer="adamw", lr=0.0005, min_lr=1e-6,
-                        weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, warmup_epochs=10,
-                        epochs=100, drop_path_rate=0.1, batch_size_per_gpu=128, saveckp_freq=40)
     group = parser.add_argument_group("iBOT")
     add_head_args(group, out_dim=8192)
     group.add_argument("--patch_out_dim", default=8192, type=int,
@@ -53,17 +54,17 @@ def add_args(parser):
                        help="Whether the student uses the same last layer for [CLS] and patch "
                             "tokens (the README's ViT-S recipe: true).")
     group.add_argument("--shared_head_teacher", default=True, type=bool_flag,
-                       help="Same for the teacher (default true).")
+                       help="Same for the teacher.")
     group.add_argument("--norm_in_head", default=None, type=str,
                        help=f"Normalization in the head MLP: none (default) or one of "
                             f"{', '.join(NORMS)}. syncbn is bn synchronised across processes.")
     group.add_argument("--act_in_head", default="gelu", choices=["gelu", "relu"],
-                       help="Activation in the head MLP (default gelu).")
-    group.add_argument("--drop_path", dest="drop_path_rate", type=float, default=0.1,
+                       help="Activation in the head MLP.")
+    group.add_argument("--drop_path", dest="drop_path_rate", type=float, default=None,
                        help="iBOT's name for --drop_path_rate: stochastic depth of the student.")
 
     group.add_argument("--use_masked_im_modeling", default=True, type=bool_flag,
-                       help="Whether to mask the student's global crops (default true).")
+                       help="Whether to mask the student's global crops.")
     group.add_argument("--pred_ratio", default=[0.3], type=float, nargs="+",
                        help="Ratio of masked patches. With several values, one is drawn per "
                             "crop (the ViT-S recipe: 0 0.3, i.e. half of the crops unmasked).")
@@ -73,46 +74,50 @@ def add_args(parser):
     group.add_argument("--pred_shape", default="block", choices=["block", "rand"],
                        help="block: BEiT's rectangles; rand: independent patches.")
     group.add_argument("--pred_aspect_ratio", default=[0.3, 1 / 0.3], type=float, nargs=2,
-                       help="Aspect-ratio range of the mask blocks (default 0.3 3.33).")
+                       help="Aspect-ratio range of the mask blocks.")
     group.add_argument("--pred_start_epoch", default=0, type=int,
-                       help="Epoch at which masking starts (typically 50 for Swin; default 0).")
+                       help="Epoch at which masking starts (typically 50 for Swin).")
     group.add_argument("--lambda1", default=1.0, type=float, help="Weight of the [CLS] loss.")
     group.add_argument("--lambda2", default=1.0, type=float,
                        help="Weight of the masked-patch loss.")
 
     add_teacher_temp_args(group, warmup_epochs=30)
     group.add_argument("--warmup_teacher_patch_temp", default=0.04, type=float,
-                       help="Initial teacher temperature of the patch tokens (default 0.04).")
+                       help="Initial teacher temperature of the patch tokens.")
     group.add_argument("--teacher_patch_temp", default=0.07, type=float,
-                       help="Final teacher temperature of the patch tokens (default 0.07).")
+                       help="Final teacher temperature of the patch tokens.")
 
     group.add_argument("--global_crops_number", type=int, default=2,
-                       help="Number of global views (default 2).")
+                       help="Number of global views.")
     add_multicrop_args(group, global_scale=(0.14, 1.0), local_number=0)
 
 
 def check_args(args):
+    """Raises ValueError for flags iBOT cannot run with; normalises --norm_in_head none."""
     check_multicrop_args(args)
     if args.arch.startswith("resnet"):
-        raise SystemExit(f"error: iBOT predicts patch tokens, which --arch {args.arch} does not "
+        raise ValueError(f"iBOT predicts patch tokens, which --arch {args.arch} does not "
                          "have; use a ViT (vit_tiny, vit_small, vit_base) or --method dino")
     if args.global_crops_number < 1 or args.global_crops_number + args.local_crops_number < 2:
-        raise SystemExit(f"error: {args.global_crops_number} global + {args.local_crops_number} "
+        raise ValueError(f"{args.global_crops_number} global + {args.local_crops_number} "
                          "local crops leave no pair of views to compare; use "
                          "--global_crops_number 2")
     if args.norm_in_head is not None and args.norm_in_head.lower() == "none":
         args.norm_in_head = None
     if args.norm_in_head not in (None,) + NORMS:
-        raise SystemExit(f"error: --norm_in_head {args.norm_in_head} is not supported; use "
+        raise ValueError(f"--norm_in_head {args.norm_in_head} is not supported; use "
                          f"none or one of {', '.join(NORMS)}")
     MaskGenerator(args.pred_ratio, args.pred_ratio_var, args.pred_aspect_ratio, args.pred_shape)
 
 
 def input_size(args, info):
-    """The ViT is built for the global crop size. Called first by train_ssl.py, so bad flags are
-    reported before any data is read."""
-    check_args(args)
+    """The ViT is built for the global crop size."""
     return args.global_crops_size
+
+
+def backbone_kwargs(args):
+    """The student needs `masked_embed`, the token that replaces masked patches."""
+    return {"masked_im_modeling": args.use_masked_im_modeling}
 
 
 def build_transform(args, info):
@@ -146,18 +151,18 @@ class MaskGenerator:
         self.pred_ratio = [float(r) for r in np.atleast_1d(pred_ratio)]
         self.pred_ratio_var = [float(v) for v in np.atleast_1d(pred_ratio_var)]
         if len(self.pred_ratio) != len(self.pred_ratio_var):
-            raise SystemExit(f"error: {len(self.pred_ratio)} --pred_ratio values but "
+            raise ValueError(f"{len(self.pred_ratio)} --pred_ratio values but "
                              f"{len(self.pred_ratio_var)} --pred_ratio_var values; give one "
                              "variance per ratio (e.g. --pred_ratio 0 0.3 --pred_ratio_var 0 0.2)")
         for r, v in zip(self.pred_ratio, self.pred_ratio_var):
             if not (0 <= v <= r and r + v <= 1):
-                raise SystemExit(f"error: --pred_ratio {r} with --pred_ratio_var {v} leaves "
+                raise ValueError(f"--pred_ratio {r} with --pred_ratio_var {v} leaves "
                                  "[0, 1]; need 0 <= var <= ratio and ratio + var <= 1")
         if len(pred_aspect_ratio) != 2 or not 0 < pred_aspect_ratio[0] <= pred_aspect_ratio[1]:
-            raise SystemExit(f"error: --pred_aspect_ratio {pred_aspect_ratio} is not a range; "
+            raise ValueError(f"--pred_aspect_ratio {pred_aspect_ratio} is not a range; "
                              "give two numbers 0 < min <= max, e.g. 0.3 3.33")
         if pred_shape not in ("block", "rand"):
-            raise SystemExit(f"error: --pred_shape {pred_shape} is unknown; use block or rand")
+            raise ValueError(f"--pred_shape {pred_shape} is unknown; use block or rand")
         self.log_aspect_ratio = (math.log(pred_aspect_ratio[0]), math.log(pred_aspect_ratio[1]))
         self.pred_shape = pred_shape
 
@@ -373,14 +378,16 @@ class iBOTLoss(nn.Module):
 # ============ the method ============
 
 class iBOT(TeacherStudent):
-    loss_key = "ibot_loss"
-
-    def __init__(self, student, teacher, loss, momentum_schedule, freeze_last_layer, ngcrops,
+    def __init__(self, student, teacher, ibot_loss, momentum_schedule, freeze_last_layer, ngcrops,
                  use_masked_im_modeling, pred_start_epoch):
-        super().__init__(student, teacher, loss, momentum_schedule, freeze_last_layer)
+        super().__init__(student, teacher, momentum_schedule, freeze_last_layer)
+        self.ibot_loss = ibot_loss  # main_ibot.py's name, also its checkpoint key
         self.ngcrops = ngcrops
         self.use_masked_im_modeling = use_masked_im_modeling
         self.pred_start_epoch = pred_start_epoch
+
+    def checkpoint_modules(self):
+        return {**super().checkpoint_modules(), "ibot_loss": self.ibot_loss}
 
     def forward(self, views, epoch, it):
         """views: (crops, masks): crops [g1..g_ng, l1..l_nl] each (B, 3, H, W); masks: ng bool
@@ -415,16 +422,11 @@ class iBOT(TeacherStudent):
 
 
 def build(args, backbone, embed_dim, niter_per_ep):
-    """backbone: the one train_ssl.py built; the student is rebuilt with masked_im_modeling so
-    that it has `masked_embed` (the teacher has none, as in iBOT)."""
-    if not is_vit(backbone):
-        check_args(args)  # raises the ResNet message
-    kwargs = dict(patch_size=args.patch_size, img_size=[args.input_size],
-                  cifar_stem=args.cifar_stem)
-    if args.use_masked_im_modeling:
-        backbone, embed_dim = build_backbone(args.arch, drop_path_rate=args.drop_path_rate,
-                                             masked_im_modeling=True, **kwargs)
-    teacher_backbone, _ = build_backbone(args.arch, drop_path_rate=0.0, **kwargs)
+    """backbone: the student ViT train_ssl.py built with backbone_kwargs(args), so with
+    `masked_embed` under --use_masked_im_modeling (the teacher has none, as in iBOT)."""
+    teacher_backbone, _ = build_backbone(args.arch, patch_size=args.patch_size,
+                                         img_size=[args.input_size], drop_path_rate=0.0,
+                                         cifar_stem=args.cifar_stem)
 
     # official: the loss uses out_dim for patches when either head is shared; use the same
     # size for the student's separate last_layer2, which the official code would fail to copy

@@ -9,7 +9,7 @@ with labels 0-3 (k quarter turns counter-clockwise, as np.rot90), plain 4-way cr
 The optimisation recipe is the seed's (AdamW betas 0.9/0.95, lr 1.5e-4 per 256 images,
 weight decay 0.05, warmup + cosine), not RotNet's step-decayed SGD.
 
-Plugs into train_ssl.py through add_args / build_transform / build (see methods/__init__.py).
+Plugs into train_ssl.py through RECIPE / add_args / check_args / build (see methods/__init__.py).
 """
 import torch
 import torch.nn as nn
@@ -19,11 +19,15 @@ from data import SingleViewTransform
 
 NUM_ROTATIONS = 4
 
+# the seed's recipe: AdamW with betas (0.9, 0.95) as MAE, lr 1.5e-4 per 256 images, constant
+# weight decay 0.05, DINO's gradient clipping, warmup + cosine
+RECIPE = dict(arch="resnet18", optimizer="adamw", lr=1.5e-4, min_lr=1e-6, weight_decay=0.05,
+              weight_decay_end=0.05, clip_grad=3.0, warmup_epochs=10, epochs=100,
+              batch_size_per_gpu=64, drop_path_rate=0.1, adamw_betas=(0.9, 0.95),
+              saveckp_freq=20)
+
 
 def add_args(parser):
-    # the seed's recipe: AdamW with betas (0.9, 0.95) as MAE, lr 1.5e-4, weight decay 0.05
-    parser.set_defaults(optimizer="adamw", lr=1.5e-4, weight_decay=0.05, weight_decay_end=0.05,
-                        adamw_betas=(0.9, 0.95))
     group = parser.add_argument_group("Rotation prediction (RotNet)")
     group.add_argument("--crop_size", default=0, type=int,
                        help="Size of the (square) training view; 0 means the dataset's native "
@@ -36,9 +40,20 @@ def add_args(parser):
                             "Linear(192, 4); > 0: Linear-BN-ReLU-Linear with this hidden width.")
 
 
+def check_args(args):
+    if args.crop_size < 0 or not 0 < args.min_crop_scale <= 1 or args.rot_hidden_dim < 0:
+        raise ValueError(f"--crop_size {args.crop_size} / --min_crop_scale {args.min_crop_scale} "
+                         f"/ --rot_hidden_dim {args.rot_hidden_dim}: need a size >= 0 (0: the "
+                         "dataset's), a scale in (0, 1] and a width >= 0")
+
+
 def input_size(args, info):
     """The resolution the backbone is built for (ViT positional embedding grid)."""
     return args.crop_size or info.image_size
+
+
+def backbone_kwargs(args):
+    return {}
 
 
 def build_transform(args, info):
@@ -53,7 +68,7 @@ def rotate_batch(images):
     k quarter turns, np.rot90's direction), RotNet's per-image stacking. Runs on the images'
     device; the images must be square so the four rotations share one shape."""
     if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-        raise SystemExit(f"error: rotation prediction needs a batch of square images (B, C, S, S), "
+        raise ValueError(f"rotation prediction needs a batch of square images (B, C, S, S), "
                          f"got {tuple(images.shape)}; use square crops (--crop_size)")
     b = images.shape[0]
     # dims (2, 3) = (H, W): torch.rot90 turns from the first dim towards the second, which is

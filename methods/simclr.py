@@ -1,7 +1,7 @@
 """SimCLR (Chen et al. 2020, https://arxiv.org/abs/2002.05709): two augmented views per image,
 a projection head, and the NT-Xent / InfoNCE loss with every other embedding as a negative.
 
-Plugs into train_ssl.py through add_args / build_transform / build (see methods/__init__.py).
+Plugs into train_ssl.py through RECIPE / add_args / check_args / build (see methods/__init__.py).
 """
 import torch
 import torch.nn as nn
@@ -10,12 +10,16 @@ import torch.nn.functional as F
 from core.dist import all_gather_with_grad, get_rank
 from data import TwoViewTransform
 
+# google-research/simclr's optimisation: LARS, lr 0.3 per 256 images, weight decay 1e-6 held
+# constant, no gradient clipping; a ResNet-18, 10 warmup epochs of 100. (adamw_betas: only
+# with --optimizer adamw.)
+RECIPE = dict(arch="resnet18", optimizer="lars", lr=0.3, min_lr=1e-6, weight_decay=1e-6,
+              weight_decay_end=1e-6, clip_grad=0.0, warmup_epochs=10, epochs=100,
+              batch_size_per_gpu=64, drop_path_rate=0.1, adamw_betas=(0.9, 0.999),
+              saveckp_freq=20)
+
 
 def add_args(parser):
-    # SimCLR's own optimisation recipe (google-research/simclr): LARS, lr 0.3 x batch/256,
-    # weight decay 1e-6 held constant, no gradient clipping.
-    parser.set_defaults(optimizer="lars", lr=0.3, weight_decay=1e-6, weight_decay_end=1e-6,
-                        clip_grad=0.0)
     group = parser.add_argument_group("SimCLR")
     group.add_argument("--temperature", default=0.1, type=float,
                        help="InfoNCE temperature. 0.1 is google-research/simclr's ImageNet default, "
@@ -32,9 +36,21 @@ def add_args(parser):
                        help="Lower bound of the RandomResizedCrop area (0.08 in the paper).")
 
 
+def check_args(args):
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature {args.temperature} must be positive; 0.1-0.5 is usual")
+    if args.crop_size < 0 or not 0 < args.min_crop_scale <= 1:
+        raise ValueError(f"--crop_size {args.crop_size} / --min_crop_scale {args.min_crop_scale}: "
+                         "need a size >= 0 (0: the dataset's) and a scale in (0, 1]")
+
+
 def input_size(args, info):
     """The resolution the backbone is built for (ViT positional embedding grid)."""
     return args.crop_size or info.image_size
+
+
+def backbone_kwargs(args):
+    return {}
 
 
 def build_transform(args, info):

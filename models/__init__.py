@@ -31,7 +31,7 @@ def build_backbone(arch, patch_size=16, img_size=224, drop_path_rate=0.0, cifar_
         kwargs = {k: v for k, v in kwargs.items() if k in _RESNET_KWARGS}
         model = _RESNETS[arch](num_classes=0, cifar_stem=cifar_stem, **kwargs)
     else:
-        raise SystemExit(f"error: unknown --arch '{arch}'; choose one of: {', '.join(ARCHS + list(ALIASES))}")
+        raise ValueError(f"unknown --arch '{arch}'; choose one of: {', '.join(ARCHS + list(ALIASES))}")
     return model, model.embed_dim
 
 
@@ -41,10 +41,10 @@ def is_vit(model):
 
 def _check_eval_args(model, n_last_blocks, avgpool_patchtokens):
     if avgpool_patchtokens not in (0, 1, 2):
-        raise SystemExit(f"error: --avgpool_patchtokens {avgpool_patchtokens} is not one of 0, 1, 2; "
+        raise ValueError(f"--avgpool_patchtokens {avgpool_patchtokens} is not one of 0, 1, 2; "
                          "use 0 (CLS), 1 (patch mean) or 2 (both)")
     if not 1 <= n_last_blocks <= len(model.blocks):
-        raise SystemExit(f"error: --n_last_blocks {n_last_blocks} is outside 1..{len(model.blocks)}; "
+        raise ValueError(f"--n_last_blocks {n_last_blocks} is outside 1..{len(model.blocks)}; "
                          "use 1 (k-NN) or 4 (ViT-S linear probe)")
 
 

@@ -1,5 +1,6 @@
 """core/: schedules, parameter groups, clipping, LARS, atomic checkpoints, loading pretrained
-backbones from every supported checkpoint layout, bool_flag."""
+backbones from every supported checkpoint layout, checkpoint args, bool_flag, the precision
+flags and step, the one-line error edge."""
 import argparse
 import os
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from core.checkpoint import load_pretrained_weights, save_atomic
+from core import amp, cli
+from core.checkpoint import checkpoint_args, load_backbone, load_pretrained_weights, save_atomic
 from core.logger import bool_flag
 from core.optim import (LARS, cancel_gradients_last_layer, clip_gradients, cosine_scheduler,
                         get_params_groups, lr_for_batch)
@@ -204,19 +206,19 @@ def test_load_refuses_mismatched_arch_with_one_line(tmp_path, arch):
     torch.save({"model": {f"backbone.{k}": v for k, v in _resnet().state_dict().items()}},
                tmp_path / "r18.pth")
     dst = build_backbone(arch, patch_size=4, img_size=[16], cifar_stem=True)[0]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         load_pretrained_weights(dst, str(tmp_path / "r18.pth"))
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg and "--arch" in msg
+    msg = str(e.value)
+    assert "\n" not in msg and "--arch" in msg
 
 
 def test_load_refuses_other_vit_width_and_missing_file(tmp_path):
     torch.save(build_backbone("vit_tiny", patch_size=4, img_size=[16])[0].state_dict(),
                tmp_path / "tiny.pth")
     small = build_backbone("vit_small", patch_size=4, img_size=[16])[0]
-    with pytest.raises(SystemExit, match=r"^error: .*does not fit"):
+    with pytest.raises(ValueError, match=r"does not fit"):
         load_pretrained_weights(small, str(tmp_path / "tiny.pth"))
-    with pytest.raises(SystemExit, match=r"^error: .*does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
         load_pretrained_weights(small, str(tmp_path / "nope.pth"))
 
 
@@ -255,3 +257,77 @@ def test_bool_flag_rejects_other_words():
     assert parser.parse_args(["--flag", "false"]).flag is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--flag", "2"])
+
+
+# ============ checkpoint args: ours (dict) and DINO's (Namespace) ============
+
+def test_checkpoint_args_reads_dict_and_namespace(tmp_path):
+    backbone = build_backbone("vit_tiny", patch_size=4, img_size=[16])[0]
+    weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    flags = {"arch": "vit_tiny", "patch_size": 4, "input_size": 16, "cifar_stem": False}
+    for i, stored in enumerate((flags, argparse.Namespace(**flags))):  # ours, DINO's
+        path = tmp_path / f"ckpt{i}.pth"
+        torch.save({"teacher": weights, "args": stored}, path)
+        assert checkpoint_args(torch.load(path, weights_only=False)) == flags
+        args = argparse.Namespace(pretrained_weights=str(path), checkpoint_key="teacher",
+                                  arch=None, patch_size=None, cifar_stem=None)
+        loaded, dim = load_backbone(args)  # model flags come from either kind of args
+        assert (args.arch, args.patch_size, args.image_size, dim) == ("vit_tiny", 4, 16, 192)
+        torch.testing.assert_close(loaded.state_dict(), backbone.state_dict())
+    assert checkpoint_args({"model": {}}) == {} and checkpoint_args(None) == {}
+
+
+# ============ precision ============
+
+@pytest.mark.parametrize("precision,use_fp16,expected", [
+    (None, None, "bf16"), ("fp16", None, "fp16"), ("fp32", None, "fp32"),
+    (None, True, "fp16"), (None, False, "fp32"),  # DINO's --use_fp16, DINO's meaning
+    ("fp16", True, "fp16"), ("fp32", False, "fp32")])
+def test_precision_flags(precision, use_fp16, expected):
+    args = argparse.Namespace(precision=precision, use_fp16=use_fp16)
+    assert amp.resolve_precision(args, "cuda") == expected == args.precision
+    args = argparse.Namespace(precision=precision, use_fp16=use_fp16)
+    assert amp.resolve_precision(args, "cpu") == "fp32"  # CPU always fp32
+
+
+def test_precision_flags_in_conflict():
+    for precision, use_fp16 in (("bf16", True), ("fp16", False), ("fp32", True)):
+        with pytest.raises(ValueError, match=f"--precision {precision} contradicts"):
+            amp.resolve_precision(argparse.Namespace(precision=precision, use_fp16=use_fp16), "cpu")
+
+
+def test_backward_step_is_a_plain_step_without_fp16():
+    """bf16/fp32: the disabled scaler reduces the step to backward, the caller's gradient edit
+    (clipping here), optimizer.step: the same parameters as writing it out by hand."""
+    torch.manual_seed(0)
+    a, x = nn.Linear(4, 3), torch.randn(5, 4)
+    b = nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    scaler = amp.grad_scaler("fp32", "cpu")
+    assert not scaler.is_enabled() and not amp.grad_scaler("bf16", "cpu").is_enabled()
+    for _ in range(3):
+        with amp.autocast("fp32", "cpu"):
+            loss = a(x).pow(2).sum()
+        amp.backward_step(loss, opt_a, scaler, after_unscale=lambda: clip_gradients(a, 0.5))
+        opt_b.zero_grad()
+        b(x).pow(2).sum().backward()
+        clip_gradients(b, 0.5)
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+# ============ the edge: one line, exit code 2 ============
+
+def test_cli_run_prints_one_line_and_exits_2(capsys):
+    def fails():
+        raise ValueError("--lr -1 is negative;\n  pass a positive --lr")
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(fails)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --lr -1 is negative; pass a positive --lr\n"
+    assert cli.run(lambda: 7) == 7
+    with pytest.raises(RuntimeError):  # a bug of ours keeps its traceback
+        cli.run(lambda: (_ for _ in ()).throw(RuntimeError("bug")))

@@ -8,8 +8,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from data import (DATASETS, MultiCropTransform, SingleViewTransform, TwoViewTransform, build_dataset,
-                  dataset_info, eval_transform)
-from data.datasets import _holdout
+                  dataset_info, eval_transform, resolve_dataset)
+from data.datasets import _BUILDERS, _holdout
 from data.transforms import RandomGaussianBlur, RandomSolarize
 
 
@@ -76,9 +76,9 @@ def test_val_split_carve_out_disjoint_and_deterministic():
     # fraction form; test split untouched
     assert len(build_dataset("digits", None, "val", val_split=0.1)) == round(0.1 * len(full))
     assert len(build_dataset("digits", None, "test", val_split=0.1)) == 1797 - len(full)
-    with pytest.raises(SystemExit, match="val_split"):
+    with pytest.raises(ValueError, match="val_split"):
         build_dataset("digits", None, "val", val_split=1.5)
-    with pytest.raises(SystemExit, match="val_split"):
+    with pytest.raises(ValueError, match="val_split"):
         build_dataset("digits", None, "val", val_split=len(full))
 
 
@@ -90,9 +90,9 @@ def test_holdout_proportional_and_keeps_unlabeled_in_train():
 
 
 def test_unknown_name_and_split():
-    with pytest.raises(SystemExit, match="cifar10"):
+    with pytest.raises(ValueError, match="cifar10"):
         dataset_info("mnist")
-    with pytest.raises(SystemExit, match="train, val, test"):
+    with pytest.raises(ValueError, match="train, val, test"):
         build_dataset("digits", None, "unlabeled")
 
 
@@ -133,13 +133,13 @@ def test_imagefolder_splits_and_classes(tmp_path):
 
 
 def test_imagefolder_missing_gives_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="--data_path"):
+    with pytest.raises(FileNotFoundError, match="--data_path"):
         build_dataset("imagefolder", tmp_path / "nope", "train")
     _make_folder_tree(tmp_path, "train", ["a", "b"], 1)
-    with pytest.raises(SystemExit, match="no val/ or test/ folder.*--data_path"):
+    with pytest.raises(FileNotFoundError, match="no val/ or test/ folder.*--data_path"):
         build_dataset("imagefolder", tmp_path, "val")
     _make_folder_tree(tmp_path, "val", ["a", "c"], 1)
-    with pytest.raises(SystemExit, match="class folders"):
+    with pytest.raises(ValueError, match="class folders"):
         build_dataset("imagefolder", tmp_path, "val")
 
 
@@ -183,7 +183,7 @@ def test_tiny_imagenet_val_reorganised_idempotently(tmp_path):
 
 
 def test_tiny_imagenet_missing(tmp_path):
-    with pytest.raises(SystemExit, match="--data_path"):
+    with pytest.raises(FileNotFoundError, match="--data_path"):
         build_dataset("tiny-imagenet", tmp_path, "train")
 
 
@@ -223,11 +223,11 @@ def test_npy_layouts(tmp_path, layout):
 
 
 def test_npy_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="--data_path"):
+    with pytest.raises(FileNotFoundError, match="--data_path"):
         build_dataset("npy", tmp_path, "train")
     np.save(tmp_path / "train_images.npy", np.zeros((2, 8, 8, 3), np.float32))
     np.save(tmp_path / "train_labels.npy", np.zeros(2, np.int64))
-    with pytest.raises(SystemExit, match="uint8"):
+    with pytest.raises(ValueError, match="uint8"):
         build_dataset("npy", tmp_path, "train")
 
 
@@ -235,7 +235,7 @@ def test_npy_bad_input(tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
 def test_torchvision_missing_without_download(tmp_path, name):
-    with pytest.raises(SystemExit, match="not found under .*--data_path") as e:
+    with pytest.raises(FileNotFoundError, match="not found under .*--data_path") as e:
         build_dataset(name, tmp_path, "train", download=False)
     assert "\n" not in str(e.value)
 
@@ -329,7 +329,52 @@ def test_eval_transform_normalizes_and_crops():
     assert out[0, 0, :111].max() < 0.01 and out[0, 0, 113:].min() > 0.99
 
 
-def test_registry_values():
-    assert set(DATASETS) == {"cifar10", "cifar100", "stl10", "imagefolder", "tiny-imagenet", "npy", "digits"}
-    assert DATASETS["cifar10"].mean == (0.4914, 0.4822, 0.4465) and DATASETS["cifar10"].image_size == 32
-    assert DATASETS["stl10"].image_size == 96 and DATASETS["tiny-imagenet"].num_classes == 200
+def test_registry_agrees_with_the_builders():
+    """Every name --dataset accepts can be built, and what is built matches its entry."""
+    assert set(DATASETS) == set(_BUILDERS)
+    for name, info in DATASETS.items():
+        assert len(info.mean) == len(info.std) == 3, name
+        assert all(0 < v < 1 for v in info.mean + info.std), name  # Normalize takes [0, 1] stats
+    train = build_dataset("digits", None, "train")
+    assert train.num_classes == DATASETS["digits"].num_classes
+    assert train[0][0].size == (DATASETS["digits"].image_size,) * 2
+
+
+# ============ --dataset inferred from --data_path ============
+
+def test_resolve_dataset_infers_from_the_folder(tmp_path):
+    assert resolve_dataset(None, "") == "digits"
+    assert resolve_dataset("cifar10", tmp_path) == "cifar10"  # given: used as it is
+    for folder, name in (("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),
+                         ("stl10_binary", "stl10")):
+        (tmp_path / name / folder).mkdir(parents=True)
+        assert resolve_dataset(None, tmp_path / name) == name  # the parent, as torchvision
+        assert resolve_dataset(None, tmp_path / name / folder) == name  # or the folder itself
+    _make_tiny_imagenet(tmp_path / "tin")
+    assert resolve_dataset(None, tmp_path / "tin") == "tiny-imagenet"
+    assert resolve_dataset(None, tmp_path / "tin" / "tiny-imagenet-200") == "tiny-imagenet"
+    npy = tmp_path / "npy"
+    (npy / "train").mkdir(parents=True)
+    np.save(npy / "train" / "images.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    np.save(npy / "train" / "labels.npy", np.zeros(2, np.int64))
+    assert resolve_dataset(None, npy) == "npy"
+    _make_folder_tree(tmp_path / "folders", "train", ["a", "b"], 1)
+    assert resolve_dataset(None, tmp_path / "folders") == "imagefolder"
+
+
+def test_resolve_dataset_never_ignores_a_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="cannot tell which dataset .*empty.*pass --dataset"):
+        resolve_dataset(None, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
+        resolve_dataset(None, tmp_path / "missing")
+    for folder in ("cifar-10-batches-py", "stl10_binary"):
+        (tmp_path / "both" / folder).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"several datasets \(cifar10, stl10\)"):
+        resolve_dataset(None, tmp_path / "both")
+    with pytest.raises(ValueError, match="--dataset digits .* drop --data_path"):
+        resolve_dataset("digits", tmp_path)
+    with pytest.raises(ValueError, match="npy needs its location"):
+        resolve_dataset("npy", "")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        resolve_dataset("mnist", tmp_path)

@@ -262,9 +262,9 @@ def test_extract_features_layouts():
     torch.testing.assert_close(f2, torch.cat([inter[0][:, 0], inter[1][:, 0], patch_mean], -1))
     for n, a, f in [(1, 0, f0), (2, 0, f0n2), (1, 1, f1), (2, 2, f2)]:
         assert f.shape == (2, feature_dim(model, n, a))
-    with pytest.raises(SystemExit, match="avgpool_patchtokens 3"):
+    with pytest.raises(ValueError, match="avgpool_patchtokens 3"):
         extract_features(model, x, avgpool_patchtokens=3)
-    with pytest.raises(SystemExit, match="n_last_blocks 4"):
+    with pytest.raises(ValueError, match="n_last_blocks 4"):
         feature_dim(model, n_last_blocks=4)
 
 
@@ -370,6 +370,6 @@ def test_build_backbone():
     assert not is_vit(model) and dim == 512 and model.conv1.kernel_size == (3, 3)
     assert torch.count_nonzero(model.layer1[0].bn2.weight) == 0
     assert isinstance(model.fc, nn.Identity)
-    with pytest.raises(SystemExit, match="unknown --arch 'vit_huge'.*vit_small"):
+    with pytest.raises(ValueError, match="unknown --arch 'vit_huge'.*vit_small"):
         build_backbone("vit_huge")
     assert isinstance(vit_tiny(), VisionTransformer)
