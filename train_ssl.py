@@ -350,7 +350,7 @@ def vars_plain(args):
 def final_knn_check(trained, init_backbone, args, info, writer):
     """The quickstart's proof of learning: k-NN top-1 of the trained backbone beside the
     same backbone at random init, on the dataset's labelled train/test splits."""
-    from eval_knn import knn_eval_backbone
+    from core.evaluation import knn_eval_backbone
     results = {}
     for name, net in (("pretrained", trained), ("random init", init_backbone.to(args.device))):
         top1, top5 = knn_eval_backbone(net, args.dataset, args.data_path, args.input_size,

@@ -5,7 +5,7 @@ facebookresearch/dino visualize_attention.py.
     python visualize_attention.py --pretrained_weights dino_deitsmall8_pretrain.pth \
         --image_path cat.jpg --image_size 480 480 --threshold 0.6 --output_dir attn/
 
-Writes PNGs to --output_dir:
+Writes PNGs to --output_dir (shared flags: core/evaluation.py):
     img.png                      the (resized) input image
     attn-head{j}.png             head j's attention from [CLS] to every patch (viridis colours,
                                  each map scaled to its own min..max, as plt.imsave does)
@@ -13,7 +13,9 @@ Writes PNGs to --output_dir:
                                  that holds a fraction t of head j's attention mass tinted
 Without --image_path the image is sample --sample_index of --dataset's test split. Model flags
 (--arch, --patch_size) left unset come from our checkpoints' args or, for released weights,
-from the shape of the patch embedding. Works with official DINO/iBOT checkpoints.
+from the shape of the patch embedding (without weights: vit_small/8, as DINO's script). Works
+with official DINO/iBOT checkpoints. Default --output_dir:
+out/visualize_attention/<weights folder>_<weights file>_<image name or dataset_index>.
 """
 import argparse
 import math
@@ -24,10 +26,10 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from core.checkpoint import extract_backbone_state, load_backbone, load_file
-from data import DATASETS, build_dataset, dataset_info
+from core import cli, evaluation
+from data import build_dataset, dataset_info
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from models import ARCHS, is_vit
+from models import is_vit
 
 # matplotlib's viridis at 0, 1/8, ..., 1 (linearly interpolated in between)
 VIRIDIS = torch.tensor([
@@ -39,38 +41,26 @@ PALETTE = torch.tensor([
     [0.12, 0.47, 0.71], [1.00, 0.50, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
     [0.58, 0.40, 0.74], [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.50, 0.50, 0.50],
     [0.74, 0.74, 0.13], [0.09, 0.75, 0.81]])
-WIDTHS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
 
 
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("Visualize Self-Attention maps", add_help=add_help)
-    parser.add_argument("--arch", default=None, type=str, choices=[a for a in ARCHS if "vit" in a],
-                        help="Architecture (default: from the checkpoint, else vit_small).")
-    parser.add_argument("--patch_size", default=None, type=int,
-                        help="Patch resolution of the model (default: from the checkpoint, "
-                             "else 8 as DINO's script).")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Path to pretrained weights to load; empty: random init.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher").')
-    parser.add_argument("--image_path", default=None, type=str,
-                        help="Path of the image to load (normalised with ImageNet statistics); "
-                             "default: a --dataset sample.")
-    parser.add_argument("--dataset", default="digits", type=str, choices=sorted(DATASETS),
-                        help="Dataset to take the image from when --image_path is not given.")
-    parser.add_argument("--data_path", default="", type=str, help="Dataset root.")
-    parser.add_argument("--sample_index", default=0, type=int,
-                        help="Index of the test-split image to show.")
-    parser.add_argument("--image_size", default=None, type=int, nargs="+",
-                        help="Resize image: H W, or one number for the shorter side (default: "
-                             "the training crop size from the checkpoint, else 480 480).")
-    parser.add_argument("--output_dir", default=".", help="Path where to save visualizations.")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="Also save masks keeping this fraction of the attention mass "
-                             "(DINO's figures use 0.6).")
-    parser.add_argument("--display_scale", default=0, type=int,
-                        help="Integer nearest-neighbour upscaling of the saved PNGs; 0: enough "
-                             "for a shorter side of at least 256 px (32px images become 256px).")
+def get_args_parser():
+    parser = argparse.ArgumentParser("Visualize Self-Attention maps", parents=[
+        evaluation.model_parser(image_size=False), evaluation.data_parser()])
+    group = parser.add_argument_group("Image and maps")
+    group.add_argument("--image_path", default=None, type=str,
+                       help="Path of the image to load (normalised with ImageNet statistics); "
+                            "default: a --dataset sample.")
+    group.add_argument("--sample_index", default=0, type=int,
+                       help="Index of the test-split image to show.")
+    group.add_argument("--image_size", default=None, type=int, nargs="+",
+                       help="Resize image: H W, or one number for the shorter side (default: "
+                            "the training crop size from the checkpoint, else 480 480).")
+    group.add_argument("--threshold", type=float, default=None,
+                       help="Also save masks keeping this fraction of the attention mass "
+                            "(DINO's figures use 0.6).")
+    group.add_argument("--display_scale", default=0, type=int,
+                       help="Integer nearest-neighbour upscaling of the saved PNGs; 0: enough "
+                            "for a shorter side of at least 256 px (32px images become 256px).")
     return parser
 
 
@@ -127,53 +117,43 @@ def upscale(x, factor):
 
 # ============ script ============
 
-def infer_model_flags(args):
-    """Released backbone weights carry no `args`: read --patch_size / --arch left unset from the
-    patch embedding's shape (D, 3, p, p). Our checkpoints' args are read by load_backbone."""
-    if args.pretrained_weights and (args.arch is None or args.patch_size is None):
-        ckpt = load_file(args.pretrained_weights)
-        if isinstance(ckpt, dict) and not ckpt.get("args"):
-            sd, _ = extract_backbone_state(ckpt, args.checkpoint_key)
-            w = sd.get("patch_embed.proj.weight")
-            if w is not None:
-                args.patch_size = args.patch_size or int(w.shape[-1])
-                args.arch = args.arch or WIDTHS.get(int(w.shape[0]))
-    if not args.pretrained_weights and args.patch_size is None:
-        args.patch_size = 8  # the official script's default
-
-
 def load_image(args):
     """-> (PIL RGB image, mean, std)."""
     if args.image_path:
         if not os.path.isfile(args.image_path):
-            raise SystemExit(f"error: --image_path {args.image_path} does not exist; pass the "
-                             "path of an image file")
+            raise FileNotFoundError(f"--image_path {args.image_path} does not exist; pass the path "
+                                    "of an image file")
         with open(args.image_path, "rb") as f:
             return Image.open(f).convert("RGB"), IMAGENET_MEAN, IMAGENET_STD
     info = dataset_info(args.dataset, args.data_path or None)
     dataset = build_dataset(args.dataset, args.data_path or None, "test")
     if not 0 <= args.sample_index < len(dataset):
-        raise SystemExit(f"error: --sample_index {args.sample_index} is outside the {len(dataset)} "
-                         f"test images of {args.dataset}; pick 0..{len(dataset) - 1}")
+        raise ValueError(f"--sample_index {args.sample_index} is outside the {len(dataset)} test "
+                         f"images of {args.dataset}; pick 0..{len(dataset) - 1}")
     return dataset[args.sample_index][0], info.mean, info.std
 
 
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluation.check_common_args(args)
+    if args.image_size is not None and len(args.image_size) > 2:
+        raise ValueError(f"--image_size takes H W or one number, not {len(args.image_size)} values")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold} is not a fraction; use a value in (0, 1], "
+                         "e.g. 0.6")
+    if not args.pretrained_weights and args.patch_size is None:
+        args.patch_size = 8  # the official script's default
     requested_size = args.image_size
     args.image_size = None  # load_backbone fills it with the training crop size, if known
-    infer_model_flags(args)
-    model, _ = load_backbone(args)
+    model, _ = evaluation.load_backbone(args)
     if not is_vit(model):
-        raise SystemExit(f"error: --arch {args.arch} has no self-attention; attention maps need "
-                         "a ViT (vit_tiny, vit_small, vit_base)")
+        raise ValueError(f"--arch {args.arch} has no self-attention; attention maps need a ViT "
+                         "(vit_tiny, vit_small, vit_base)")
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad = False
 
     size = requested_size or ([args.image_size] if args.image_size else [480, 480])
-    if len(size) > 2:
-        raise SystemExit(f"error: --image_size takes H W or one number, not {len(size)} values")
     pil, mean, std = load_image(args)
     img = T.Compose([T.Resize(size if len(size) == 2 else size[0],
                               interpolation=T.InterpolationMode.BICUBIC),
@@ -182,13 +162,16 @@ def main(args):
     p = args.patch_size
     h, w = img.shape[1] - img.shape[1] % p, img.shape[2] - img.shape[2] % p
     if h == 0 or w == 0:
-        raise SystemExit(f"error: the image ({img.shape[1]}x{img.shape[2]}) is smaller than one "
-                         f"{p}x{p} patch; raise --image_size")
+        raise ValueError(f"the image ({img.shape[1]}x{img.shape[2]}) is smaller than one {p}x{p} "
+                         "patch; raise --image_size")
     img = img[:, :h, :w].unsqueeze(0).to(device)
 
     attentions = cls_attention_maps(model, img).float().cpu()  # (heads, h/p, w/p)
     nh = attentions.shape[0]
     scale = args.display_scale or max(1, math.ceil(256 / min(h, w)))
+    subject = os.path.splitext(os.path.basename(args.image_path))[0] if args.image_path \
+        else f"{args.dataset}_{args.sample_index}"
+    args.output_dir = args.output_dir or evaluation.default_output_dir("visualize_attention", args, subject)
     os.makedirs(args.output_dir, exist_ok=True)
     shown = img[0].cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     shown = shown.clamp(0, 1)
@@ -199,9 +182,6 @@ def main(args):
         torchvision.utils.save_image(upscale(heat[j], scale), fname)
         print(f"{fname} saved.")
     if args.threshold is not None:
-        if not 0 < args.threshold <= 1:
-            raise SystemExit(f"error: --threshold {args.threshold} is not a fraction; use a "
-                             "value in (0, 1], e.g. 0.6")
         masks = upscale(threshold_masks(attentions, args.threshold), p)
         for j in range(nh):
             fname = os.path.join(args.output_dir, f"mask_th{args.threshold}_head{j}.png")
@@ -212,4 +192,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    cli.run(lambda: main(args))
