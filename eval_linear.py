@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core import dist as distu
 from core.checkpoint import load_backbone, load_file, save_atomic
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from data import DATASETS, SingleViewTransform, build_dataset, dataset_info, eval_transform
 from eval_knn import extract_features, feature_function
 from models import ARCHS, feature_dim, is_vit, layerwise_features
@@ -335,8 +336,7 @@ def run_linear(args):
           + (f" ({len(dataset_test)} test imgs held back)." if dataset_test else "."))
 
     probe = Probe(dims, args.num_labels, args.head, args.mlp_dims).to(args.device)
-    if args.distributed and args.head == "mlp" and args.device.type == "cuda":  # SyncBN is GPU-only
-        probe = nn.SyncBatchNorm.convert_sync_batchnorm(probe)
+    probe = sync_batchnorm(probe, args.device)  # BatchNorm statistics over all ranks, CPU too
     print(f"Probe: {len(dims)} x {args.head} on {dims[0]}-d features"
           + (f" ({', '.join(names)})" if args.probe_layers else "") + f", {args.num_labels} labels.")
 

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core import dist as distu
 from core.checkpoint import load_backbone, load_file, save_atomic
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
 from data import DATASETS, SingleViewTransform, build_dataset, dataset_info, eval_transform
 from eval_knn import extract_features
@@ -398,8 +399,7 @@ def run_finetune(args):
     print(f"Training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M backbone parameters "
           f"({len(trainable)} tensors) and the head.")
     model.to(args.device)
-    if args.distributed and not is_vit(backbone) and args.device.type == "cuda":  # SyncBN is GPU-only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     if args.evaluate:

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core import dist as distu
 from core.checkpoint import restart_from_checkpoint, save_atomic
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
 from data import DATASETS, build_dataset, dataset_info
@@ -169,9 +170,7 @@ def train_ssl(args):
 
     # ============ building the networks ... ============
     model, backbone, init_backbone = build_networks(args, len(data_loader))
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if args.distributed and has_bn and args.device.type == "cuda":  # SyncBN is GPU-only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     # DDP only averages gradients of parameters that require them (the student); a method's
     # EMA teacher and loss buffers ride along without being synchronised by DDP.
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
