@@ -51,6 +51,9 @@ class AllReduceBatchNorm(_BatchNorm):
     its two all-reduced reductions (sum of dy, sum of dy * (x - mean)).
 
     Input: (N, C) or (N, C, *) as nn.BatchNorm1d/2d/3d, any float dtype (statistics in fp32).
+    The variance E[x^2] - E[x]^2 loses log10(mean^2 / var) of fp32's 7 digits: harmless while
+    a channel's mean is within a few standard deviations of 0, as BatchNorm inputs usually are
+    (a mean of 10 standard deviations still leaves 5 digits).
     """
 
     def _check_input_dim(self, input):
