@@ -186,56 +186,60 @@ def train_steps(model, ddp_model, batches):
         optimizer.step()
         model.after_step(it)
         losses.append(loss.detach())
-        moved.append({k: v.double() - start[k].double() for k, v in model.state_dict().items()
+        moved.append({k: v - start[k] for k, v in model.state_dict().items()
                       if v.is_floating_point() and not torch.equal(v, start[k])})
     return {"losses": torch.stack(losses), "grads": grads, "moved": moved}
 
 
-def _method_worker(rank, world_size, build, batches, syncs):
-    """One DDP run per entry of syncs: True = train_ssl.py's sync_batchnorm, False = plain BN."""
+def errors_against(run, ref):
+    """Largest relative errors of one rank's run against one process: the first step's
+    gradients and what moved after each step (worst tensor).
+
+    Skipped: parameters whose exact gradient is 0, the biases of the layers right before a
+    BatchNorm (its mean subtraction cancels them) and their EMA copies. Both sides hold
+    rounding noise there (1e-7 against gradients of 0.1 to 30); we check it is noise on both."""
+    zero = {n for n, g in ref["grads"].items() if g.norm() < 1e-5}
+    assert run["grads"].keys() == ref["grads"].keys()
+    assert all(run["grads"][n].norm() < 1e-5 for n in zero)
+    zero |= {"teacher." + n[len("student."):] for n in zero if n.startswith("student.")}
+
+    def worst(got, want):
+        assert got.keys() == want.keys()
+        return max(rel_err(got[n], want[n]) for n in want if n not in zero)
+
+    errors = {"grads": worst(run["grads"], ref["grads"])}
+    for i, (got, want) in enumerate(zip(run["moved"], ref["moved"], strict=True)):
+        errors[f"moved_{i + 1}"] = worst(got, want)
+    return errors
+
+
+def _method_worker(rank, world_size, build, batches, syncs, ref):
+    """One DDP run per entry of syncs (True: train_ssl.py's sync_batchnorm, False: plain
+    BatchNorm), each checked here against the 1-process run `ref`, so that only the losses and
+    a few numbers come back rather than every weight."""
     results = []
     for sync in syncs:
         model = build()
         if sync:
             model = sync_batchnorm(model, "cpu")
         local = [rank_batch(views, rank, world_size) for views in batches()]
-        results.append(train_steps(model, DistributedDataParallel(model), local))
+        run = train_steps(model, DistributedDataParallel(model), local)
+        results.append({"losses": run["losses"], **errors_against(run, ref)})
     return results
 
 
-def compare(ranks, ref):
-    """Largest relative errors of the 2 ranks against one process: the mean of the ranks'
-    losses, the first step's gradients, what moved after each step (worst tensor, worst rank).
-
-    Skipped: parameters whose exact gradient is 0, the biases of the layers right before a
-    BatchNorm (its mean subtraction cancels them) and their EMA copies. Both sides hold
-    rounding noise there (1e-7 against gradients of 0.1 to 30); we check it is noise on both."""
-    zero = {n for n, g in ref["grads"].items() if g.norm() < 1e-5}
-    for r in ranks:
-        assert r["grads"].keys() == ref["grads"].keys()
-        assert all(r["grads"][n].norm() < 1e-5 for n in zero)
-    zero |= {"teacher." + n[len("student."):] for n in zero if n.startswith("student.")}
-
-    def worst(get):
-        want = get(ref)
-        return max(max(rel_err(get(r)[n], want[n]) for n in want if n not in zero)
-                   for r in ranks)
-
-    # each rank's loss is a mean over its own samples and DDP averages the gradients over
-    # ranks, so with 2 equal halves the mean of the ranks' losses is the global loss
-    errors = {"loss": rel_err((ranks[0]["losses"] + ranks[1]["losses"]) / 2, ref["losses"]),
-              "grads": worst(lambda r: r["grads"])}
-    for i in range(len(ref["moved"])):
-        assert all(r["moved"][i].keys() == ref["moved"][i].keys() for r in ranks)
-        errors[f"moved_{i + 1}"] = worst(lambda r: r["moved"][i])
-    return errors
-
-
 def two_ranks_and_one(build, batches, syncs=(True,)):
-    """-> ([errors of the 2-rank run against 1 process, per entry of syncs], 1-process run)"""
-    ranks = run_ranks(_method_worker, build, batches, syncs)
+    """-> ([errors of the 2 ranks against 1 process, per entry of syncs], the 1-process run).
+    The worst rank counts; the loss compared is the mean of the ranks' losses: each is a mean
+    over that rank's samples and DDP averages the gradients over ranks, so with 2 equal halves
+    that mean is the global loss."""
     ref = train_steps(model := build(), model, batches())
-    return [compare([r[i] for r in ranks], ref) for i in range(len(syncs))], ref
+    ranks = run_ranks(_method_worker, build, batches, syncs, ref)  # forked: ref is not copied
+    errors = []
+    for r0, r1 in zip(*ranks):
+        e = {"loss": rel_err((r0.pop("losses") + r1.pop("losses")) / 2, ref["losses"])}
+        errors.append({**e, **{k: max(r0[k], r1[k]) for k in r0}})
+    return errors, ref
 
 
 def assert_same(errors):
