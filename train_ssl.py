@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import dist as distu
 from core.checkpoint import restart_from_checkpoint, save_atomic
+from core.diagnostics import check_collapse
 from core.logger import MetricLogger, bool_flag
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
@@ -216,6 +217,8 @@ def train_ssl(args):
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
                                       wd_schedule, epoch, fp16_scaler, args)
+        # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
+        check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
 
         # ============ writing logs and checkpoint ... ============
         save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}

@@ -459,7 +459,8 @@ def test_ibot_forward_masks_and_pred_start_epoch(small_vits):
     assert model.student.backbone.masked_embed.grad is not None  # in the graph all the same
     loss, stats = model((crops, masks), 1, 2)
     assert stats["patch"].item() > 0
-    assert set(stats) == {"cls", "patch", "teacher_temp", "teacher_patch_temp", "acc"}
+    assert set(stats) == {"cls", "patch", "teacher_temp", "teacher_patch_temp", "acc",
+                          "teacher_entropy", "teacher_batch_entropy", "kl"}
     assert set(model.checkpoint_modules()) == {"student", "teacher", "ibot_loss"}
     assert "center2" in model.ibot_loss.state_dict()
     # without masked image modelling the student has no masked_embed; masks still pick the patches

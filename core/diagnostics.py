@@ -1,0 +1,139 @@
+"""Collapse diagnostics: numbers that say, while a run trains, whether its representation is
+collapsing, and a once-per-epoch check that names the collapse and what to change.
+
+Teacher-student methods (DINO, iBOT), as DINO's section 5.3 and fig. 7
+(https://arxiv.org/abs/2104.14294) decompose the loss: H(P_t, P_s) = h(P_t) + KL(P_t || P_s).
+    teacher_entropy        h(P_t), mean over samples of the entropy of the centred, sharpened
+                           teacher softmax (nats, in [0, ln K])
+    teacher_batch_entropy  h(mean over the batch of P_t): how many prototypes the batch uses
+    kl                     KL(P_t || P_s), mean over the loss's (teacher, student) pairs
+Both collapses send kl to 0. Without sharpening every output goes uniform (h -> ln K); without
+centring every image lands on the same dimension (h -> 0, and so does the batch entropy).
+
+Methods with an embedding (SimCLR, rotation):
+    emb_std    mean over dimensions of the per-dimension std of z / ||z|| over the batch
+               (SimSiam, https://arxiv.org/abs/2011.10566, sec. 4.1): about 1/sqrt(d) for a
+               healthy d-dimensional embedding, 0 when every image maps to one point
+    erank      effective rank (Roy & Vetterli 2007): exp of the entropy of the singular values
+               normalised to sum 1, between 1 (rank one) and min(N, d)
+
+Everything here is computed from tensors the losses already have, under no_grad, and returned
+as 0-d tensors for the method's stats dict: no `.item()`, no host-device sync in the step.
+The one exception is the SVD behind erank (torch's CUDA solvers check convergence on the host),
+so EffectiveRankEvery computes it once every print interval and repeats the value in between.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+TEACHER_KEYS = ("teacher_entropy", "teacher_batch_entropy", "kl")
+EMBEDDING_KEYS = ("emb_std", "erank")
+
+
+@torch.no_grad()
+def teacher_stats(teacher_probs, cross_entropy):
+    """teacher_probs: (N, K) the teacher softmax the loss uses (centred, temperature-scaled);
+    cross_entropy: 0-d mean over the loss's (teacher row, student row) pairs of -sum q log p,
+    where every teacher row is in equally many pairs (true of DINO's and iBOT's [CLS] loss).
+    Then the mean KL over the same pairs is cross_entropy - the mean teacher entropy, for free.
+    Returns {teacher_entropy, teacher_batch_entropy, kl}, 0-d float32 tensors."""
+    p = teacher_probs.float()
+    entropy = torch.special.entr(p).sum(dim=-1).mean()            # entr(x) = -x ln x, 0 at 0
+    batch_entropy = torch.special.entr(p.mean(dim=0)).sum()
+    return {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
+            "kl": cross_entropy.detach().float() - entropy}
+
+
+@torch.no_grad()
+def embedding_std(z):
+    """z: (N, d) -> 0-d mean over the d dimensions of the std over N of z / ||z|| (SimSiam)."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
+@torch.no_grad()
+def effective_rank(z):
+    """z: (N, d) -> 0-d exp(-sum p_k ln p_k) with p_k = s_k / sum(s), s the singular values of
+    z (Roy & Vetterli 2007; RankMe, https://arxiv.org/abs/2210.02885, uses the same on raw
+    embeddings). Identity-like -> about min(N, d); rank one -> 1. An SVD: see EffectiveRankEvery."""
+    s = torch.linalg.svdvals(z.detach().float())
+    p = s / s.sum().clamp(min=1e-12)
+    return torch.exp(torch.special.entr(p).sum())
+
+
+class EffectiveRankEvery:
+    """effective_rank(z) at iterations it % freq == 0 (and on the first call), the last value
+    in between, so that the key is in every step's stats and its epoch average stays a mean
+    over steps. freq: the print interval (train_ssl's --print_freq), as the value is only
+    looked at when a line is printed."""
+
+    def __init__(self, freq=10):
+        self.freq, self.value = max(int(freq), 1), None
+
+    def __call__(self, z, it):
+        if self.value is None or it % self.freq == 0:
+            self.value = effective_rank(z)
+        return self.value
+
+
+def embedding_stats(z, it, rank_every):
+    """z: (N, d) embeddings -> {emb_std, erank}; rank_every: an EffectiveRankEvery."""
+    return {"emb_std": embedding_std(z), "erank": rank_every(z, it)}
+
+
+# ============ the per-epoch check ============
+
+# Both thresholds are one bit (ln 2 nats), see check_collapse.
+UNIFORM_GAP = math.log(2)
+ONE_DIM_ENTROPY = math.log(2)
+
+ADVICE = {
+    "uniform": "sharpen the teacher (lower --teacher_temp and --warmup_teacher_temp, 0.04 is "
+               "DINO's default) and raise --momentum_teacher (e.g. 0.9995 for small batches); "
+               "this is why a loss sits at ln K",
+    "one-dimension": "soften the teacher (raise --teacher_temp towards 0.07), raise "
+                     "--momentum_teacher, use a larger batch (the centre is a batch mean), "
+                     "or normalise the head (--use_bn_in_head true; iBOT: --norm_in_head bn)",
+}
+
+
+def collapse_mode(stats, out_dim):
+    """stats: an epoch's averaged stats (names as the methods log them, optionally with a
+    'train_' prefix); out_dim: K. Returns "uniform", "one-dimension" or None.
+
+    uniform:        ln K - teacher_entropy < ln 2, i.e. each image's teacher distribution is
+                    within one bit of uniform (perplexity above K / 2). A random-init DINO head
+                    (cosine logits of a 256-d bottleneck over temperature 0.04) sits about
+                    s^2 / 2 = 1.2 nats below ln K, s = 1 / (16 * 0.04); a run without
+                    sharpening reaches ln K within a hundredth of a nat.
+    one-dimension:  teacher_batch_entropy < ln 2: even the batch mean is within one bit of a
+                    one-hot, so (by concavity of the entropy) every image is too and they all
+                    pick the same dimension. The batch entropy and not the per-image one, as a
+                    sharp teacher that spreads images over many dimensions is the goal.
+    """
+    def get(name):
+        return stats.get(name, stats.get(f"train_{name}"))
+
+    entropy, batch_entropy = get("teacher_entropy"), get("teacher_batch_entropy")
+    if entropy is None or batch_entropy is None or not out_dim:
+        return None
+    if math.log(out_dim) - entropy < UNIFORM_GAP:
+        return "uniform"
+    if batch_entropy < ONE_DIM_ENTROPY:
+        return "one-dimension"
+    return None
+
+
+def check_collapse(stats, out_dim, epoch, warmup_epochs=0):
+    """Once per epoch, after the epoch's stats are averaged: from `warmup_epochs` on, print one
+    warning line naming the collapse mode and what to change. Training goes on. Returns the
+    mode or None. Methods without teacher statistics (SimCLR, rotation) always get None."""
+    if epoch < warmup_epochs:
+        return None
+    mode = collapse_mode(stats, out_dim)
+    if mode is not None:
+        entropy = stats.get("teacher_entropy", stats.get("train_teacher_entropy"))
+        batch = stats.get("teacher_batch_entropy", stats.get("train_teacher_batch_entropy"))
+        print(f"warning: {mode} collapse at epoch {epoch} (teacher entropy {entropy:.3g}, batch "
+              f"entropy {batch:.3g}, ln K = {math.log(out_dim):.3g}): {ADVICE[mode]}.", flush=True)
+    return mode
