@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import dist as distu
 from core.checkpoint import load_backbone, load_file, save_atomic
+from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
 from data import DATASETS, SingleViewTransform, build_dataset, dataset_info, eval_transform
 from eval_knn import extract_features, feature_function
@@ -436,6 +437,7 @@ def run_linear(args):
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+            save_curves(args.output_dir)
             save_atomic({"epoch": epoch + 1, "state_dict": saved_state(probe.state_dict(), len(dims)),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": best[-1], "best_accs": best,

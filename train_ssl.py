@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import dist as distu
 from core.checkpoint import restart_from_checkpoint, save_atomic
+from core.curves import save_curves
 from core.diagnostics import check_collapse
 from core.logger import MetricLogger, bool_flag
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
@@ -232,6 +233,7 @@ def train_ssl(args):
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+            save_curves(args.output_dir)  # curves.png: every metric of log.txt per epoch
             if writer is not None:
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train/{k}", v, epoch)

@@ -292,10 +292,10 @@ class DINOLoss(nn.Module):
         teacher_output: (2 * B, out_dim), the teacher on [g1, g2]
         epoch: int, indexes the teacher temperature schedule
     Returns the 0-d mean over the 2 * ncrops - 2 (teacher view, student view) pairs with
-    different views of the per-pair batch-mean cross-entropy; with return_stats, (loss,
-    core.diagnostics.teacher_stats: teacher entropy, batch entropy, KL). Afterwards the centre buffer
-    (1, out_dim) moves towards the mean raw teacher logit over all ranks; the loss itself uses
-    the centre from before the update.
+    different views of the per-pair batch-mean cross-entropy; with return_stats, (loss, the
+    collapse diagnostics of core.diagnostics.teacher_stats: teacher entropy, batch entropy,
+    KL). Afterwards the centre buffer (1, out_dim) moves towards the mean raw teacher logit
+    over all ranks; the loss itself uses the centre from before the update.
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,

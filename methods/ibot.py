@@ -301,9 +301,9 @@ class iBOTLoss(nn.Module):
     [CLS] cross-entropy, "patch": lambda2 * mean over the ng global views of the per-image mean
     cross-entropy over masked patches (an image without masked patches counts as 0),
     "loss": cls + patch, and the [CLS] teacher's collapse diagnostics of
-    core.diagnostics.teacher_stats: "teacher_entropy", "teacher_batch_entropy", "kl"}. Then `center` (1, K) and `center2` (1, 1, Kp) move towards the
-    all-reduced batch means of the raw teacher [CLS] logits and patch logits (mean over all
-    patches, masked or not).
+    core.diagnostics.teacher_stats: "teacher_entropy", "teacher_batch_entropy", "kl"}.
+    Then `center` (1, K) and `center2` (1, 1, Kp) move towards the all-reduced batch means of
+    the raw teacher [CLS] logits and patch logits (mean over all patches, masked or not).
     """
 
     def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp,

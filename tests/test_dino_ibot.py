@@ -632,6 +632,6 @@ def test_visualize_attention_on_trained_checkpoint(runs, tmp_path):
     assert attentions.shape == (3, 2, 2)
     from PIL import Image
     names = sorted(os.listdir(tmp_path))
-    assert names == sorted(["img.png"] + [f"attn-head{j}.png" for j in range(3)]
+    assert names == sorted(["img.png", "attention.png"] + [f"attn-head{j}.png" for j in range(3)]
                            + [f"mask_th0.6_head{j}.png" for j in range(3)])
     assert Image.open(tmp_path / "attn-head0.png").size == (256, 256)  # 16px x display scale 16
