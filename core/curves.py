@@ -79,6 +79,13 @@ def _plot(ax, epochs, values, label=None):
         ax.plot(epochs, values, label=label, **style)
 
 
+def _epoch_ticks(ax):
+    """Up to 10 epochs: a tick at each (the integer locator gives up on a single epoch)."""
+    epochs = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
+    if 0 < len(epochs) <= 10:
+        ax.set_xticks(epochs)
+
+
 def _new_panels(names, width=3.3, height=2.4):
     from matplotlib.ticker import MaxNLocator
     rows, cols = _grid(len(names))
@@ -106,6 +113,7 @@ def save_curves(run_dir, path=None):
     for ax, name in zip(axes, names):
         epochs, values = _series(records, name)
         _plot(ax, epochs, values)
+        _epoch_ticks(ax)
         if values and isinstance(values[0], list) and len(values[0]) <= 12:
             ax.legend(fontsize=6, ncol=2)
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)), fontsize=10)
@@ -136,6 +144,7 @@ def compare_runs(run_dirs, path, labels=None, metrics=None):
             epochs, values = _series(records, name)
             if epochs:
                 _plot(ax, epochs, values, label)
+        _epoch_ticks(ax)
     # one legend for the figure: every panel has the same runs in the same colours
     handles, texts = max((ax.get_legend_handles_labels() for ax in axes), key=lambda h: len(h[0]))
     fig.legend(handles, texts, loc="outside lower center", ncol=min(len(texts), 4), fontsize=8)
