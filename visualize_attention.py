@@ -29,7 +29,7 @@ from torchvision import transforms as T
 
 from core.checkpoint import extract_backbone_state, load_backbone, load_file
 from core.logger import bool_flag
-from core.report import figure_to_array, new_figure, save_figure
+from core.report import DPI, figure_to_array, new_figure, save_figure
 from data import DATASETS, build_dataset, dataset_info
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from models import ARCHS, is_vit
@@ -133,7 +133,7 @@ def draw_mask(ax, image, mask, color, alpha=0.5):
 def save_mask(image, mask, color, path, title):
     """image (H, W, 3), mask bool (H, W) -> a PNG of about the image's size with a title."""
     h, w = mask.shape
-    fig = new_figure(max(w, 160) / 100, max(h, 160) / 100 + 0.3)
+    fig = new_figure(max(w, 160) / DPI, max(h, 160) / DPI + 0.3)
     ax = fig.add_subplot()
     draw_mask(ax, image, mask, color)
     ax.set_title(title, fontsize=8)
