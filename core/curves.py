@@ -86,10 +86,16 @@ def _epoch_ticks(ax):
         ax.set_xticks(epochs)
 
 
-def _new_panels(names, width=3.3, height=2.4):
-    from matplotlib.ticker import MaxNLocator
+def _new_panels(names, width=3.3, height=2.4, bottom=0.0):
+    """A grid of panels of width x height inches (plus `bottom` inches for a legend), laid out
+    by hand: this figure is redrawn after every epoch, and constrained layout would double the
+    cost."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
     rows, cols = _grid(len(names))
-    fig = new_figure(cols * width, rows * height)
+    w, h = cols * width, rows * height + 0.3 + bottom  # 0.3 in for the title
+    fig = new_figure(w, h, layout=None)
+    fig.subplots_adjust(left=0.55 / w, right=1 - 0.15 / w, top=1 - 0.55 / h,
+                        bottom=(0.45 + bottom) / h, wspace=0.3, hspace=0.6)
     axes = []
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -97,6 +103,8 @@ def _new_panels(names, width=3.3, height=2.4):
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.5
+        # 6.1e-05 on the tick itself: no '1e-5' offset text over the title
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
         ax.grid(alpha=0.3)
         axes.append(ax)
     return fig, axes
@@ -138,7 +146,7 @@ def compare_runs(run_dirs, path, labels=None, metrics=None):
     if not names:
         raise ValueError(f"no metric to compare in {', '.join(run_dirs)}"
                          + (f" matching {', '.join(metrics)}" if metrics else ""))
-    fig, axes = _new_panels(names)
+    fig, axes = _new_panels(names, bottom=0.3)
     for ax, name in zip(axes, names):
         for records, label in zip(runs, labels):
             epochs, values = _series(records, name)
@@ -147,7 +155,7 @@ def compare_runs(run_dirs, path, labels=None, metrics=None):
         _epoch_ticks(ax)
     # one legend for the figure: every panel has the same runs in the same colours
     handles, texts = max((ax.get_legend_handles_labels() for ax in axes), key=lambda h: len(h[0]))
-    fig.legend(handles, texts, loc="outside lower center", ncol=min(len(texts), 4), fontsize=8)
+    fig.legend(handles, texts, loc="lower center", ncol=min(len(texts), 4), fontsize=8)
     save_figure(fig, path)
     return names
 

@@ -90,13 +90,13 @@ def test_curves_from_log_one_panel_per_metric(tmp_path):
     names = save_curves(run)
     # loss first, then lr, then the rest in log order; strings and the k-NN line left out
     assert names == ["train_loss", "train_lr", "train_teacher_entropy", "test_acc1_layers"]
-    assert open_png(run / "curves.png").size == (4 * 330, 240)
+    assert open_png(run / "curves.png").size == (4 * 330, 240 + 30)  # 4 panels, a title
     assert not (run / "curves.png.tmp").exists()
     # more metrics than four wrap onto more rows
     with open(run / "log.txt", "a") as f:
         f.write(json.dumps({"train_loss": 1.0, "train_acc1": 5.0, "epoch": 5}) + "\n")
     assert len(save_curves(run, tmp_path / "other.png")) == 5
-    assert open_png(tmp_path / "other.png").size == (4 * 330, 2 * 240)
+    assert open_png(tmp_path / "other.png").size == (4 * 330, 2 * 240 + 30)
     assert metric_names([{"epoch": 0, "b": 1, "lr": 2, "a_loss": 3}]) == ["a_loss", "lr", "b"]
 
 
