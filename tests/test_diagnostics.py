@@ -121,20 +121,32 @@ def test_healthy_batch_and_warmup_trigger_nothing(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_fresh_dino_head_is_not_flagged_uniform():
-    """The uniform threshold sits between a random-init head (about ln K - 1.2 nats at
-    temperature 0.04, see collapse_mode) and a head without sharpening (ln K)."""
+def test_mode_is_named_by_the_entropy_and_needs_identical_outputs():
+    """Identical outputs half-way (not yet at 0 or ln K) are collapse already, named by the
+    nearer end; outputs as flat but different per image are not."""
+    logk = math.log(K)
+    for frac, mode in ((0.3, "one-dimension"), (0.7, "uniform")):
+        stats = {"teacher_entropy": frac * logk, "teacher_batch_entropy": frac * logk + 0.1}
+        assert collapse_mode(stats, K) == mode
+    assert collapse_mode({"teacher_entropy": 0.8 * logk, "teacher_batch_entropy": logk}, K) is None
+
+
+def test_fresh_dino_head_sharpened_or_not():
+    """A random-init DINO head on distinct features sits about 1.2 nats below ln K at
+    temperature 0.04 (s^2 / 2 with s = 1 / (sqrt(256) * 0.04)) and still tells images apart;
+    at temperature 1 (no sharpening) every output is uniform."""
     torch.manual_seed(0)
     k = 4096
     head = DINOHead(24, k, hidden_dim=64)
     with torch.no_grad():
         logits = head(torch.randn(64, 24))
-    sharp = teacher_stats(F.softmax(logits / 0.04, dim=-1), torch.tensor(0.0))
-    flat = teacher_stats(F.softmax(logits / 1.0, dim=-1), torch.tensor(0.0))
-    gap = math.log(k) - sharp["teacher_entropy"].item()
-    assert 0.9 < gap < 1.6
-    assert collapse_mode({k_: v.item() for k_, v in sharp.items()}, k) is None
-    assert collapse_mode({k_: v.item() for k_, v in flat.items()}, k) == "uniform"
+    def stats(temp):
+        probs = F.softmax(logits / temp, dim=-1)
+        return {n: v.item() for n, v in teacher_stats(probs, torch.tensor(0.0)).items()}
+    sharp, flat = stats(0.04), stats(1.0)
+    assert 0.9 < math.log(k) - sharp["teacher_entropy"] < 1.6
+    assert collapse_mode(sharp, k) is None
+    assert collapse_mode(flat, k) == "uniform" and math.log(k) - flat["teacher_entropy"] < 0.01
 
 
 # ============ embeddings ============
