@@ -110,15 +110,19 @@ def collapse_mode(stats, out_dim):
     teacher's output tells about the image is the mutual information
         I = teacher_batch_entropy - teacher_entropy = h(mean_n p_n) - mean_n h(p_n) >= 0,
     0 exactly when every image gets the same distribution, whatever that distribution is.
-    Collapsed: I < ln 2 (one bit). The mode is the end the teacher is nearer to:
-        uniform        teacher_entropy >= ln K / 2 (heading for ln K: no sharpening)
-        one-dimension  teacher_entropy <  ln K / 2 (heading for 0: no centring)
-    Why I and not only "entropy near ln K" or "near 0": on digits (small ViT, K = 1024,
-    4 epochs), a run without centring had I = 0.04 nats while its entropy was still at 3.4 of
-    ln K = 6.9 on its way down; the entropy alone would have said nothing for many epochs. A
-    run without sharpening (teacher temperature 1) sat at entropy = ln K, I = 0. Each of the
-    paper's end states also passes I < ln 2: within one bit of ln K leaves the batch mean at
-    most one bit higher, and a batch mean within one bit of one-hot bounds I by that bit.
+    Collapsed: I < ln 2 (one bit). Then the mode:
+        uniform        ln K - teacher_entropy < ln 2: every output within one bit of uniform
+                       (no sharpening: entropy -> ln K)
+        one-dimension  otherwise: the same peaked output for every image, its mass on the
+                       same few dimensions (no centring: entropy on its way to 0)
+    Why I and not only "entropy near ln K" or "near 0": on digits (ViT of depth 4, width 96,
+    K = 1024, batch 64), a run without centring had I = 0.08, 0.05, 0.04 nats in epochs 1-3
+    while its entropy went 4.9, 3.9, 3.4 of ln K = 6.9 on its way down; the entropy alone
+    would have said nothing for many epochs. A run without sharpening (teacher temperature 1)
+    sat at entropy = ln K, I = 0; one with DINO's defaults at 6.87 and I = 0.05 by epoch 2,
+    its loss stuck at ln K. The paper's end states pass I < ln 2 too: within one bit of ln K
+    leaves the batch mean at most one bit higher, and a batch mean within one bit of one-hot
+    bounds I by that bit.
     A random-init ViT teacher is collapsed by this measure (I = 0.3 nats on digits: its
     features barely depend on the image), hence the check only after --warmup_epochs. With
     B images per GPU the batch can show at most ln(2B) nats, so the check needs B >= 4 or so.
@@ -131,7 +135,7 @@ def collapse_mode(stats, out_dim):
         return None
     if batch_entropy - entropy >= MIN_INFORMATION:
         return None
-    return "uniform" if entropy >= math.log(out_dim) / 2 else "one-dimension"
+    return "uniform" if math.log(out_dim) - entropy < MIN_INFORMATION else "one-dimension"
 
 
 def check_collapse(stats, out_dim, epoch, warmup_epochs=0):

@@ -121,14 +121,15 @@ def test_healthy_batch_and_warmup_trigger_nothing(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_mode_is_named_by_the_entropy_and_needs_identical_outputs():
-    """Identical outputs half-way (not yet at 0 or ln K) are collapse already, named by the
-    nearer end; outputs as flat but different per image are not."""
+def test_collapse_needs_identical_outputs_and_uniform_needs_flat_ones():
+    """Identical outputs half-way down (not yet near 0) are one-dimension collapse already;
+    uniform needs outputs within one bit of ln K; flat outputs that differ per image are fine."""
     logk = math.log(K)
-    for frac, mode in ((0.3, "one-dimension"), (0.7, "uniform")):
-        stats = {"teacher_entropy": frac * logk, "teacher_batch_entropy": frac * logk + 0.1}
-        assert collapse_mode(stats, K) == mode
-    assert collapse_mode({"teacher_entropy": 0.8 * logk, "teacher_batch_entropy": logk}, K) is None
+    halfway = {"teacher_entropy": 0.7 * logk, "teacher_batch_entropy": 0.7 * logk + 0.1}
+    assert collapse_mode(halfway, K) == "one-dimension"
+    assert collapse_mode({"teacher_entropy": logk - 0.5, "teacher_batch_entropy": logk - 0.1}, K) \
+        == "uniform"
+    assert collapse_mode({"teacher_entropy": logk - 1.0, "teacher_batch_entropy": logk}, K) is None
 
 
 def test_fresh_dino_head_sharpened_or_not():
