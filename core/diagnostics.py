@@ -62,9 +62,14 @@ def embedding_std(z):
 def effective_rank(z):
     """z: (N, d) -> 0-d exp(-sum p_k ln p_k) with p_k = s_k / sum(s), s the singular values of
     z (Roy & Vetterli 2007; RankMe, https://arxiv.org/abs/2210.02885, uses the same on raw
-    embeddings). Identity-like -> about min(N, d); rank one -> 1. An SVD: see EffectiveRankEvery."""
-    s = torch.linalg.svdvals(z.detach().float())
-    return torch.exp(entropy(s / s.sum().clamp(min=1e-12)))
+    embeddings). Identity-like -> about min(N, d); rank one -> 1. An SVD: see EffectiveRankEvery.
+    NaN when z is not finite (the SVD would raise, before train_ssl's own non-finite check
+    could stop the run with its one clear line), decided on the device: no sync."""
+    z = z.detach().float()
+    finite = torch.isfinite(z).all()
+    s = torch.linalg.svdvals(torch.where(finite, z, torch.zeros_like(z)))
+    erank = torch.exp(entropy(s / s.sum().clamp(min=1e-12)))
+    return torch.where(finite, erank, torch.full_like(erank, float("nan")))
 
 
 class EffectiveRankEvery:

@@ -169,6 +169,10 @@ def test_effective_rank_identity_and_rank_one():
     assert effective_rank(u @ v).item() == pytest.approx(1.0, abs=1e-3)
     # two equal singular values and nothing else: exactly 2
     assert effective_rank(torch.diag(torch.tensor([5.0, 5.0, 0, 0]))).item() == pytest.approx(2.0)
+    # a diverged run: NaN, not the SVD's convergence error
+    bad = torch.eye(d)
+    bad[0, 1] = float("nan")
+    assert math.isnan(effective_rank(bad).item())
 
 
 def test_effective_rank_every_computes_only_at_its_interval(monkeypatch):
