@@ -30,6 +30,7 @@ from core import amp, cli, evaluation
 from core import dist as distu
 from core.checkpoint import load_file, save_atomic
 from core.evaluation import extract_dataset_features
+from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
@@ -484,6 +485,7 @@ def run_linear(args):
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+            save_curves(args.output_dir)
             save_atomic({"epoch": epoch + 1, "state_dict": saved_state(probe.state_dict(), len(dims)),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": best[-1], "best_accs": best,

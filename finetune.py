@@ -35,6 +35,7 @@ from core import amp, cli, evaluation
 from core import dist as distu
 from core.checkpoint import load_file, save_atomic
 from core.evaluation import extract_dataset_features
+from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
@@ -274,10 +275,11 @@ def predict(model, dataset, args):
                                     precision=args.precision)
 
 
-def test_report(model, dataset_test, info, args):
-    """Accuracy, sklearn's per-class report and confusion matrix, and the prediction grid."""
-    from core.report import (class_names, classification_metrics, format_report,
-                             save_prediction_grid)
+def test_report(model, dataset_test, info, args, writer=None):
+    """Accuracy, sklearn's per-class report and confusion matrix (also as a heat map), and the
+    prediction grid; the two figures also go to TensorBoard when there is a writer."""
+    from core.report import (class_names, classification_metrics, figure_to_array,
+                             format_report, save_confusion_matrix, save_prediction_grid)
     logits = predict(model, dataset_test, args).cpu()
     probs = logits.softmax(dim=1)
     conf, preds = probs.max(dim=1)
@@ -291,14 +293,22 @@ def test_report(model, dataset_test, info, args):
             f.write(text + "\n")
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
             json.dump({k: v for k, v in metrics.items() if k != "report"}, f, indent=1)
+        path = os.path.join(args.output_dir, "confusion_matrix.png")
+        figures = {"confusion_matrix": save_confusion_matrix(
+            metrics["confusion_matrix"], names, path,
+            f"{args.arch} on {args.dataset} test: {metrics['accuracy']:.2f}% top-1")}
         if args.save_predictions > 0:
             n = min(args.save_predictions, len(dataset_test))
             idx = np.random.default_rng(args.seed).choice(len(dataset_test), n, replace=False)
             images = torch.stack([dataset_test[int(i)][0] for i in idx])
             path = os.path.join(args.output_dir, "predictions.png")
-            save_prediction_grid(images, targets[idx], preds[idx], conf[idx], names, path,
-                                 info.mean, info.std)
+            figures["predictions"] = save_prediction_grid(
+                images, targets[idx], preds[idx], conf[idx], names, path, info.mean, info.std)
             print(f"Saved {n} test predictions to {path}")
+        if writer is not None:
+            for tag, fig in figures.items():
+                writer.add_image(f"test/{tag}", figure_to_array(fig), args.epochs,
+                                 dataformats="HWC")
     return metrics
 
 
@@ -436,6 +446,7 @@ def run_finetune(args):
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in train_stats.items()},
                                     "val_acc1": val_acc, "epoch": epoch}) + "\n")
+            save_curves(args.output_dir)
             if writer is not None:
                 writer.add_scalar("train/loss", train_stats["loss"], epoch)
                 writer.add_scalar("train/lr_head", train_stats["lr"], epoch)
@@ -447,7 +458,7 @@ def run_finetune(args):
     best = load_file(best_path)
     model.load_state_dict(best["model"])
     print(f"Testing the best-on-validation model (epoch {best['epoch']}, val {best['val_acc']:.2f}%):")
-    metrics = test_report(model, dataset_test, info, args)
+    metrics = test_report(model, dataset_test, info, args, writer)
     if writer is not None:
         writer.add_scalar("test/top1", metrics["accuracy"], args.epochs)
         writer.close()

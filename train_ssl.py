@@ -30,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from core import amp, cli
 from core import dist as distu
 from core.checkpoint import restart_from_checkpoint, save_atomic
+from core.curves import save_curves
+from core.diagnostics import check_collapse
 from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
@@ -236,6 +238,8 @@ def train_ssl(args):
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
                                       wd_schedule, epoch, scaler, args)
+        # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
+        check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
 
         # ============ writing logs and checkpoint ... ============
         save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
@@ -249,6 +253,7 @@ def train_ssl(args):
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+            save_curves(args.output_dir)  # curves.png: every metric of log.txt per epoch
             if writer is not None:
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train/{k}", v, epoch)

@@ -300,7 +300,9 @@ def test_finetune_end_to_end_report_and_prediction_grid(npy_root, tmp_path, caps
     assert report["macro_avg"]["f1"] == pytest.approx(f1_score(y, preds, average="macro", zero_division=0))
     assert np.asarray(report["confusion_matrix"]).sum() == len(test)
     png = Image.open(tmp_path / "predictions.png")
-    assert png.size == (6 * 132 + 4, 128 + 32 + 8)  # 6 tiles in a row, caption band under each
+    assert png.size == (6 * 128, 128 + 45)  # 6 panels of 128 px in a row, a caption band each
+    assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 300
+    assert (tmp_path / "curves.png").is_file()
 
 
 # ============ eval_knn.py: few-shot and patch-token features ============

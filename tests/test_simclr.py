@@ -169,7 +169,7 @@ def test_simclr_module_loss_drops_with_sgd():
     for it in range(20):
         views = [images + 0.7 * torch.randn_like(images), images + 0.7 * torch.randn_like(images)]
         loss, stats = model(views, 0, it)
-        assert set(stats) == {"acc1", "acc5"} and stats["acc1"].ndim == 0
+        assert set(stats) == {"acc1", "acc5", "emb_std", "erank"} and stats["acc1"].ndim == 0
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
