@@ -133,18 +133,23 @@ def check_common_args(args):
 # ============ checkpoint -> model flags -> backbone ... ============
 
 VIT_WIDTHS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+VIT_SHALLOW = {(192, 4): "vit_nano"}  # (width, blocks) of the sizes with fewer than 12 blocks
 
 
 def flags_from_weights(ckpt, checkpoint_key="teacher"):
     """Model flags read off the tensors of weights that carry no args (released backbones):
-    a ViT's patch size and width from patch_embed.proj.weight (D, 3, p, p), a ResNet's stem
-    from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet stem)."""
+    a ViT's patch size and width from patch_embed.proj.weight (D, 3, p, p) and its depth from
+    the blocks.<i> keys, a ResNet's stem from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet
+    stem)."""
     sd, _ = extract_backbone_state(ckpt, checkpoint_key)
     found = {}
     w = sd.get("patch_embed.proj.weight")
     if torch.is_tensor(w) and w.ndim == 4:
         found["patch_size"] = int(w.shape[-1])
-        if int(w.shape[0]) in VIT_WIDTHS:
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        if (int(w.shape[0]), depth) in VIT_SHALLOW:
+            found["arch"] = VIT_SHALLOW[(int(w.shape[0]), depth)]
+        elif int(w.shape[0]) in VIT_WIDTHS:
             found["arch"] = VIT_WIDTHS[int(w.shape[0])]
     w = sd.get("conv1.weight")
     if torch.is_tensor(w) and w.ndim == 4:

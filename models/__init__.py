@@ -7,9 +7,9 @@ official DINO, which rewrites "deit" to "vit".
 import torch
 
 from .resnet import ResNet, resnet18, resnet34, resnet50
-from .vision_transformer import VisionTransformer, vit_base, vit_small, vit_tiny
+from .vision_transformer import VisionTransformer, vit_base, vit_nano, vit_small, vit_tiny
 
-_VITS = {f.__name__: f for f in (vit_tiny, vit_small, vit_base)}
+_VITS = {f.__name__: f for f in (vit_nano, vit_tiny, vit_small, vit_base)}
 _RESNETS = {f.__name__: f for f in (resnet18, resnet34, resnet50)}
 ARCHS = list(_VITS) + list(_RESNETS)
 ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}

@@ -503,6 +503,18 @@ def test_resnet_stem_of_released_weights_is_read_from_conv1(tmp_path):
     assert args.cifar_stem is True and args.image_size == 224
 
 
+def test_vit_nano_of_released_weights_is_read_from_its_depth(tmp_path):
+    """vit_nano has vit_tiny's width: bare weights tell them apart by their number of blocks."""
+    for arch in ("vit_nano", "vit_tiny"):
+        backbone, _ = build_backbone(arch, patch_size=4, img_size=[16])
+        torch.save(backbone.state_dict(), tmp_path / f"{arch}.pth")  # no args
+        args = evaluation.get_args_parser().parse_args(["--pretrained_weights",
+                                                        str(tmp_path / f"{arch}.pth")])
+        model, dim = evaluation.load_backbone(args, default_image_size=16)
+        assert (args.arch, args.patch_size, dim, len(model.blocks)) == \
+            (arch, 4, 192, {"vit_nano": 4, "vit_tiny": 12}[arch])
+
+
 def test_default_output_dirs_differ_by_weights_and_dataset():
     def out(weights, dataset="cifar10", arch=None):
         return evaluation.default_output_dir("eval_linear", argparse.Namespace(

@@ -358,7 +358,9 @@ def test_resnet_zero_init_residual():
 # ============ build_backbone ============
 
 def test_build_backbone():
-    assert ARCHS == ["vit_tiny", "vit_small", "vit_base", "resnet18", "resnet34", "resnet50"]
+    assert ARCHS == ["vit_nano", "vit_tiny", "vit_small", "vit_base", "resnet18", "resnet34", "resnet50"]
+    nano, dim = build_backbone("vit_nano", patch_size=4, img_size=16)
+    assert dim == 192 and len(nano.blocks) == 4 and nano.blocks[0].attn.num_heads == 3
     model, dim = build_backbone("deit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1,
                                 masked_im_modeling=True, return_all_tokens=True)
     assert is_vit(model) and dim == 192 and model.patch_size == 8 and model.pos_embed.shape == (1, 17, 192)
