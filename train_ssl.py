@@ -32,6 +32,7 @@ from core import dist as distu
 from core.checkpoint import restart_from_checkpoint, save_atomic
 from core.curves import save_curves
 from core.diagnostics import check_collapse
+from core.evaluation import KNNEvaluator
 from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
@@ -126,7 +127,12 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--knn_eval", default=True, type=bool_flag,
                         help="After training, print the 20-NN accuracy of the trained backbone "
                              "beside the same backbone at its random init.")
-    parser.add_argument("--knn_k", default=20, type=int, help="k of the final k-NN check.")
+    parser.add_argument("--knn_k", default=20, type=int, help="k of the k-NN evaluations.")
+    parser.add_argument("--knn_freq", default=0, type=int,
+                        help="Also evaluate the k-NN top-1 of the backbone every this many epochs "
+                             "on the dataset's labelled train/test splits (log.txt knn_top1, "
+                             "TensorBoard knn/top1); 0: only the final check. Skipped for "
+                             "datasets without labels.")
     parser.add_argument("--tensorboard", default=True, type=bool_flag,
                         help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
     if method is not None:
@@ -230,6 +236,12 @@ def train_ssl(args):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
+    knn = None  # the labelled splits, built once for every k-NN evaluation
+    if (args.knn_eval or args.knn_freq) and info.num_classes != 0:
+        knn = KNNEvaluator(args.dataset, args.data_path, args.input_size, args.knn_k,
+                           args.batch_size_per_gpu, args.num_workers, args.device)
+
+    knn_top1 = None  # the k-NN top-1 after the last epoch, when --knn_freq evaluated it
     start_time = time.time()
     print(f"Starting {args.method} training from epoch {start_epoch}!")
     for epoch in range(start_epoch, args.epochs):
@@ -240,6 +252,9 @@ def train_ssl(args):
                                       wd_schedule, epoch, scaler, args)
         # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
         check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
+        knn_top1 = None
+        if knn is not None and args.knn_freq and (epoch + 1) % args.knn_freq == 0:
+            knn_top1 = knn_during_training(knn, model.eval_backbone(), epoch, args)
 
         # ============ writing logs and checkpoint ... ============
         save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
@@ -251,18 +266,25 @@ def train_ssl(args):
             if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
                 save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            if knn_top1 is not None:
+                log_stats["knn_top1"] = knn_top1
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             save_curves(args.output_dir)  # curves.png: every metric of log.txt per epoch
             if writer is not None:
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train/{k}", v, epoch)
+                if knn_top1 is not None:
+                    writer.add_scalar("knn/top1", knn_top1, epoch)
                 writer.flush()
+        left = (time.time() - start_time) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
+        print(f"Epoch {epoch + 1}/{args.epochs} done; eta of the training "
+              f"{datetime.timedelta(seconds=int(left))}", flush=True)
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
 
-    if args.knn_eval and info.num_classes != 0:
-        final_knn_check(model.eval_backbone(), init_backbone, args, info, writer)
+    if args.knn_eval and knn is not None:
+        final_knn_check(knn, model.eval_backbone(), init_backbone, args, writer, knn_top1)
     if writer is not None:
         writer.close()
     distu.cleanup()
@@ -351,15 +373,28 @@ def vars_plain(args):
     return {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
 
 
-def final_knn_check(trained, init_backbone, args, info, writer):
+def knn_during_training(knn, backbone, epoch, args):
+    """--knn_freq: the k-NN top-1 of the backbone after `epoch`, printed; the next epoch's
+    train() call puts it back in training mode. Its data loaders draw their seeds from the CPU
+    generator: forked, so that training goes on exactly as without --knn_freq."""
+    start = time.time()
+    with torch.random.fork_rng(devices=[]):
+        top1, _ = knn(backbone, f"epoch {epoch + 1} backbone")
+    print(f"Epoch {epoch + 1}/{args.epochs}: {args.knn_k}-NN top-1 on {args.dataset} test "
+          f"{top1:.2f}% ({time.time() - start:.0f}s)", flush=True)
+    return top1
+
+
+def final_knn_check(knn, trained, init_backbone, args, writer, trained_top1=None):
     """The quickstart's proof of learning: k-NN top-1 of the trained backbone beside the
-    same backbone at random init, on the dataset's labelled train/test splits."""
-    from core.evaluation import knn_eval_backbone
+    same backbone at random init, on the dataset's labelled train/test splits (`knn`, a
+    KNNEvaluator). trained_top1: the trained backbone's number when already measured."""
     results = {}
-    for name, net in (("pretrained", trained), ("random init", init_backbone.to(args.device))):
-        top1, top5 = knn_eval_backbone(net, args.dataset, args.data_path, args.input_size,
-                                       args.knn_k, args.batch_size_per_gpu, args.num_workers,
-                                       args.device)
+    for name, net in (("pretrained", trained), ("random init", init_backbone)):
+        if name == "pretrained" and trained_top1 is not None:
+            top1 = trained_top1
+        else:
+            top1, _ = knn(net.to(args.device), f"{name} backbone")
         results[name] = top1
         print(f"{args.knn_k}-NN top-1 on {args.dataset} test ({name}): {top1:.2f}%")
     if writer is not None:

@@ -9,7 +9,7 @@ visualize_attention.py), so that no script imports another:
     default_output_dir(script, args)   out/<script>/<weights>_<dataset>
     run_args(args), check_resume(path, ckpt, args)   never resume another run's checkpoint
     extract_dataset_features(model, dataset, ...)    features (N, F) of a whole dataset
-    knn_classifier(...), knn_eval_backbone(...)      DINO's weighted k-NN
+    knn_classifier(...), KNNEvaluator, knn_eval_backbone(...)   DINO's weighted k-NN
 
 Errors are ordinary exceptions (ValueError, FileNotFoundError) with a one-line message; each
 script's entry point prints them (core/cli.py).
@@ -350,15 +350,40 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     return top1 * 100.0 / total, top5 * 100.0 / total
 
 
+class KNNEvaluator:
+    """Weighted k-NN top-1/top-5 of a backbone on a labelled dataset: the train split is the
+    memory bank, the test split the queries, both through the deterministic eval transform.
+    The datasets are built once, so train_ssl.py can call it every --knn_freq epochs and for
+    its final check; each call extracts the features of both splits once (all ranks take part,
+    as in extract_dataset_features) and prints a line before it starts."""
+
+    def __init__(self, dataset_name, data_path, image_size, k, batch_size, num_workers, device,
+                 temperature=0.07, precision="bf16"):
+        info = dataset_info(dataset_name, data_path)
+        transform = eval_transform(image_size, info.mean, info.std)
+        self.train = build_dataset(dataset_name, data_path, "train", transform)
+        self.test = build_dataset(dataset_name, data_path, "test", transform)
+        self.train_labels = torch.as_tensor(self.train.targets)
+        self.test_labels = torch.as_tensor(self.test.targets)
+        self.name, self.k, self.temperature = dataset_name, k, temperature
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.device, self.precision = device, precision
+
+    def __call__(self, model, what=""):
+        """(top1, top5) in percent of `model` (left in eval mode)."""
+        print(f"{self.k}-NN evaluation{' of the ' + what if what else ''}: features of "
+              f"{len(self.train)} {self.name} train and {len(self.test)} test images ...",
+              flush=True)
+        train_f, test_f = (extract_dataset_features(model, d, self.batch_size, self.num_workers,
+                                                    self.device, precision=self.precision)
+                           for d in (self.train, self.test))
+        return knn_classifier(train_f, self.train_labels, test_f, self.test_labels, self.k,
+                              self.temperature, self.train.num_classes)
+
+
 def knn_eval_backbone(model, dataset_name, data_path, image_size, k, batch_size, num_workers,
                       device, temperature=0.07, precision="bf16"):
     """k-NN top-1/top-5 of `model` on a labelled dataset (train split as memory bank, test split
-    as queries). train_ssl.py's final check."""
-    info = dataset_info(dataset_name, data_path)
-    transform = eval_transform(image_size, info.mean, info.std)
-    train = build_dataset(dataset_name, data_path, "train", transform)
-    test = build_dataset(dataset_name, data_path, "test", transform)
-    train_f, test_f = (extract_dataset_features(model, d, batch_size, num_workers, device,
-                                                precision=precision) for d in (train, test))
-    return knn_classifier(train_f, torch.as_tensor(train.targets), test_f,
-                          torch.as_tensor(test.targets), k, temperature, train.num_classes)
+    as queries), once; KNNEvaluator when the same splits are evaluated again."""
+    return KNNEvaluator(dataset_name, data_path, image_size, k, batch_size, num_workers, device,
+                        temperature, precision)(model)
