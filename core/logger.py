@@ -1,6 +1,8 @@
 """Progress logging in the spirit of DINO's MetricLogger, without a device sync per step:
-metrics arrive as tensors, are summed on the device, and are copied to the host only every
-`print_freq` iterations (and at the end of the epoch, all-reduced over ranks)."""
+metrics arrive as tensors, are summed on the device, and are copied to the host only when a
+line is printed: every `print_freq` iterations, and in between whenever waiting for the next one
+would leave the user `print_secs` without news (slow CPU runs); and at the end of the epoch,
+all-reduced over ranks. Reading the clock costs no device sync."""
 import argparse
 import datetime
 import time
@@ -22,10 +24,12 @@ def bool_flag(s):
 
 class MetricLogger:
     """Accumulates per-step scalars; `log_every` yields the batches and prints
-    'epoch [it/n] eta it/s img/s metric: last (avg) ... max mem' every print_freq steps."""
+    'epoch [it/n] eta it/s img/s metric: last (avg) ... max mem' every print_freq steps, and
+    also before a step that would end more than print_secs (None: never) after the last line."""
 
-    def __init__(self, header="", print_freq=10, batch_size=None):
+    def __init__(self, header="", print_freq=10, batch_size=None, print_secs=10.0):
         self.header, self.print_freq, self.batch_size = header, print_freq, batch_size
+        self.print_secs = print_secs
         self.sums, self.last, self.count = {}, {}, 0
 
     def update(self, **metrics):
@@ -48,12 +52,16 @@ class MetricLogger:
 
     def log_every(self, iterable, n=None):
         n = len(iterable) if n is None else n
-        start = end = time.time()
+        start = end = last_line = time.time()
         data_time = 0.0
         for i, obj in enumerate(iterable):
             data_time += time.time() - end
             yield obj
-            if i % self.print_freq == 0 or i == n - 1:
+            now = time.time()
+            # the next line would come after one more step of the last one's length, or later
+            late = self.print_secs is not None and 2 * now - end - last_line >= self.print_secs
+            if i % self.print_freq == 0 or i == n - 1 or late:
+                last_line = now
                 elapsed = time.time() - start
                 its = (i + 1) / max(elapsed, 1e-9)
                 eta = datetime.timedelta(seconds=int((n - i - 1) / its))

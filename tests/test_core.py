@@ -332,3 +332,39 @@ def test_cli_run_prints_one_line_and_exits_2(capsys):
     assert cli.run(lambda: 7) == 7
     with pytest.raises(RuntimeError):  # a bug of ours keeps its traceback
         cli.run(lambda: (_ for _ in ()).throw(RuntimeError("bug")))
+
+
+
+# ============ progress lines ============
+
+class FakeClock:
+    """time.time() for core.logger: advanced by hand, so the test needs no sleep."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+@pytest.mark.parametrize("print_secs", [None, 10.0])
+def test_progress_line_at_least_every_print_secs(monkeypatch, print_secs):
+    """4 s steps and print_freq 100: lines on iteration 0 and the last one only, and with
+    print_secs=10 also in between, never more than 10 s apart (the quickstart's promise)."""
+    import core.logger
+    clock, lines = FakeClock(), []
+    monkeypatch.setattr(core.logger, "time", clock)
+    monkeypatch.setattr(core.logger, "print", lambda line, **kw: lines.append((clock.now, line)),
+                        raising=False)
+    logger = core.logger.MetricLogger(header="E", print_freq=100, print_secs=print_secs)
+    for i in logger.log_every(range(12)):
+        clock.now += 4.0  # the step
+        logger.update(loss=torch.tensor(float(i)))
+    assert all(line.startswith("E [") and "eta: " in line for _, line in lines)
+    iters = [int(line.split("[")[1].split("/")[0]) for _, line in lines]
+    if print_secs is None:
+        assert iters == [0, 11]
+    else:
+        assert iters[0] == 0 and iters[-1] == 11 and len(iters) >= 5
+        times = [1000.0] + [t for t, _ in lines]
+        assert max(b - a for a, b in zip(times, times[1:])) <= 10.0
