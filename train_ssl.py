@@ -17,6 +17,7 @@ Everything method-specific lives in methods/<name>.py.
 import argparse
 import copy
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_p
                         lr_for_batch)
 from data import DATASETS, build_dataset, dataset_info, resolve_dataset
 from methods import METHODS
-from models import ARCHS, build_backbone, is_vit
+from models import ARCHS, ResNet, VisionTransformer, build_backbone, is_vit
 
 # Generic flags whose default is the method's RECIPE (every methods/<name>.py sets them all).
 RECIPE_FLAGS = ("arch", "optimizer", "lr", "min_lr", "weight_decay", "weight_decay_end",
@@ -67,6 +68,11 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--cifar_stem", default=None, type=bool_flag,
                         help="ResNet 3x3 stride-1 first conv without max-pool; default: on when "
                              "the input is 64px or smaller.")
+    parser.add_argument("--compile", default=False, type=bool_flag,
+                        help="torch.compile the backbone(s) the step runs (student and teacher). "
+                             "The first steps compile (minutes for a ViT-S on a GPU; one graph "
+                             "per crop size, mask and train/eval mode). Off by default: measured "
+                             "slower on CPU, not yet measured on a GPU (bench/gpu_suite.py).")
 
     # Training/Optimization parameters
     amp.add_precision_args(parser)
@@ -188,14 +194,16 @@ def train_ssl(args):
     if args.distributed and has_bn and args.device.type == "cuda":  # SyncBN is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # DDP averages the gradients of the parameters that require them (the student); the EMA
-    # teacher gets none and stays identical on every rank because the student does. With
-    # broadcast_buffers=True every forward also copies rank 0's buffers to the other ranks:
-    # BatchNorm running statistics (different per rank without SyncBN, and the teacher's are
-    # never averaged) and the loss buffers (DINO's centre, already equal through its
-    # all-reduce). So every rank holds the network rank 0 checkpoints, at the cost of one small
-    # broadcast per step.
+    # teacher gets none and stays identical on every rank because the student does. Buffers:
+    # with SyncBatchNorm (CUDA) every rank updates its BatchNorm statistics from the same global
+    # batch statistics, and the loss buffers (DINO's centre) are all-reduced, so the buffers
+    # stay equal and broadcast_buffers would only add a broadcast per forward. Without it (gloo
+    # on CPU) rank 0's BatchNorm statistics are broadcast, so every rank holds what rank 0
+    # checkpoints. gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (one
+    # copy less, less memory); clipping and zero_grad(set_to_none=True) work on those views.
+    buffers_in_sync = not has_bn or args.device.type == "cuda"
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
-                                        else None, broadcast_buffers=True) \
+                                        else None, **ddp_kwargs(buffers_in_sync)) \
         if args.distributed else model
     print(f"Backbone {args.arch} ({backbone.embed_dim}-d features, "
           f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters) and "
@@ -264,6 +272,15 @@ def train_ssl(args):
     distu.cleanup()
 
 
+def ddp_kwargs(buffers_in_sync):
+    """DDP flags: gradients as views of the buckets; rank 0's buffers broadcast before every
+    forward only when the ranks' buffers can differ. torch 2.14 renamed broadcast_buffers to
+    forward_sync_buffers (the old name warns there); both keep the broadcast at construction."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {name: not buffers_in_sync, "gradient_as_bucket_view": True}
+
+
 def build_networks(args, niter_per_ep):
     """Backbone + the method's module around it, on the device. Returns (model, backbone, a CPU
     copy of that backbone at its random init when --knn_eval, for the final baseline)."""
@@ -278,7 +295,21 @@ def build_networks(args, niter_per_ep):
     model = method.build(args, backbone, embed_dim, niter_per_ep).to(args.device)
     if not is_vit(backbone) and args.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions
+    if args.compile:
+        compile_backbones(model)
     return model, backbone, init_backbone
+
+
+def compile_backbones(model, backend="inductor"):
+    """torch.compile every backbone inside the method's module, in place (nn.Module.compile):
+    the state_dict keys, the checkpoints and the method code stay as they are. Each backbone is
+    traced lazily at its first call, with static shapes, once per input signature (DINO's two
+    crop sizes, iBOT's masked and unmasked calls, train and eval mode: 2-4 graphs, within
+    dynamo's recompile limit of 8). Heads and losses stay eager: little compute, and their
+    schedules are indexed by epoch on the host."""
+    for module in model.modules():
+        if isinstance(module, (VisionTransformer, ResNet)):
+            module.compile(backend=backend, dynamic=False)
 
 
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
