@@ -12,7 +12,8 @@ The non-linear probe: --head mlp --mlp_dims 512 256.
 
 The backbone is frozen (eval mode, no gradients) and proven so: its state_dict is compared with a
 snapshot after training, as facebookresearch/moco-v3 main_lincls.py's sanity_check.
-Without --pretrained_weights the probe runs on the random init (the baseline).
+Without --pretrained_weights the probe runs on the random init (the baseline). The run resumes
+from <output_dir>/checkpoint.pth.tar only if that file was written with the same flags.
 """
 import argparse
 import copy
@@ -25,101 +26,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from core import amp, cli, evaluation
 from core import dist as distu
-from core.checkpoint import load_backbone, load_file, save_atomic
+from core.checkpoint import load_file, save_atomic
+from core.evaluation import extract_dataset_features
+from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
-from data import DATASETS, SingleViewTransform, build_dataset, dataset_info, eval_transform
-from eval_knn import extract_features, feature_function
-from models import ARCHS, feature_dim, is_vit, layerwise_features
+from core.syncbn import sync_batchnorm
+from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
+from models import feature_dim, is_vit, layerwise_features
 
 
-def avgpool_type(s):
-    """DINO's bool flag (false -> 0, true -> 2: CLS and patch mean) or iBOT's 0 / 1 / 2."""
-    if s.lower() in {"false", "off", "no"}:
-        return 0
-    if s.lower() in {"true", "on", "yes"}:
-        return 2
-    if s in {"0", "1", "2"}:
-        return int(s)
-    raise argparse.ArgumentTypeError("use 0 (CLS), 1 (patch mean), 2 (both), or false / true")
+def get_args_parser():
+    parser = argparse.ArgumentParser("Evaluation with linear classification",
+                                     parents=[evaluation.get_args_parser()])
+    parser.set_defaults(n_last_blocks=4)  # DINO: 4 for ViT-Small, 1 for ViT-Base
 
+    group = parser.add_argument_group("The probe and its training")
+    group.add_argument("--head", default="linear", type=str, choices=["linear", "mlp"],
+                       help="linear (DINO) or mlp, a non-linear probe with --mlp_dims hidden "
+                            "layers (Linear-BN-ReLU each).")
+    group.add_argument("--mlp_dims", default=[512, 256], type=int, nargs="+",
+                       help="Hidden widths of the MLP probe.")
+    group.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
+    group.add_argument("--lr", default=0.001, type=float,
+                       help="Learning rate at the start of the cosine schedule, for a global "
+                            "batch of 256 (linear scaling rule). DINO: 0.001 for ViT-S.")
+    group.add_argument("--weight_decay", default=0.0, type=float,
+                       help="SGD weight decay of the probe (DINO: 0).")
+    group.add_argument("--probe_layers", default=False, type=bool_flag,
+                       help="Train one probe per depth (every ViT block's CLS, every ResNet "
+                            "stage's pooled map) at once; prints a table and saves "
+                            "probe_layers.png. Ignores --n_last_blocks/--avgpool_patchtokens.")
+    group.add_argument("--cached_features", default=False, type=bool_flag,
+                       help="Extract the features once, without augmentation, and train the "
+                            "head on them: minutes instead of hours (the probe then sees no "
+                            "random crops, usually about 1 point below).")
+    group.add_argument("--val_split", default=0, type=float,
+                       help="0: validate on the official val/test split (DINO); N (or a "
+                            "fraction): hold N train images out for validation and report the "
+                            "test accuracy of the best-on-validation probe.")
+    group.add_argument("--num_labels", default=None, type=int,
+                       help="Number of labels for the classifier (default: the dataset's).")
 
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("Evaluation with linear classification", add_help=add_help)
-    # Features of the frozen backbone
-    parser.add_argument("--n_last_blocks", default=4, type=int,
-                        help="ViT: concatenate the CLS tokens of the last n blocks. We use n=4 "
-                             "for ViT-Small and n=1 with ViT-Base (DINO). Ignored by ResNets.")
-    parser.add_argument("--avgpool_patchtokens", default=0, type=avgpool_type,
-                        help="ViT: 0 (false) = CLS tokens only, 1 = mean of the last block's "
-                             "patch tokens, 2 (true) = both concatenated. DINO: false for "
-                             "ViT-Small, true for ViT-Base.")
-    parser.add_argument("--arch", default=None, type=str, choices=ARCHS,
-                        help="Architecture (default: from the checkpoint, else vit_small).")
-    parser.add_argument("--patch_size", default=None, type=int,
-                        help="ViT patch size (default: from the checkpoint, else 16).")
-    parser.add_argument("--image_size", default=None, type=int,
-                        help="Input resolution (default: the checkpoint's training crop, else "
-                             "the dataset's native size).")
-    parser.add_argument("--cifar_stem", default=None, type=bool_flag,
-                        help="ResNet CIFAR stem (default: from the checkpoint / image size).")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Path to pretrained weights to evaluate; empty: random init.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher"); a checkpoint '
-                             "without it (SimCLR, rotation) falls back to its one network.")
-
-    # The probe and its training
-    parser.add_argument("--head", default="linear", type=str, choices=["linear", "mlp"],
-                        help="linear (DINO) or mlp, a non-linear probe with --mlp_dims hidden "
-                             "layers (Linear-BN-ReLU each).")
-    parser.add_argument("--mlp_dims", default=[512, 256], type=int, nargs="+",
-                        help="Hidden widths of the MLP probe.")
-    parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
-    parser.add_argument("--lr", default=0.001, type=float,
-                        help="Learning rate at the start of the cosine schedule, for a global "
-                             "batch of 256 (linear scaling rule). DINO: 0.001 for ViT-S.")
-    parser.add_argument("--weight_decay", default=0.0, type=float,
-                        help="SGD weight decay of the probe (DINO: 0).")
-    parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Per-GPU batch-size")
-    parser.add_argument("--probe_layers", default=False, type=bool_flag,
-                        help="Train one probe per depth (every ViT block's CLS, every ResNet "
-                             "stage's pooled map) at once; prints a table and saves "
-                             "probe_layers.png. Ignores --n_last_blocks/--avgpool_patchtokens.")
-    parser.add_argument("--cached_features", default=False, type=bool_flag,
-                        help="Extract the features once, without augmentation, and train the "
-                             "head on them: minutes instead of hours (the probe then sees no "
-                             "random crops, usually about 1 point below).")
-
-    # Data
-    parser.add_argument("--dataset", default="digits", type=str, choices=sorted(DATASETS),
-                        help="Dataset name; imagefolder expects train/ and val/ (or test/).")
-    parser.add_argument("--data_path", default="", type=str, help="Dataset root.")
-    parser.add_argument("--val_split", default=0, type=float,
-                        help="0: validate on the official val/test split (DINO); N (or a "
-                             "fraction): hold N train images out for validation and report the "
-                             "test accuracy of the best-on-validation probe.")
-    parser.add_argument("--num_labels", default=None, type=int,
-                        help="Number of labels for the classifier (default: the dataset's).")
-
-    # Misc
-    parser.add_argument("--val_freq", default=1, type=int, help="Epoch frequency for validation.")
-    parser.add_argument("--evaluate", action="store_true",
-                        help="Only evaluate the probe of --linear_weights (default: "
-                             "<output_dir>/checkpoint.pth.tar) on the validation split.")
-    parser.add_argument("--linear_weights", default="", type=str,
-                        help="Probe weights for --evaluate (ours, or DINO's released linear "
-                             "weights with their 'module.linear.*' keys).")
-    parser.add_argument("--output_dir", default=".", help="Path to save logs and checkpoints")
-    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
-    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers.")
-    parser.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
-    parser.add_argument("--tensorboard", default=True, type=bool_flag,
-                        help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="url used to set up distributed training")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Ignored.")
-    parser.add_argument("--cpu", action="store_true", help="Run on CPU even if CUDA is there.")
+    group = parser.add_argument_group("Misc")
+    group.add_argument("--val_freq", default=1, type=int, help="Epoch frequency for validation.")
+    group.add_argument("--evaluate", action="store_true",
+                       help="Only evaluate the probe of --linear_weights (default: "
+                            "<output_dir>/checkpoint.pth.tar) on the validation split.")
+    group.add_argument("--linear_weights", default="", type=str,
+                       help="Probe weights for --evaluate (ours, or DINO's released linear "
+                            "weights with their 'module.linear.*' keys).")
+    group.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
+    group.add_argument("--tensorboard", default=True, type=bool_flag,
+                       help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
     return parser
 
 
@@ -186,8 +146,8 @@ def load_probe(probe, sd, path):
         probe.load_state_dict(probe_state(sd, len(probe.heads)))
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:160]
-        raise SystemExit(f"error: the probe in '{path}' does not fit this one ({detail}); use the "
-                         "same --head/--probe_layers/--n_last_blocks, or another --output_dir") from None
+        raise ValueError(f"the probe in '{path}' does not fit this one ({detail}); use the same "
+                         "--head/--probe_layers/--n_last_blocks, or another --output_dir") from None
 
 
 def sanity_check(model, snapshot):
@@ -239,70 +199,13 @@ def accuracy(logits, target, topk=(1, 5)):
     return [correct[:, :min(k, maxk)].any(dim=1).float().mean().item() * 100 for k in topk]
 
 
-# ============ training and validation ... ============
+# ============ building network and data ... ============
 
-def train_one_epoch(model, probe, optimizer, batches, epoch, encode, args):
-    """encode(images) -> features under no_grad; identity for cached features."""
-    probe.train()
-    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq)
-    for x, target in logger.log_every(batches):
-        x = x.to(args.device, non_blocking=True)
-        target = target.to(args.device, non_blocking=True)
-        feats = encode(x)
-        outputs = probe(feats)
-        loss = sum(F.cross_entropy(o, target) for o in outputs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        logger.update(loss=loss.detach() / len(outputs), lr=optimizer.param_groups[0]["lr"])
-    return logger.global_averages()
-
-
-@torch.no_grad()
-def validate(model, probe, data, feats_fn, args):
-    """data: a dataset (images through the frozen backbone) or a (features, labels) pair.
-    Returns one {"acc1", "acc5", "loss"} per head; top-5 only when there are >= 5 labels."""
-    probe = probe.module if isinstance(probe, DistributedDataParallel) else probe
-    probe.eval()
-    if isinstance(data, tuple):
-        feats, labels = data
-        logits = torch.cat([torch.cat(probe(f), dim=1) for f in feats.split(4096)])
-    else:
-        labels = torch.as_tensor(data.targets)
-        logits = extract_features(model, data, args.batch_size_per_gpu, args.num_workers,
-                                  args.device, normalize=False,
-                                  feature_fn=lambda m, x: torch.cat(probe(feats_fn(m, x).float()), dim=1))
-    labels = labels.to(logits.device)
-    out = []
-    for lg in logits.split(args.num_labels, dim=1):
-        acc1, acc5 = accuracy(lg, labels)
-        out.append({"acc1": acc1, "acc5": acc5 if args.num_labels >= 5 else None,
-                    "loss": F.cross_entropy(lg, labels).item()})
-    return out
-
-
-def check_args(args):
-    if args.epochs < 1 and not args.evaluate:
-        raise SystemExit(f"error: --epochs {args.epochs} trains nothing; use --epochs >= 1")
-    if args.val_freq < 1 or args.batch_size_per_gpu < 1:
-        raise SystemExit("error: --val_freq and --batch_size_per_gpu must be >= 1")
-    if args.num_labels is not None and args.num_labels < 2:
-        raise SystemExit(f"error: --num_labels {args.num_labels} is too small; a classifier "
-                         "needs >= 2 labels (default: the dataset's)")
-
-
-def run_linear(args):
-    """Train (or with --evaluate, evaluate) the probe; the process group must exist. Returns
-    {"best_acc", "test_acc", "layers": [{"name", "dim", "best_acc", "test_acc"}]}."""
-    check_args(args)
-    distu.fix_random_seeds(args.seed)
-    info = dataset_info(args.dataset, args.data_path)
-
-    # ============ building network ... ============
-    if not args.pretrained_weights and args.image_size is None:
-        args.image_size = info.image_size  # random init: pick the stem for this resolution
-    model, _ = load_backbone(args)
-    args.image_size = args.image_size or info.image_size
+def build_frozen_backbone(args, info):
+    """The backbone in eval mode without gradients, a snapshot of its state for sanity_check,
+    and the features the probe reads: (model, snapshot, feats_fn, names, dims), one name and
+    feature size per head (one head, or one per layer with --probe_layers)."""
+    model, _ = evaluation.load_backbone(args, default_image_size=info.image_size)
     model.to(args.device).eval()
     for p in model.parameters():
         p.requires_grad = False
@@ -316,11 +219,14 @@ def run_linear(args):
     else:
         names = ["features"]
         dims = [feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)]
-        feats_fn = feature_function(args.n_last_blocks, args.avgpool_patchtokens)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.type == "cuda" \
-        else torch.autocast("cpu", enabled=False)
+        feats_fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens)
+    return model, snapshot, feats_fn, names, dims
 
-    # ============ preparing data ... ============
+
+def build_datasets(args, info):
+    """(train, val, test): train augmented unless --cached_features; val held out of train with
+    --val_split (test is then the official split, scored once at the end), else the official
+    split (test None). Fills --num_labels from the data."""
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     train_tf = val_tf if args.cached_features else SingleViewTransform(args.image_size, info.mean, info.std)
     split = dict(val_split=args.val_split, seed=args.seed)
@@ -329,125 +235,139 @@ def run_linear(args):
     dataset_test = build_dataset(args.dataset, args.data_path, "test", val_tf) if args.val_split else None
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
-        raise SystemExit(f"error: --num_labels {args.num_labels} is below the {dataset_train.num_classes} "
+        raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
                          "classes of the dataset; drop --num_labels to use the dataset's")
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs"
           + (f" ({len(dataset_test)} test imgs held back)." if dataset_test else "."))
+    return dataset_train, dataset_val, dataset_test
 
+
+def build_probe(dims, names, args):
     probe = Probe(dims, args.num_labels, args.head, args.mlp_dims).to(args.device)
-    if args.distributed and args.head == "mlp" and args.device.type == "cuda":  # SyncBN is GPU-only
-        probe = nn.SyncBatchNorm.convert_sync_batchnorm(probe)
+    probe = sync_batchnorm(probe, args.device)  # BatchNorm statistics over all ranks, CPU too
     print(f"Probe: {len(dims)} x {args.head} on {dims[0]}-d features"
           + (f" ({', '.join(names)})" if args.probe_layers else "") + f", {args.num_labels} labels.")
+    return probe
 
-    if args.evaluate:
-        path = args.linear_weights or os.path.join(args.output_dir, "checkpoint.pth.tar")
-        ckpt = load_file(path)
-        load_probe(probe, ckpt.get("state_dict", ckpt), path)
-        stats = validate(model, probe, dataset_val, feats_fn, args)
-        for name, s in zip(names, stats):
-            print(f"Accuracy of the network ({name}) on the {len(dataset_val)} test images: {s['acc1']:.1f}%")
-        return {"best_acc": stats[0]["acc1"], "test_acc": None,
-                "layers": [{"name": n, "dim": d, "best_acc": s["acc1"], "test_acc": None}
-                           for n, d, s in zip(names, dims, stats)]}
 
+def cached(model, dataset, feats_fn, args):
+    """(features (N, F) on every rank, labels (N,)) of a dataset, extracted once; None for None."""
+    if dataset is None:
+        return None
+    return (extract_dataset_features(model, dataset, args.batch_size_per_gpu, args.num_workers,
+                                     args.device, feats_fn, normalize=False, precision=args.precision),
+            torch.as_tensor(dataset.targets))
+
+
+def training_batches(model, feats_fn, dataset_train, args):
+    """What train_one_epoch iterates, and encode(batch) -> features: cached features with the
+    identity (--cached_features), or augmented images through the frozen backbone."""
     if args.cached_features:
         print("Extracting features once, without augmentation (--cached_features)...")
+        features, labels = cached(model, dataset_train, feats_fn, args)
+        return FeatureBatches(features, labels, args.batch_size_per_gpu, args.seed), lambda x: x
+    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size,
+                                                 rank=args.rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers, pin_memory=args.device.type == "cuda",
+        drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size)
 
-        def cache(dataset):  # (features (N, F) on every rank, labels (N,))
-            return (extract_features(model, dataset, args.batch_size_per_gpu, args.num_workers,
-                                     args.device, normalize=False, feature_fn=feats_fn),
-                    torch.as_tensor(dataset.targets))
-        val_data = cache(dataset_val)
-        test_data = cache(dataset_test) if dataset_test is not None else None
-        batches = FeatureBatches(*cache(dataset_train), args.batch_size_per_gpu, args.seed)
-        encode = lambda x: x  # noqa: E731
+    def encode(x):
+        with torch.no_grad(), amp.autocast(args.precision, args.device):
+            return feats_fn(model, x).float()
+    return loader, encode
+
+
+# ============ training and validation ... ============
+
+def train_one_epoch(model, probe, optimizer, scaler, batches, epoch, encode, args):
+    """encode(images) -> features under no_grad; identity for cached features."""
+    probe.train()
+    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq)
+    for x, target in logger.log_every(batches):
+        x = x.to(args.device, non_blocking=True)
+        target = target.to(args.device, non_blocking=True)
+        outputs = probe(encode(x))  # the probe itself runs in float32, as DINO's
+        loss = sum(F.cross_entropy(o, target) for o in outputs)
+        amp.backward_step(loss, optimizer, scaler)
+        logger.update(loss=loss.detach() / len(outputs), lr=optimizer.param_groups[0]["lr"])
+    return logger.global_averages()
+
+
+@torch.no_grad()
+def validate_network(model, probe, data, feats_fn, args):
+    """data: a dataset (images through the frozen backbone) or a (features, labels) pair.
+    Returns one {"acc1", "acc5", "loss"} per head; top-5 only when there are >= 5 labels."""
+    probe = probe.module if isinstance(probe, DistributedDataParallel) else probe
+    probe.eval()
+    if isinstance(data, tuple):
+        feats, labels = data
+        logits = torch.cat([torch.cat(probe(f), dim=1) for f in feats.split(4096)])
     else:
-        sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size,
-                                                     rank=args.rank, seed=args.seed)
-        batches = torch.utils.data.DataLoader(
-            dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
-            num_workers=args.num_workers, pin_memory=args.device.type == "cuda",
-            drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size)
-        val_data, test_data = dataset_val, dataset_test
+        labels = torch.as_tensor(data.targets)
+        logits = extract_dataset_features(
+            model, data, args.batch_size_per_gpu, args.num_workers, args.device, normalize=False,
+            feature_fn=lambda m, x: torch.cat(probe(feats_fn(m, x).float()), dim=1),
+            precision=args.precision)
+    labels = labels.to(logits.device)
+    out = []
+    for lg in logits.split(args.num_labels, dim=1):
+        acc1, acc5 = accuracy(lg, labels)
+        out.append({"acc1": acc1, "acc5": acc5 if args.num_labels >= 5 else None,
+                    "loss": F.cross_entropy(lg, labels).item()})
+    return out
 
-        def encode(x):
-            with torch.no_grad(), amp:
-                return feats_fn(model, x).float()
 
-    ddp_probe = DistributedDataParallel(probe, device_ids=[args.gpu] if args.device.type == "cuda"
-                                        else None) if args.distributed else probe
+def keep_best(stats, best, best_state, probe):
+    """The best-on-validation head of every layer: its accuracy in best[i], its weights in
+    best_state (the heads.i.* entries)."""
+    for i, s in enumerate(stats):
+        if s["acc1"] > best[i]:
+            best[i] = s["acc1"]
+            best_state.update({k: v.detach().clone() for k, v in probe.state_dict().items()
+                               if k.startswith(f"heads.{i}.")})
 
-    # ============ preparing optimizer ... ============
-    global_batch = args.batch_size_per_gpu * args.world_size
-    lr = args.lr * global_batch / 256.0  # linear scaling rule
-    print(f"base lr: {args.lr:.3e}  actual lr: {lr:.3e}  global batch: {global_batch}")
-    optimizer = torch.optim.SGD(probe.parameters(), lr, momentum=0.9, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
 
-    # ============ optionally resume training ... ============
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
-    start_epoch, best = 0, [0.0] * len(dims)
-    best_state = copy.deepcopy(probe.state_dict())
-    if os.path.isfile(ckpt_path):
-        ckpt = load_file(ckpt_path)
-        load_probe(probe, ckpt["state_dict"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best = ckpt["epoch"], ckpt.get("best_accs", [ckpt["best_acc"]])
-        best_state = probe_state(ckpt.get("best_state_dict", ckpt["state_dict"]), len(dims))
-        print(f"Found checkpoint at {ckpt_path}: resuming from epoch {start_epoch}.")
+# ============ resume, evaluate-only, report ... ============
 
-    writer = None
-    if args.tensorboard and distu.is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+def restart_probe(path, probe, optimizer, scheduler, args):
+    """Resume from `path` if it exists and was written by this same run (else a one-line
+    error). Returns (start_epoch, best accuracy per head, best-on-validation probe state)."""
+    if not os.path.isfile(path):
+        return 0, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
+    ckpt = load_file(path)
+    evaluation.check_resume(path, ckpt, args)
+    load_probe(probe, ckpt["state_dict"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    print(f"Found checkpoint at {path}: resuming from epoch {ckpt['epoch']}.")
+    best_state = probe_state(ckpt.get("best_state_dict", ckpt["state_dict"]), len(probe.heads))
+    return ckpt["epoch"], ckpt.get("best_accs", [ckpt["best_acc"]]), best_state
 
-    for epoch in range(start_epoch, args.epochs):
-        if hasattr(batches, "set_epoch"):
-            batches.set_epoch(epoch)
-        elif hasattr(batches.sampler, "set_epoch"):
-            batches.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, ddp_probe, optimizer, batches, epoch, encode, args)
-        scheduler.step()
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            stats = validate(model, ddp_probe, val_data, feats_fn, args)
-            for i, s in enumerate(stats):
-                if s["acc1"] > best[i]:  # keep the best-on-validation head of every layer
-                    best[i] = s["acc1"]
-                    best_state.update({k: v.detach().clone() for k, v in probe.state_dict().items()
-                                       if k.startswith(f"heads.{i}.")})
-            s = stats[-1]
-            print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} test images: "
-                  f"{s['acc1']:.1f}%" + (f"  Max accuracy so far: {best[-1]:.2f}%"))
-            log_stats.update(test_acc1=s["acc1"], test_acc5=s["acc5"], test_loss=s["loss"])
-            if args.probe_layers:
-                log_stats["test_acc1_layers"] = [x["acc1"] for x in stats]
-            if writer is not None:
-                writer.add_scalar("val/top1", s["acc1"], epoch)
-                for name, x in zip(names, stats):
-                    if args.probe_layers:
-                        writer.add_scalar(f"val_layers/top1_{name}", x["acc1"], epoch)
-        if writer is not None:
-            writer.add_scalar("train/loss", train_stats["loss"], epoch)
-            writer.add_scalar("train/lr", train_stats["lr"], epoch)
-        if distu.is_main_process():
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            save_atomic({"epoch": epoch + 1, "state_dict": saved_state(probe.state_dict(), len(dims)),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_acc": best[-1], "best_accs": best,
-                         "best_state_dict": saved_state(best_state, len(dims))}, ckpt_path)
 
-    sanity_check(model, snapshot)  # the backbone must not have moved, in every training run
+def evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args):
+    """--evaluate: the saved probe (--linear_weights, else this run's checkpoint) on val."""
+    path = args.linear_weights or os.path.join(args.output_dir, "checkpoint.pth.tar")
+    ckpt = load_file(path)
+    if not args.linear_weights:
+        evaluation.check_resume(path, ckpt, args)
+    load_probe(probe, ckpt.get("state_dict", ckpt), path)
+    stats = validate_network(model, probe, dataset_val, feats_fn, args)
+    for name, s in zip(names, stats):
+        print(f"Accuracy of the network ({name}) on the {len(dataset_val)} test images: {s['acc1']:.1f}%")
+    return {"best_acc": stats[0]["acc1"], "test_acc": None,
+            "layers": [{"name": n, "dim": d, "best_acc": s["acc1"], "test_acc": None}
+                       for n, d, s in zip(names, dims, stats)]}
 
-    # ============ final report ... ============
+
+def report(model, probe, best, best_state, test_data, feats_fn, names, dims, args):
+    """Final numbers: the best validation accuracy of every head and, with --val_split, the test
+    accuracy of the best-on-validation heads; per-layer table with --probe_layers; results.json."""
     test_accs = [None] * len(dims)
-    if test_data is not None:  # held-out validation: the best-on-validation heads on test
+    if test_data is not None:
         probe.load_state_dict(best_state)
-        test_accs = [s["acc1"] for s in validate(model, probe, test_data, feats_fn, args)]
+        test_accs = [s["acc1"] for s in validate_network(model, probe, test_data, feats_fn, args)]
     layers = [{"name": n, "dim": d, "best_acc": b, "test_acc": t}
               for n, d, b, t in zip(names, dims, best, test_accs)]
     if args.probe_layers:
@@ -455,11 +375,14 @@ def run_linear(args):
     print("Training of the supervised linear classifier on frozen features completed.\n"
           f"Top-1 test accuracy: {best[-1]:.1f}")
     if test_accs[-1] is not None:
-        print(f"(best on the {len(dataset_val)} held-out validation images; test accuracy of "
-              f"that probe on {len(dataset_test)} test images: {test_accs[-1]:.1f})")
-    if writer is not None:
-        writer.close()
-    return {"best_acc": best[-1], "test_acc": test_accs[-1], "layers": layers}
+        n_test = len(test_data[1]) if isinstance(test_data, tuple) else len(test_data)
+        print(f"(best on the held-out validation images; test accuracy of that probe on "
+              f"{n_test} test images: {test_accs[-1]:.1f})")
+    results = {"best_acc": best[-1], "test_acc": test_accs[-1], "layers": layers}
+    if distu.is_main_process():
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
 
 
 def report_layers(layers, args):
@@ -481,6 +404,100 @@ def report_layers(layers, args):
                        f"{args.head} probe top-1 (%) per layer, {args.arch} on {args.dataset}")
 
 
+# ============ the run ... ============
+
+def check_args(args):
+    evaluation.check_common_args(args)
+    if args.epochs < 1 and not args.evaluate:
+        raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
+    if args.val_freq < 1 or args.batch_size_per_gpu < 1:
+        raise ValueError("--val_freq and --batch_size_per_gpu must be >= 1")
+    if args.num_labels is not None and args.num_labels < 2:
+        raise ValueError(f"--num_labels {args.num_labels} is too small; a classifier needs >= 2 "
+                         "labels (default: the dataset's)")
+
+
+def run_linear(args):
+    """Train (or with --evaluate, evaluate) the probe; the process group must exist. Returns
+    {"best_acc", "test_acc", "layers": [{"name", "dim", "best_acc", "test_acc"}]}."""
+    check_args(args)
+    distu.fix_random_seeds(args.seed)
+    amp.resolve_precision(args, args.device)
+    info = dataset_info(args.dataset, args.data_path)
+
+    # ============ building network ... ============
+    model, snapshot, feats_fn, names, dims = build_frozen_backbone(args, info)
+    dataset_train, dataset_val, dataset_test = build_datasets(args, info)
+    probe = build_probe(dims, names, args)
+    args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)
+    print(f"Output folder: {args.output_dir}")
+    if args.evaluate:
+        return evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args)
+
+    # ============ preparing data ... ============
+    batches, encode = training_batches(model, feats_fn, dataset_train, args)
+    if args.cached_features:
+        val_data, test_data = cached(model, dataset_val, feats_fn, args), cached(model, dataset_test, feats_fn, args)
+    else:
+        val_data, test_data = dataset_val, dataset_test
+    ddp_probe = DistributedDataParallel(probe, device_ids=[args.gpu] if args.device.type == "cuda"
+                                        else None) if args.distributed else probe
+
+    # ============ preparing optimizer ... ============
+    global_batch = args.batch_size_per_gpu * args.world_size
+    lr = args.lr * global_batch / 256.0  # linear scaling rule
+    print(f"base lr: {args.lr:.3e}  actual lr: {lr:.3e}  global batch: {global_batch}")
+    optimizer = torch.optim.SGD(probe.parameters(), lr, momentum=0.9, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    scaler = amp.grad_scaler(args.precision, args.device)
+
+    # ============ optionally resume training ... ============
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+    start_epoch, best, best_state = restart_probe(ckpt_path, probe, optimizer, scheduler, args)
+    writer = None
+    if args.tensorboard and distu.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+
+    for epoch in range(start_epoch, args.epochs):
+        (batches if args.cached_features else batches.sampler).set_epoch(epoch)
+        train_stats = train_one_epoch(model, ddp_probe, optimizer, scaler, batches, epoch, encode, args)
+        scheduler.step()
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+            stats = validate_network(model, ddp_probe, val_data, feats_fn, args)
+            keep_best(stats, best, best_state, probe)
+            s = stats[-1]
+            print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} test images: "
+                  f"{s['acc1']:.1f}%  Max accuracy so far: {best[-1]:.2f}%")
+            log_stats.update(test_acc1=s["acc1"], test_acc5=s["acc5"], test_loss=s["loss"])
+            if args.probe_layers:
+                log_stats["test_acc1_layers"] = [x["acc1"] for x in stats]
+            if writer is not None:
+                writer.add_scalar("val/top1", s["acc1"], epoch)
+                if args.probe_layers:
+                    for name, x in zip(names, stats):
+                        writer.add_scalar(f"val_layers/top1_{name}", x["acc1"], epoch)
+        if writer is not None:
+            writer.add_scalar("train/loss", train_stats["loss"], epoch)
+            writer.add_scalar("train/lr", train_stats["lr"], epoch)
+        if distu.is_main_process():
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            save_curves(args.output_dir)
+            save_atomic({"epoch": epoch + 1, "state_dict": saved_state(probe.state_dict(), len(dims)),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "best_acc": best[-1], "best_accs": best,
+                         "best_state_dict": saved_state(best_state, len(dims)),
+                         "args": evaluation.run_args(args)}, ckpt_path)
+    if writer is not None:
+        writer.close()
+
+    sanity_check(model, snapshot)  # the backbone must not have moved, in every training run
+    return report(model, probe, best, best_state, test_data, feats_fn, names, dims, args)
+
+
 def eval_linear(args):
     check_args(args)  # bad flags fail before any process group exists
     distu.init_distributed_mode(args)
@@ -491,4 +508,5 @@ def eval_linear(args):
 
 
 if __name__ == "__main__":
-    eval_linear(get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    cli.run(lambda: eval_linear(args))

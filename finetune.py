@@ -14,7 +14,10 @@ Partial fine-tuning: --unfreeze_last_blocks 2 (the last 2 ViT blocks / ResNet st
 The best-on-validation model (--val_split held out of train) is saved as checkpoint_best.pth and
 tested once at the end: accuracy, per-class precision / recall / F1 and the confusion matrix
 (scikit-learn), in report.txt / report.json, and --save_predictions N test images with predicted
-class, confidence and true class in predictions.png.
+class, confidence and true class in predictions.png. Without --output_dir the run goes to
+out/finetune/<weights>_<dataset>; it resumes from <output_dir>/checkpoint.pth only if that file
+was written with the same flags. The shared flags (model, features, data, run, --precision) are
+in core/evaluation.py.
 """
 import argparse
 import json
@@ -28,109 +31,76 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from core import amp, cli, evaluation
 from core import dist as distu
-from core.checkpoint import load_backbone, load_file, save_atomic
+from core.checkpoint import load_file, save_atomic
+from core.evaluation import extract_dataset_features
+from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
-from data import DATASETS, SingleViewTransform, build_dataset, dataset_info, eval_transform
-from eval_knn import extract_features
-from models import ARCHS, extract_features as backbone_features, feature_dim, is_vit
+from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
+from models import extract_features, feature_dim, is_vit
 
 
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("Fine-tuning", add_help=add_help)
-    # Model parameters
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Weights to fine-tune; empty: train from scratch with the same recipe "
-                             "(the baseline a pretraining must beat).")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher"); a checkpoint '
-                             "without it (SimCLR, rotation) falls back to its one network.")
-    parser.add_argument("--arch", default=None, type=str, choices=ARCHS,
-                        help="Architecture (default: from the checkpoint, else vit_small).")
-    parser.add_argument("--patch_size", default=None, type=int,
-                        help="ViT patch size (default: from the checkpoint, else 16).")
-    parser.add_argument("--image_size", default=None, type=int,
-                        help="Input resolution (default: the checkpoint's training crop, else "
-                             "the dataset's native size).")
-    parser.add_argument("--cifar_stem", default=None, type=bool_flag,
-                        help="ResNet CIFAR stem (default: from the checkpoint / image size).")
-    parser.add_argument("--drop_path", default=0.1, type=float,
-                        help="ViT stochastic depth rate (iBOT ViT-S: 0.1); ResNets have none.")
-    parser.add_argument("--n_last_blocks", default=1, type=int,
-                        help="ViT: the head sees the CLS tokens of the last n blocks.")
-    parser.add_argument("--avgpool_patchtokens", default=0, type=int, choices=[0, 1, 2],
-                        help="ViT: 0 = CLS token (iBOT --use_cls), 1 = patch-token mean, 2 = both.")
+def get_args_parser():
+    parser = argparse.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()])
+    group = parser.add_argument_group("What trains")
+    group.add_argument("--drop_path", default=0.1, type=float,
+                       help="ViT stochastic depth rate (iBOT ViT-S: 0.1); ResNets have none.")
+    group.add_argument("--unfreeze_last_blocks", default=-1, type=int,
+                       help="-1: full fine-tuning; K >= 0: only the last K ViT blocks (+ final "
+                            "norm) or ResNet stages (layer1..4) and the head train; 0 = head only.")
+    group.add_argument("--unfreeze_layers", default=None, type=str, nargs="+",
+                       help="Instead of --unfreeze_last_blocks: the backbone parameters to train "
+                            "by name prefix, e.g. layer4 layer3 (ResNet) or blocks.11 norm (ViT).")
 
-    # What trains
-    parser.add_argument("--unfreeze_last_blocks", default=-1, type=int,
-                        help="-1: full fine-tuning; K >= 0: only the last K ViT blocks (+ final "
-                             "norm) or ResNet stages (layer1..4) and the head train; 0 = head only.")
-    parser.add_argument("--unfreeze_layers", default=None, type=str, nargs="+",
-                        help="Instead of --unfreeze_last_blocks: the backbone parameters to train "
-                             "by name prefix, e.g. layer4 layer3 (ResNet) or blocks.11 norm (ViT).")
+    group = parser.add_argument_group("Optimization")
+    group.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
+    group.add_argument("--lr", default=1e-3, type=float,
+                       help="Head learning rate after warmup (absolute, not scaled by the batch, "
+                            "as iBOT's fine-tuning; the seed used 1e-3).")
+    group.add_argument("--backbone_lr", default=1e-4, type=float,
+                       help="Backbone learning rate after warmup (the seed: 1e-4), multiplied by "
+                            "the layer decay.")
+    group.add_argument("--layer_decay", default=1.0, type=float,
+                       help="Layer-wise lr decay (MAE/iBOT/BEiT): layer i of L gets "
+                            "backbone_lr * decay^(L + 1 - i); 1.0 is off. iBOT ViT-S 0.75, ViT-B 0.65.")
+    group.add_argument("--weight_decay", default=0.05, type=float,
+                       help="AdamW weight decay (not on biases, norms, pos_embed, cls_token).")
+    group.add_argument("--warmup_epochs", default=5, type=int, help="Linear warmup epochs.")
+    group.add_argument("--min_lr", default=1e-6, type=float,
+                       help="Final head lr of the cosine; the backbone ends at the same ratio.")
+    group.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd"],
+                       help="adamw (BEiT/iBOT) or sgd with momentum 0.9 (ResNet habit).")
+    group.add_argument("--clip_grad", default=0.0, type=float,
+                       help="Global gradient-norm clipping; 0 disables (iBOT: none).")
+    group.add_argument("--smoothing", default=0.1, type=float, help="Label smoothing (0.1).")
+    group.add_argument("--mixup", default=0.0, type=float,
+                       help="Mixup alpha; > 0 enables (iBOT ImageNet: 0.8).")
+    group.add_argument("--cutmix", default=0.0, type=float,
+                       help="CutMix alpha; > 0 enables (iBOT ImageNet: 1.0).")
+    group.add_argument("--mixup_prob", default=1.0, type=float,
+                       help="Probability of mixing a batch when mixup or cutmix is on.")
+    group.add_argument("--mixup_switch_prob", default=0.5, type=float,
+                       help="With both on: probability of cutmix instead of mixup.")
 
-    # Optimization
-    parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
-    parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Per-GPU batch-size.")
-    parser.add_argument("--lr", default=1e-3, type=float,
-                        help="Head learning rate after warmup (absolute, not scaled by the batch, "
-                             "as iBOT's fine-tuning; the seed used 1e-3).")
-    parser.add_argument("--backbone_lr", default=1e-4, type=float,
-                        help="Backbone learning rate after warmup (the seed: 1e-4), multiplied by "
-                             "the layer decay.")
-    parser.add_argument("--layer_decay", default=1.0, type=float,
-                        help="Layer-wise lr decay (MAE/iBOT/BEiT): layer i of L gets "
-                             "backbone_lr * decay^(L + 1 - i); 1.0 is off. iBOT ViT-S 0.75, ViT-B 0.65.")
-    parser.add_argument("--weight_decay", default=0.05, type=float,
-                        help="AdamW weight decay (not on biases, norms, pos_embed, cls_token).")
-    parser.add_argument("--warmup_epochs", default=5, type=int, help="Linear warmup epochs.")
-    parser.add_argument("--min_lr", default=1e-6, type=float,
-                        help="Final head lr of the cosine; the backbone ends at the same ratio.")
-    parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd"],
-                        help="adamw (BEiT/iBOT) or sgd with momentum 0.9 (ResNet habit).")
-    parser.add_argument("--clip_grad", default=0.0, type=float,
-                        help="Global gradient-norm clipping; 0 disables (iBOT: none).")
-    parser.add_argument("--smoothing", default=0.1, type=float, help="Label smoothing (0.1).")
-    parser.add_argument("--mixup", default=0.0, type=float,
-                        help="Mixup alpha; > 0 enables (iBOT ImageNet: 0.8).")
-    parser.add_argument("--cutmix", default=0.0, type=float,
-                        help="CutMix alpha; > 0 enables (iBOT ImageNet: 1.0).")
-    parser.add_argument("--mixup_prob", default=1.0, type=float,
-                        help="Probability of mixing a batch when mixup or cutmix is on.")
-    parser.add_argument("--mixup_switch_prob", default=0.5, type=float,
-                        help="With both on: probability of cutmix instead of mixup.")
-    parser.add_argument("--use_fp16", default=False, type=bool_flag,
-                        help="On CUDA, float16 autocast with a GradScaler; else bfloat16.")
-
-    # Data
-    parser.add_argument("--dataset", default="digits", type=str, choices=sorted(DATASETS),
-                        help="Dataset name; imagefolder expects train/ and val/ (or test/).")
-    parser.add_argument("--data_path", default="", type=str, help="Dataset root.")
-    parser.add_argument("--val_split", default=0.1, type=float,
-                        help="Train images held out for model selection (count or fraction; "
-                             "CIFAR: 5000). 0 selects on the test split itself (not advised).")
-    parser.add_argument("--num_labels", default=None, type=int,
-                        help="Number of classes (default: the dataset's).")
-
-    # Report and misc
-    parser.add_argument("--save_predictions", default=32, type=int,
-                        help="Save a grid of this many random test images with predicted class, "
-                             "confidence and true class to predictions.png (0: none).")
-    parser.add_argument("--evaluate", action="store_true",
-                        help="Only test --finetuned_weights (default <output_dir>/checkpoint_best.pth).")
-    parser.add_argument("--finetuned_weights", default="", type=str,
-                        help="A checkpoint of this script to test with --evaluate.")
-    parser.add_argument("--output_dir", default=".", help="Path to save logs and checkpoints.")
-    parser.add_argument("--seed", default=0, type=int, help="Random seed (also picks --save_predictions).")
-    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers.")
-    parser.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
-    parser.add_argument("--tensorboard", default=True, type=bool_flag,
-                        help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="url used to set up distributed training")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int, help="Ignored.")
-    parser.add_argument("--cpu", action="store_true", help="Run on CPU even if CUDA is there.")
+    group = parser.add_argument_group("Validation, report and misc")
+    group.add_argument("--val_split", default=0.1, type=float,
+                       help="Train images held out for model selection (count or fraction; "
+                            "CIFAR: 5000). 0 selects on the test split itself (not advised).")
+    group.add_argument("--num_labels", default=None, type=int,
+                       help="Number of classes (default: the dataset's).")
+    group.add_argument("--save_predictions", default=32, type=int,
+                       help="Save a grid of this many random test images with predicted class, "
+                            "confidence and true class to predictions.png (0: none).")
+    group.add_argument("--evaluate", action="store_true",
+                       help="Only test --finetuned_weights (default <output_dir>/checkpoint_best.pth).")
+    group.add_argument("--finetuned_weights", default="", type=str,
+                       help="A checkpoint of this script to test with --evaluate.")
+    group.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
+    group.add_argument("--tensorboard", default=True, type=bool_flag,
+                       help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
     return parser
 
 
@@ -148,7 +118,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x):
-        return self.head(backbone_features(self.backbone, x, self.n_last_blocks, self.avgpool))
+        return self.head(extract_features(self.backbone, x, self.n_last_blocks, self.avgpool))
 
 
 # ============ what trains: freezing and layer-wise lr decay ... ============
@@ -185,7 +155,7 @@ def set_trainable(backbone, unfreeze_last_blocks=-1, unfreeze_layers=None):
         unknown = [u for u in unfreeze_layers if not any(n == u or n.startswith(u + ".") for n in names)]
         if unknown:
             tops = sorted({n.split(".")[0] for n in names})
-            raise SystemExit(f"error: --unfreeze_layers {' '.join(unknown)} names no parameter of the "
+            raise ValueError(f"--unfreeze_layers {' '.join(unknown)} names no parameter of the "
                              f"backbone; use prefixes such as {', '.join(tops)} (or blocks.11, layer4.1)")
         train = lambda n: any(n == u or n.startswith(u + ".") for u in unfreeze_layers)  # noqa: E731
     elif unfreeze_last_blocks < 0:
@@ -193,8 +163,8 @@ def set_trainable(backbone, unfreeze_last_blocks=-1, unfreeze_layers=None):
     else:
         depth = num_layers(backbone) - 1  # blocks / stages
         if unfreeze_last_blocks > depth:
-            raise SystemExit(f"error: --unfreeze_last_blocks {unfreeze_last_blocks} exceeds the "
-                             f"{depth} blocks of the backbone; use 0..{depth}, or -1 for all")
+            raise ValueError(f"--unfreeze_last_blocks {unfreeze_last_blocks} exceeds the {depth} "
+                             f"blocks of the backbone; use 0..{depth}, or -1 for all")
         first = depth - unfreeze_last_blocks + 1  # lowest layer id that trains
         train = lambda n: unfreeze_last_blocks > 0 and layer_id(n, backbone) >= first  # noqa: E731
     for n, p in backbone.named_parameters():
@@ -271,18 +241,13 @@ def mix_batch(images, targets, num_classes, args):
     return images, lam * y + (1.0 - lam) * y.flip(0)
 
 
-def autocast_context(args):
-    if args.device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cuda", dtype=torch.float16 if args.use_fp16 else torch.bfloat16)
-
-
 # ============ training, validation, test report ... ============
 
-def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, epoch, fp16_scaler, args):
+def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, epoch, args):
     train_mode(ddp_model)
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
                           batch_size=args.batch_size_per_gpu)
+    clip = (lambda: nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)) if args.clip_grad else None
     for i, (images, targets) in enumerate(logger.log_every(loader)):
         it = len(loader) * epoch + i
         for g in optimizer.param_groups:
@@ -290,41 +255,31 @@ def train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, epoch, fp1
         images = images.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
         images, soft = mix_batch(images, targets, args.num_labels, args)
-        with autocast_context(args):
+        with amp.autocast(args.precision, args.device):
             logits = ddp_model(images)
         loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        if fp16_scaler is None:
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-        else:
-            fp16_scaler.scale(loss).backward()
-            if args.clip_grad:
-                fp16_scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
+        amp.backward_step(loss, optimizer, scaler, after_unscale=clip)
         logger.update(loss=loss.detach(), lr=optimizer.param_groups[-1]["lr"])
     stats = logger.global_averages()
     if not math.isfinite(stats["loss"]):
-        raise SystemExit(f"error: loss is not finite at epoch {epoch}; lower --lr / --backbone_lr "
-                         "or turn on --clip_grad")
+        raise ValueError(f"loss is not finite at epoch {epoch}; lower --lr / --backbone_lr or turn "
+                         "on --clip_grad")
     return stats
 
 
 @torch.no_grad()
 def predict(model, dataset, args):
     """Logits (N, C) of every image of `dataset`, in order, on every rank."""
-    return extract_features(model, dataset, args.batch_size_per_gpu, args.num_workers, args.device,
-                            normalize=False, feature_fn=lambda m, x: m(x))
+    return extract_dataset_features(model, dataset, args.batch_size_per_gpu, args.num_workers,
+                                    args.device, feature_fn=lambda m, x: m(x), normalize=False,
+                                    precision=args.precision)
 
 
-def test_report(model, dataset_test, info, args):
-    """Accuracy, sklearn's per-class report and confusion matrix, and the prediction grid."""
-    from core.report import (class_names, classification_metrics, format_report,
-                             save_prediction_grid)
+def test_report(model, dataset_test, info, args, writer=None):
+    """Accuracy, sklearn's per-class report and confusion matrix (also as a heat map), and the
+    prediction grid; the two figures also go to TensorBoard when there is a writer."""
+    from core.report import (class_names, classification_metrics, figure_to_array,
+                             format_report, save_confusion_matrix, save_prediction_grid)
     logits = predict(model, dataset_test, args).cpu()
     probs = logits.softmax(dim=1)
     conf, preds = probs.max(dim=1)
@@ -338,42 +293,41 @@ def test_report(model, dataset_test, info, args):
             f.write(text + "\n")
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
             json.dump({k: v for k, v in metrics.items() if k != "report"}, f, indent=1)
+        path = os.path.join(args.output_dir, "confusion_matrix.png")
+        figures = {"confusion_matrix": save_confusion_matrix(
+            metrics["confusion_matrix"], names, path,
+            f"{args.arch} on {args.dataset} test: {metrics['accuracy']:.2f}% top-1")}
         if args.save_predictions > 0:
             n = min(args.save_predictions, len(dataset_test))
             idx = np.random.default_rng(args.seed).choice(len(dataset_test), n, replace=False)
             images = torch.stack([dataset_test[int(i)][0] for i in idx])
             path = os.path.join(args.output_dir, "predictions.png")
-            save_prediction_grid(images, targets[idx], preds[idx], conf[idx], names, path,
-                                 info.mean, info.std)
+            figures["predictions"] = save_prediction_grid(
+                images, targets[idx], preds[idx], conf[idx], names, path, info.mean, info.std)
             print(f"Saved {n} test predictions to {path}")
+        if writer is not None:
+            for tag, fig in figures.items():
+                writer.add_image(f"test/{tag}", figure_to_array(fig), args.epochs,
+                                 dataformats="HWC")
     return metrics
 
 
 def check_args(args):
+    evaluation.check_common_args(args)
     if args.epochs <= args.warmup_epochs and not args.evaluate:
-        raise SystemExit(f"error: --warmup_epochs ({args.warmup_epochs}) must be below --epochs "
+        raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
                          f"({args.epochs}); lower --warmup_epochs")
     if not 0 < args.layer_decay <= 1:
-        raise SystemExit(f"error: --layer_decay {args.layer_decay} is out of range; use a value in "
+        raise ValueError(f"--layer_decay {args.layer_decay} is out of range; use a value in "
                          "(0, 1] (1: off, 0.65-0.75 as iBOT)")
     if not 0 <= args.smoothing < 1 or args.mixup < 0 or args.cutmix < 0:
-        raise SystemExit("error: --smoothing must be in [0, 1) and --mixup/--cutmix >= 0")
+        raise ValueError("--smoothing must be in [0, 1) and --mixup/--cutmix >= 0")
     if args.unfreeze_layers and args.unfreeze_last_blocks != -1:
-        raise SystemExit("error: --unfreeze_layers and --unfreeze_last_blocks both given; pick one")
+        raise ValueError("--unfreeze_layers and --unfreeze_last_blocks both given; pick one")
 
 
-def run_finetune(args):
-    """Fine-tune (or test with --evaluate); the process group must exist. Returns
-    {"best_val_acc", "test_acc", "metrics"} (metrics: classification_metrics of the test set)."""
-    check_args(args)
-    distu.fix_random_seeds(args.seed)
-    info = dataset_info(args.dataset, args.data_path)
-
-    # ============ preparing data ... ============
-    if not args.pretrained_weights and args.image_size is None:
-        args.image_size = info.image_size
-    backbone, _ = load_backbone(args, drop_path_rate=args.drop_path)
-    args.image_size = args.image_size or info.image_size
+def build_datasets(args, info):
+    """(train augmented, val held out of train with --val_split, official test). Fills --num_labels."""
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     split = dict(val_split=args.val_split, seed=args.seed)
     dataset_train = build_dataset(args.dataset, args.data_path, "train",
@@ -382,15 +336,28 @@ def run_finetune(args):
     dataset_test = build_dataset(args.dataset, args.data_path, "test", val_tf)
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
-        raise SystemExit(f"error: --num_labels {args.num_labels} is below the {dataset_train.num_classes} "
+        raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
                          "classes of the dataset; drop --num_labels to use the dataset's")
     print(f"Data loaded: {len(dataset_train)} train, {len(dataset_val)} val, {len(dataset_test)} test imgs.")
     if not args.val_split:
         print("Warning: --val_split 0 selects the best epoch on the test split itself.")
+    return dataset_train, dataset_val, dataset_test
 
-    # ============ building the network ... ============
+
+def run_finetune(args):
+    """Fine-tune (or test with --evaluate); the process group must exist. Returns
+    {"best_val_acc", "test_acc", "metrics"} (metrics: classification_metrics of the test set)."""
+    check_args(args)
+    distu.fix_random_seeds(args.seed)
+    amp.resolve_precision(args, args.device)
+    info = dataset_info(args.dataset, args.data_path)
+
+    # ============ building the network and the data ... ============
+    backbone, _ = evaluation.load_backbone(args, default_image_size=info.image_size,
+                                           drop_path_rate=args.drop_path)
     if not args.pretrained_weights:
         print("=> from-scratch baseline: the same recipe on a randomly initialised backbone.")
+    dataset_train, dataset_val, dataset_test = build_datasets(args, info)
     model = Classifier(backbone, args.num_labels, args.n_last_blocks, args.avgpool_patchtokens)
     trainable = set_trainable(backbone, args.unfreeze_last_blocks, args.unfreeze_layers)
     n_all = sum(p.numel() for p in backbone.parameters())
@@ -398,20 +365,26 @@ def run_finetune(args):
     print(f"Training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M backbone parameters "
           f"({len(trainable)} tensors) and the head.")
     model.to(args.device)
-    if args.distributed and not is_vit(backbone) and args.device.type == "cuda":  # SyncBN is GPU-only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
+    args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
+    print(f"Output folder: {args.output_dir}")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    best_path = os.path.join(args.output_dir, "checkpoint_best.pth")
 
     if args.evaluate:
-        path = args.finetuned_weights or os.path.join(args.output_dir, "checkpoint_best.pth")
-        model.load_state_dict(load_file(path)["model"])
+        path = args.finetuned_weights or best_path
+        ckpt = load_file(path)
+        if not args.finetuned_weights:
+            evaluation.check_resume(path, ckpt, args)
+        model.load_state_dict(ckpt["model"])
         metrics = test_report(model, dataset_test, info, args)
         return {"best_val_acc": None, "test_acc": metrics["accuracy"], "metrics": metrics}
 
     global_batch = args.batch_size_per_gpu * args.world_size
     if len(dataset_train) < global_batch:
-        raise SystemExit(f"error: the train split has {len(dataset_train)} images, fewer than one "
-                         f"global batch ({global_batch}); lower --batch_size_per_gpu")
+        raise ValueError(f"the train split has {len(dataset_train)} images, fewer than one global "
+                         f"batch ({global_batch}); lower --batch_size_per_gpu")
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size,
                                                  rank=args.rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
@@ -426,23 +399,23 @@ def run_finetune(args):
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-    fp16_scaler = torch.amp.GradScaler("cuda") if args.use_fp16 and args.device.type == "cuda" else None
+    scaler = amp.grad_scaler(args.precision, args.device)
     # one multiplier for every group: linear warmup to 1, cosine to min_lr / lr
     lr_schedule = cosine_scheduler(1.0, args.min_lr / args.lr, args.epochs, len(loader),
                                    warmup_epochs=args.warmup_epochs)
     print(f"head lr {args.lr:.2e}, backbone lr {args.backbone_lr:.2e} (layer decay "
-          f"{args.layer_decay}), global batch {global_batch}, {len(groups)} parameter groups")
+          f"{args.layer_decay}), global batch {global_batch}, {len(groups)} parameter groups, "
+          f"precision {args.precision}")
 
     # ============ optionally resume training ... ============
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    best_path = os.path.join(args.output_dir, "checkpoint_best.pth")
     start_epoch, best_acc = 0, -1.0
     if os.path.isfile(ckpt_path):
         ckpt = load_file(ckpt_path)
+        evaluation.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if fp16_scaler is not None and "fp16_scaler" in ckpt:
-            fp16_scaler.load_state_dict(ckpt["fp16_scaler"])
+        if scaler.is_enabled() and "fp16_scaler" in ckpt:
+            scaler.load_state_dict(ckpt["fp16_scaler"])
         start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
         print(f"Found checkpoint at {ckpt_path}: resuming from epoch {start_epoch}.")
 
@@ -453,8 +426,8 @@ def run_finetune(args):
 
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(ddp_model, model, loader, optimizer, lr_schedule, epoch,
-                                      fp16_scaler, args)
+        train_stats = train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule,
+                                      epoch, args)
         logits = predict(model, dataset_val, args)
         val_acc = (logits.argmax(1).cpu() == torch.as_tensor(dataset_val.targets)).float().mean().item() * 100
         is_best = val_acc > best_acc
@@ -463,10 +436,9 @@ def run_finetune(args):
         if distu.is_main_process():
             save_dict = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch + 1, "best_acc": best_acc, "val_acc": val_acc,
-                         "args": {k: (str(v) if isinstance(v, torch.device) else v)
-                                  for k, v in vars(args).items()}}
-            if fp16_scaler is not None:
-                save_dict["fp16_scaler"] = fp16_scaler.state_dict()
+                         "args": evaluation.run_args(args)}
+            if scaler.is_enabled():
+                save_dict["fp16_scaler"] = scaler.state_dict()
             save_atomic(save_dict, ckpt_path)
             if is_best:
                 save_atomic({"model": save_dict["model"], "epoch": epoch + 1, "val_acc": val_acc,
@@ -474,6 +446,7 @@ def run_finetune(args):
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in train_stats.items()},
                                     "val_acc1": val_acc, "epoch": epoch}) + "\n")
+            save_curves(args.output_dir)
             if writer is not None:
                 writer.add_scalar("train/loss", train_stats["loss"], epoch)
                 writer.add_scalar("train/lr_head", train_stats["lr"], epoch)
@@ -485,11 +458,15 @@ def run_finetune(args):
     best = load_file(best_path)
     model.load_state_dict(best["model"])
     print(f"Testing the best-on-validation model (epoch {best['epoch']}, val {best['val_acc']:.2f}%):")
-    metrics = test_report(model, dataset_test, info, args)
+    metrics = test_report(model, dataset_test, info, args, writer)
     if writer is not None:
         writer.add_scalar("test/top1", metrics["accuracy"], args.epochs)
         writer.close()
-    return {"best_val_acc": best_acc, "test_acc": metrics["accuracy"], "metrics": metrics}
+    results = {"best_val_acc": best_acc, "test_acc": metrics["accuracy"]}
+    if distu.is_main_process():
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return {**results, "metrics": metrics}
 
 
 def finetune(args):
@@ -502,4 +479,5 @@ def finetune(args):
 
 
 if __name__ == "__main__":
-    finetune(get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    cli.run(lambda: finetune(args))

@@ -31,7 +31,10 @@ from torch.nn.parallel import DistributedDataParallel
 from core import amp, cli
 from core import dist as distu
 from core.checkpoint import restart_from_checkpoint, save_atomic
+from core.curves import save_curves
+from core.diagnostics import check_collapse
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
 from data import DATASETS, build_dataset, dataset_info, resolve_dataset
@@ -190,9 +193,7 @@ def train_ssl(args):
 
     # ============ building the networks ... ============
     model, backbone, init_backbone = build_networks(args, len(data_loader))
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if args.distributed and has_bn and args.device.type == "cuda":  # SyncBN is GPU-only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     # DDP averages the gradients of the parameters that require them (the student); the EMA
     # teacher gets none and stays identical on every rank because the student does. Buffers:
     # with SyncBatchNorm (CUDA) every rank updates its BatchNorm statistics from the same global
@@ -245,6 +246,8 @@ def train_ssl(args):
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
                                       wd_schedule, epoch, scaler, args)
+        # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
+        check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
 
         # ============ writing logs and checkpoint ... ============
         save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
@@ -258,6 +261,7 @@ def train_ssl(args):
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+            save_curves(args.output_dir)  # curves.png: every metric of log.txt per epoch
             if writer is not None:
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train/{k}", v, epoch)
@@ -381,7 +385,7 @@ def vars_plain(args):
 def final_knn_check(trained, init_backbone, args, info, writer):
     """The quickstart's proof of learning: k-NN top-1 of the trained backbone beside the
     same backbone at random init, on the dataset's labelled train/test splits."""
-    from eval_knn import knn_eval_backbone
+    from core.evaluation import knn_eval_backbone
     results = {}
     for name, net in (("pretrained", trained), ("random init", init_backbone.to(args.device))):
         top1, top5 = knn_eval_backbone(net, args.dataset, args.data_path, args.input_size,

@@ -5,72 +5,58 @@ facebookresearch/dino visualize_attention.py.
     python visualize_attention.py --pretrained_weights dino_deitsmall8_pretrain.pth \
         --image_path cat.jpg --image_size 480 480 --threshold 0.6 --output_dir attn/
 
-Writes PNGs to --output_dir:
+Writes PNGs to --output_dir (drawn with matplotlib; shared flags: core/evaluation.py):
     img.png                      the (resized) input image
     attn-head{j}.png             head j's attention from [CLS] to every patch (viridis colours,
-                                 each map scaled to its own min..max, as plt.imsave does)
+                                 each map scaled to its own min..max: plt.imsave, as DINO)
     mask_th{t}_head{j}.png       with --threshold t: the image with the smallest set of patches
-                                 that holds a fraction t of head j's attention mass tinted
+                                 that holds a fraction t of head j's attention mass tinted and
+                                 outlined
+    attention.png                all of the above in one figure, titled, with colour bars
 Without --image_path the image is sample --sample_index of --dataset's test split. Model flags
 (--arch, --patch_size) left unset come from our checkpoints' args or, for released weights,
-from the shape of the patch embedding. Works with official DINO/iBOT checkpoints.
+from the shape of the patch embedding (without weights: vit_small/8, as DINO's script). Works
+with official DINO/iBOT checkpoints. Default --output_dir:
+out/visualize_attention/<weights folder>_<weights file>_<image name or dataset_index>.
+With --tensorboard true, attention.png also goes to TensorBoard under <output_dir>/tb.
 """
 import argparse
 import math
 import os
 
+import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
-from core.checkpoint import extract_backbone_state, load_backbone, load_file
-from data import DATASETS, build_dataset, dataset_info
+from core import cli, evaluation
+from core.logger import bool_flag
+from core.report import DPI, figure_to_array, new_figure, save_figure
+from data import build_dataset, dataset_info
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from models import ARCHS, is_vit
-
-# matplotlib's viridis at 0, 1/8, ..., 1 (linearly interpolated in between)
-VIRIDIS = torch.tensor([
-    [0.267004, 0.004874, 0.329415], [0.282623, 0.140926, 0.457517], [0.253935, 0.265254, 0.529983],
-    [0.206756, 0.371758, 0.553117], [0.163625, 0.471133, 0.558148], [0.127568, 0.566949, 0.550556],
-    [0.134692, 0.658636, 0.517649], [0.266941, 0.748751, 0.440573], [0.993248, 0.906157, 0.143936]])
-# one tint per head for the thresholded masks (matplotlib's tab10)
-PALETTE = torch.tensor([
-    [0.12, 0.47, 0.71], [1.00, 0.50, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
-    [0.58, 0.40, 0.74], [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.50, 0.50, 0.50],
-    [0.74, 0.74, 0.13], [0.09, 0.75, 0.81]])
-WIDTHS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+from models import is_vit
 
 
-def get_args_parser(add_help=True):
-    parser = argparse.ArgumentParser("Visualize Self-Attention maps", add_help=add_help)
-    parser.add_argument("--arch", default=None, type=str, choices=[a for a in ARCHS if "vit" in a],
-                        help="Architecture (default: from the checkpoint, else vit_small).")
-    parser.add_argument("--patch_size", default=None, type=int,
-                        help="Patch resolution of the model (default: from the checkpoint, "
-                             "else 8 as DINO's script).")
-    parser.add_argument("--pretrained_weights", default="", type=str,
-                        help="Path to pretrained weights to load; empty: random init.")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help='Key to use in the checkpoint (example: "teacher").')
-    parser.add_argument("--image_path", default=None, type=str,
-                        help="Path of the image to load (normalised with ImageNet statistics); "
-                             "default: a --dataset sample.")
-    parser.add_argument("--dataset", default="digits", type=str, choices=sorted(DATASETS),
-                        help="Dataset to take the image from when --image_path is not given.")
-    parser.add_argument("--data_path", default="", type=str, help="Dataset root.")
-    parser.add_argument("--sample_index", default=0, type=int,
-                        help="Index of the test-split image to show.")
-    parser.add_argument("--image_size", default=None, type=int, nargs="+",
-                        help="Resize image: H W, or one number for the shorter side (default: "
-                             "the training crop size from the checkpoint, else 480 480).")
-    parser.add_argument("--output_dir", default=".", help="Path where to save visualizations.")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="Also save masks keeping this fraction of the attention mass "
-                             "(DINO's figures use 0.6).")
-    parser.add_argument("--display_scale", default=0, type=int,
-                        help="Integer nearest-neighbour upscaling of the saved PNGs; 0: enough "
-                             "for a shorter side of at least 256 px (32px images become 256px).")
+def get_args_parser():
+    parser = argparse.ArgumentParser("Visualize Self-Attention maps", parents=[
+        evaluation.model_parser(image_size=False), evaluation.data_parser()])
+    group = parser.add_argument_group("Image and maps")
+    group.add_argument("--image_path", default=None, type=str,
+                       help="Path of the image to load (normalised with ImageNet statistics); "
+                            "default: a --dataset sample.")
+    group.add_argument("--sample_index", default=0, type=int,
+                       help="Index of the test-split image to show.")
+    group.add_argument("--image_size", default=None, type=int, nargs="+",
+                       help="Resize image: H W, or one number for the shorter side (default: "
+                            "the training crop size from the checkpoint, else 480 480).")
+    group.add_argument("--threshold", type=float, default=None,
+                       help="Also save masks keeping this fraction of the attention mass "
+                            "(DINO's figures use 0.6).")
+    group.add_argument("--display_scale", default=0, type=int,
+                       help="Integer nearest-neighbour upscaling of the saved PNGs; 0: enough "
+                            "for a shorter side of at least 256 px (32px images become 256px).")
+    group.add_argument("--tensorboard", default=False, type=bool_flag,
+                       help="Also log attention.png as an image to <output_dir>/tb.")
     return parser
 
 
@@ -99,24 +85,7 @@ def threshold_masks(attentions, threshold):
     return keep.reshape(nh, h, w)
 
 
-# ============ drawing (no matplotlib) ============
-
-def colorize(maps):
-    """(n, h, w) -> (n, 3, h, w) viridis colours, each map scaled to its own [min, max]."""
-    lo = maps.amin(dim=(1, 2), keepdim=True)
-    hi = maps.amax(dim=(1, 2), keepdim=True)
-    x = ((maps - lo) / (hi - lo).clamp(min=1e-12)) * (len(VIRIDIS) - 1)
-    i0 = x.floor().long().clamp(max=len(VIRIDIS) - 2)
-    frac = (x - i0).unsqueeze(-1)
-    rgb = VIRIDIS[i0] * (1 - frac) + VIRIDIS[i0 + 1] * frac  # (n, h, w, 3)
-    return rgb.permute(0, 3, 1, 2)
-
-
-def overlay(image, mask, color, alpha=0.5):
-    """image (3, H, W) in [0, 1], mask bool (H, W), color (3,) -> image tinted where mask."""
-    m = mask.float().unsqueeze(0) * alpha
-    return image * (1 - m) + color.view(3, 1, 1) * m
-
+# ============ drawing (matplotlib) ============
 
 def upscale(x, factor):
     """(..., H, W) -> (..., H*factor, W*factor), nearest neighbour."""
@@ -125,55 +94,109 @@ def upscale(x, factor):
     return x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
+def head_color(j):
+    """One colour per head for the masks (matplotlib's tab10)."""
+    from matplotlib import colormaps
+    return colormaps["tab10"](j % 10)[:3]
+
+
+def save_heat_map(attention, path):
+    """attention (H, W) -> a PNG of exactly H x W pixels, viridis, scaled to its own min..max
+    (plt.imsave, as DINO's script; matplotlib.image.imsave needs no pyplot)."""
+    from matplotlib.image import imsave
+    imsave(path, attention.numpy(), cmap="viridis", format="png")
+
+
+def draw_mask(ax, image, mask, color, alpha=0.5):
+    """image (H, W, 3) in [0, 1], mask bool (H, W): the image, the mask tinted with `color`
+    and outlined, no axes."""
+    overlay = np.zeros(mask.shape + (4,))
+    overlay[mask] = (*color, alpha)
+    ax.imshow(image, interpolation="nearest")
+    ax.imshow(overlay, interpolation="nearest")
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.5)
+    ax.set_axis_off()
+
+
+def save_mask(image, mask, color, path, title):
+    """image (H, W, 3), mask bool (H, W) -> a PNG of about the image's size with a title."""
+    h, w = mask.shape
+    fig = new_figure(max(w, 160) / DPI, max(h, 160) / DPI + 0.3)
+    ax = fig.add_subplot()
+    draw_mask(ax, image, mask, color)
+    ax.set_title(title, fontsize=8)
+    save_figure(fig, path)
+
+
+def attention_figure(image, attentions, masks=None, threshold=None, title=""):
+    """One figure: the image, then one panel per head with its attention map and a colour bar
+    (the [CLS] query's softmax weight on each patch), and with masks a second row of the image
+    with each head's mask.
+    image (H, W, 3) in [0, 1]; attentions (heads, H, W) upsampled to pixels; masks bool
+    (heads, H, W) or None."""
+    nh = len(attentions)
+    cols = nh + 1
+    rows = 1 if masks is None else 2
+    fig = new_figure(2.1 * cols + 0.4, 2.1 * rows + 0.5)
+    ax = fig.add_subplot(rows, cols, 1)
+    ax.imshow(image, interpolation="nearest")
+    ax.set_title("image", fontsize=9)
+    ax.set_axis_off()
+    for j in range(nh):
+        ax = fig.add_subplot(rows, cols, j + 2)
+        im = ax.imshow(attentions[j].numpy(), cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+        ax.set_title(f"head {j}", fontsize=9)
+        ax.set_axis_off()
+    if masks is not None:
+        for j in range(nh):
+            ax = fig.add_subplot(rows, cols, cols + j + 2)
+            draw_mask(ax, image, masks[j].numpy(), head_color(j))
+            ax.set_title(f"head {j}: {threshold:g} of the mass", fontsize=8)
+    fig.suptitle(title or "last block: [CLS] attention to each patch", fontsize=10)
+    return fig
+
+
 # ============ script ============
-
-def infer_model_flags(args):
-    """Released backbone weights carry no `args`: read --patch_size / --arch left unset from the
-    patch embedding's shape (D, 3, p, p). Our checkpoints' args are read by load_backbone."""
-    if args.pretrained_weights and (args.arch is None or args.patch_size is None):
-        ckpt = load_file(args.pretrained_weights)
-        if isinstance(ckpt, dict) and not ckpt.get("args"):
-            sd, _ = extract_backbone_state(ckpt, args.checkpoint_key)
-            w = sd.get("patch_embed.proj.weight")
-            if w is not None:
-                args.patch_size = args.patch_size or int(w.shape[-1])
-                args.arch = args.arch or WIDTHS.get(int(w.shape[0]))
-    if not args.pretrained_weights and args.patch_size is None:
-        args.patch_size = 8  # the official script's default
-
 
 def load_image(args):
     """-> (PIL RGB image, mean, std)."""
     if args.image_path:
         if not os.path.isfile(args.image_path):
-            raise SystemExit(f"error: --image_path {args.image_path} does not exist; pass the "
-                             "path of an image file")
+            raise FileNotFoundError(f"--image_path {args.image_path} does not exist; pass the path "
+                                    "of an image file")
         with open(args.image_path, "rb") as f:
             return Image.open(f).convert("RGB"), IMAGENET_MEAN, IMAGENET_STD
     info = dataset_info(args.dataset, args.data_path or None)
     dataset = build_dataset(args.dataset, args.data_path or None, "test")
     if not 0 <= args.sample_index < len(dataset):
-        raise SystemExit(f"error: --sample_index {args.sample_index} is outside the {len(dataset)} "
-                         f"test images of {args.dataset}; pick 0..{len(dataset) - 1}")
+        raise ValueError(f"--sample_index {args.sample_index} is outside the {len(dataset)} test "
+                         f"images of {args.dataset}; pick 0..{len(dataset) - 1}")
     return dataset[args.sample_index][0], info.mean, info.std
 
 
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluation.check_common_args(args)
+    if args.image_size is not None and len(args.image_size) > 2:
+        raise ValueError(f"--image_size takes H W or one number, not {len(args.image_size)} values")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold} is not a fraction; use a value in (0, 1], "
+                         "e.g. 0.6")
+    if not args.pretrained_weights and args.patch_size is None:
+        args.patch_size = 8  # the official script's default
     requested_size = args.image_size
     args.image_size = None  # load_backbone fills it with the training crop size, if known
-    infer_model_flags(args)
-    model, _ = load_backbone(args)
+    model, _ = evaluation.load_backbone(args)
     if not is_vit(model):
-        raise SystemExit(f"error: --arch {args.arch} has no self-attention; attention maps need "
-                         "a ViT (vit_tiny, vit_small, vit_base)")
+        raise ValueError(f"--arch {args.arch} has no self-attention; attention maps need a ViT "
+                         "(vit_tiny, vit_small, vit_base)")
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad = False
 
     size = requested_size or ([args.image_size] if args.image_size else [480, 480])
-    if len(size) > 2:
-        raise SystemExit(f"error: --image_size takes H W or one number, not {len(size)} values")
     pil, mean, std = load_image(args)
     img = T.Compose([T.Resize(size if len(size) == 2 else size[0],
                               interpolation=T.InterpolationMode.BICUBIC),
@@ -182,34 +205,48 @@ def main(args):
     p = args.patch_size
     h, w = img.shape[1] - img.shape[1] % p, img.shape[2] - img.shape[2] % p
     if h == 0 or w == 0:
-        raise SystemExit(f"error: the image ({img.shape[1]}x{img.shape[2]}) is smaller than one "
-                         f"{p}x{p} patch; raise --image_size")
+        raise ValueError(f"the image ({img.shape[1]}x{img.shape[2]}) is smaller than one {p}x{p} "
+                         "patch; raise --image_size")
     img = img[:, :h, :w].unsqueeze(0).to(device)
 
     attentions = cls_attention_maps(model, img).float().cpu()  # (heads, h/p, w/p)
     nh = attentions.shape[0]
     scale = args.display_scale or max(1, math.ceil(256 / min(h, w)))
+    subject = os.path.splitext(os.path.basename(args.image_path))[0] if args.image_path \
+        else f"{args.dataset}_{args.sample_index}"
+    args.output_dir = args.output_dir or evaluation.default_output_dir("visualize_attention", args, subject)
     os.makedirs(args.output_dir, exist_ok=True)
     shown = img[0].cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    shown = shown.clamp(0, 1)
-    torchvision.utils.save_image(upscale(shown, scale), os.path.join(args.output_dir, "img.png"))
-    heat = colorize(upscale(attentions, p))  # nearest upsampling to pixels, as DINO
+    shown = upscale(shown.clamp(0, 1), scale).permute(1, 2, 0).numpy()  # (H, W, 3)
+    from matplotlib.image import imsave
+    imsave(os.path.join(args.output_dir, "img.png"), shown, format="png")
+    heat = upscale(attentions, p * scale)  # nearest upsampling to pixels, as DINO
     for j in range(nh):
         fname = os.path.join(args.output_dir, f"attn-head{j}.png")
-        torchvision.utils.save_image(upscale(heat[j], scale), fname)
+        save_heat_map(heat[j], fname)
         print(f"{fname} saved.")
+    masks = None
     if args.threshold is not None:
-        if not 0 < args.threshold <= 1:
-            raise SystemExit(f"error: --threshold {args.threshold} is not a fraction; use a "
-                             "value in (0, 1], e.g. 0.6")
-        masks = upscale(threshold_masks(attentions, args.threshold), p)
+        masks = upscale(threshold_masks(attentions, args.threshold), p * scale)
         for j in range(nh):
             fname = os.path.join(args.output_dir, f"mask_th{args.threshold}_head{j}.png")
-            tinted = overlay(shown, masks[j], PALETTE[j % len(PALETTE)])
-            torchvision.utils.save_image(upscale(tinted, scale), fname)
+            save_mask(shown, masks[j].numpy(), head_color(j), fname,
+                      f"head {j}: {args.threshold:g} of the attention mass")
             print(f"{fname} saved.")
+    name = os.path.basename(args.image_path) if args.image_path else \
+        f"{args.dataset} test #{args.sample_index}"
+    fig = attention_figure(shown, heat, masks, args.threshold,
+                           f"{args.arch}/{p}: last-block [CLS] attention, {name}")
+    fname = os.path.join(args.output_dir, "attention.png")
+    save_figure(fig, fname)
+    print(f"{fname} saved.")
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(os.path.join(args.output_dir, "tb")) as writer:
+            writer.add_image("attention", figure_to_array(fig), 0, dataformats="HWC")
     return attentions
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    cli.run(lambda: main(args))

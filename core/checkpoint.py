@@ -160,29 +160,3 @@ def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing
     print(f"Pretrained weights found at {path} ({desc}) and loaded with msg: {msg}")
     return msg
 
-
-def load_backbone(args, **build_kwargs):
-    """Shared by the evaluation scripts: build the backbone named by --arch / --patch_size and
-    load --pretrained_weights into it. Flags left at None are filled from the `args` stored in
-    one of our checkpoints (arch, patch_size, cifar_stem, input_size), so
-    `eval_knn.py --pretrained_weights out/checkpoint.pth` needs no model flags.
-    Returns (backbone, embed_dim)."""
-    from models import build_backbone  # local import: models must not depend on core
-
-    train_args, ckpt = {}, None
-    if args.pretrained_weights:
-        ckpt = load_file(args.pretrained_weights)  # read once: args here, weights below
-        train_args = checkpoint_args(ckpt)
-    defaults = {"arch": "vit_small", "patch_size": 16, "cifar_stem": None}
-    for name, default in defaults.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, train_args.get(name, default))
-    if getattr(args, "image_size", None) is None:
-        args.image_size = train_args.get("input_size") or train_args.get("global_crops_size")
-    if args.cifar_stem is None:
-        args.cifar_stem = bool(args.image_size and args.image_size <= 64)
-    backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
-                                         img_size=[args.image_size or 224],
-                                         cifar_stem=args.cifar_stem, **build_kwargs)
-    load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
-    return backbone, embed_dim

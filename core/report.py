@@ -1,17 +1,21 @@
 """Test reports of the evaluation scripts: classification metrics (scikit-learn, so the numbers
-are exactly sklearn's), a PNG grid of predictions and a PNG bar chart, drawn with PIL and
-torchvision.utils only (no matplotlib).
+are exactly sklearn's) and their figures, drawn with matplotlib: a grid of predictions, a bar
+chart and a confusion-matrix heat map.
 
     metrics = classification_metrics(y_true, y_pred, num_classes, names)
     print(format_report(metrics))
     save_prediction_grid(images, targets, preds, confidences, names, "predictions.png", mean, std)
+    save_confusion_matrix(metrics["confusion_matrix"], names, "confusion_matrix.png")
     save_bar_chart(["block1", ...], [61.2, ...], "probe_layers.png", "top-1 (%) per layer")
+
+Figures are matplotlib `Figure` objects that never touch pyplot, so there is no GUI backend, no
+window and no global state to close: savefig renders them with Agg. Each save_* returns its
+figure, which figure_to_array turns into an image for TensorBoard's add_image.
 """
+import os
+
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
 
 
 def class_names(dataset, num_classes):
@@ -65,56 +69,113 @@ def format_report(metrics):
             + "\n".join([head] + rows))
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
-    except TypeError:
-        return ImageFont.load_default()
+# ============ matplotlib helpers (also used by core/curves.py, visualize_attention.py) ============
 
+DPI = 100
+
+
+def new_figure(width, height, layout="constrained"):
+    """A matplotlib Figure of width x height inches at DPI, outside pyplot (imported here, so
+    that importing this module does not pay for matplotlib). layout=None leaves the placement
+    to the caller (constrained layout measures every label: half the drawing time)."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), dpi=DPI, layout=layout)
+
+
+def save_figure(fig, path):
+    """PNG at `path`, written to a temporary file then renamed, so a reader (TensorBoard, an
+    image viewer refreshing curves.png) never sees half a file."""
+    tmp = f"{path}.tmp"
+    fig.savefig(tmp, format="png", dpi=fig.dpi)
+    os.replace(tmp, path)
+
+
+def figure_to_array(fig):
+    """The figure rendered as an (H, W, 3) uint8 RGB array, for
+    SummaryWriter.add_image(tag, array, step, dataformats="HWC")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _short(name, n):
+    return name if len(name) <= n else name[:n - 1] + "~"
+
+
+# ============ figures ============
 
 def save_prediction_grid(images, targets, preds, confidences, names, path, mean, std, nrow=8,
                          tile=128):
     """images (N, 3, H, W) normalised with mean/std; targets, preds (N,) ints; confidences (N,)
-    softmax probabilities of the predicted class. Each tile shows the image with
-    'pred: <class> (<conf>%)' (green if right, red if wrong) and 'true: <class>' under it."""
+    softmax probabilities of the predicted class. One panel of about `tile` pixels per image,
+    `nrow` panels a row, titled 'pred: <class> (<conf>%)' (green if right, red if wrong) over
+    'true: <class>'. Returns the figure."""
     mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    images = (images.float().cpu() * std + mean).clamp(0, 1)
-    images = F.interpolate(images, size=(tile, tile), mode="nearest")  # small images stay crisp
-    font, band = _font(12), 32
-    tiles = []
-    for img, t, p, c in zip(images, targets, preds, confidences):
-        canvas = Image.new("RGB", (tile, tile + band), "white")
-        canvas.paste(Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
-        draw = ImageDraw.Draw(canvas)
-        color = (0, 140, 0) if int(p) == int(t) else (200, 0, 0)
-        # names cut to fit the tile (ImageNet's are long)
-        draw.text((3, tile + 2), f"pred: {names[int(p)][:12]} ({100 * float(c):.0f}%)", fill=color, font=font)
-        draw.text((3, tile + 17), f"true: {names[int(t)][:16]}", fill=(0, 0, 0), font=font)
-        tiles.append(torch.from_numpy(np.array(canvas)).permute(2, 0, 1))
-    grid = make_grid(torch.stack(tiles), nrow=nrow, padding=4, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    images = (images.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    n = len(images)
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    side = tile / DPI
+    fig = new_figure(cols * side, rows * (side + 0.45))
+    for i, (img, t, p, c) in enumerate(zip(images, targets, preds, confidences)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(img, interpolation="nearest")  # small images stay crisp
+        ax.set_xticks([])
+        ax.set_yticks([])
+        right = int(p) == int(t)
+        ax.set_title(f"pred: {_short(names[int(p)], 12)} ({100 * float(c):.0f}%)", fontsize=8,
+                     color="tab:green" if right else "tab:red")
+        ax.set_xlabel(f"true: {_short(names[int(t)], 16)}", fontsize=8)
+    save_figure(fig, path)
+    return fig
 
 
-def save_bar_chart(labels, values, path, title, width=None, height=320):
-    """A vertical bar chart of values in [0, 100] (e.g. top-1 per layer), value above each bar."""
+def save_confusion_matrix(confusion, names, path, title="Confusion matrix"):
+    """confusion (C, C) counts, rows: true class, columns: predicted (sklearn's layout). Cells
+    are coloured by the fraction of their true class (row-normalised, so rare classes show as
+    clearly as common ones) and, up to 20 classes, labelled with their counts; class names on
+    the axes up to 40 classes. Returns the figure."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    c = len(cm)
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.0, 0.4 * c + 2.5), 16.0)
+    fig = new_figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if c <= 40:
+        short = [_short(str(n), 12) for n in names]
+        ax.set_xticks(range(c), short, rotation=90 if max(map(len, short)) > 3 else 0)
+        ax.set_yticks(range(c), short)
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    save_figure(fig, path)
+    return fig
+
+
+def save_bar_chart(labels, values, path, title, width=None, height=320, ylabel="top-1 (%)"):
+    """A vertical bar chart of values in [0, 100] (e.g. top-1 per layer), the value above each
+    bar; width and height in pixels (width: enough for the labels by default). Returns the
+    figure."""
     n = len(labels)
-    gap, left, bottom, top = 12, 44, 40, 40
-    font, title_font = _font(11), _font(13)
-    width = width or max(left + n * 48 + gap, int(title_font.getlength(title)) + left + 10, 320)
-    bar = (width - left - gap) / n - gap  # bars share the width left after the axis
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    plot_h = height - top - bottom
-    draw.text((left, 10), title, fill=(0, 0, 0), font=title_font)
-    for tick in range(0, 101, 25):  # y axis with grid lines at 0, 25, ..., 100
-        y = top + plot_h * (1 - tick / 100)
-        draw.line([(left, y), (width - 4, y)], fill=(220, 220, 220))
-        draw.text((4, y - 6), f"{tick}", fill=(80, 80, 80), font=font)
-    for i, (name, v) in enumerate(zip(labels, values)):
-        x0 = left + gap + i * (bar + gap)
-        y0 = top + plot_h * (1 - max(0.0, min(float(v), 100.0)) / 100)
-        draw.rectangle([x0, y0, x0 + bar, top + plot_h], fill=(66, 114, 196))
-        draw.text((x0, y0 - 13), f"{v:.1f}", fill=(0, 0, 0), font=font)
-        draw.text((x0, top + plot_h + 4), str(name)[:7], fill=(0, 0, 0), font=font)
-    img.save(path)
+    width = width or max(320, 60 * n + 100)
+    fig = new_figure(width / DPI, height / DPI)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(n), [float(v) for v in values], color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(n), [str(x) for x in labels], rotation=45 if n > 8 else 0, fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+    return fig

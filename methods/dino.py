@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core import dist as distu
+from core.diagnostics import teacher_stats
 from core.logger import bool_flag
 from core.optim import cancel_gradients_last_layer, cosine_scheduler
 from data import MultiCropTransform
@@ -290,14 +291,15 @@ class DINOLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher softmax of the 2 global crops and
     the student softmax of every other crop (main_dino.DINOLoss).
 
-    forward(student_output, teacher_output, epoch):
+    forward(student_output, teacher_output, epoch, return_stats=False):
         student_output: (ncrops * B, out_dim) crop-major [g1, g2, l1, ..., ln]
         teacher_output: (2 * B, out_dim), the teacher on [g1, g2]
         epoch: int, indexes the teacher temperature schedule
     Returns the 0-d mean over the 2 * ncrops - 2 (teacher view, student view) pairs with
-    different views of the per-pair batch-mean cross-entropy. Afterwards the centre buffer
-    (1, out_dim) moves towards the mean raw teacher logit over all ranks; the loss itself uses
-    the centre from before the update.
+    different views of the per-pair batch-mean cross-entropy; with return_stats, (loss, the
+    collapse diagnostics of core.diagnostics.teacher_stats: teacher entropy, batch entropy,
+    KL). Afterwards the centre buffer (1, out_dim) moves towards the mean raw teacher logit
+    over all ranks; the loss itself uses the centre from before the update.
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
@@ -311,13 +313,14 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
 
-    def forward(self, student_output, teacher_output, epoch):
+    def forward(self, student_output, teacher_output, epoch, return_stats=False):
         student_out = (student_output / self.student_temp).chunk(self.ncrops)
         # log-softmax once per crop (the official code recomputes it for every pair)
         student_logp = [F.log_softmax(s, dim=-1, dtype=torch.float32) for s in student_out]
         temp = self.teacher_temp_schedule[epoch]
         with torch.no_grad():
-            teacher_out = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).chunk(2)
+            teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1)
+            teacher_out = teacher_probs.chunk(2)
 
         total_loss, n_loss_terms = 0, 0
         for iq, q in enumerate(teacher_out):
@@ -328,6 +331,8 @@ class DINOLoss(nn.Module):
                 n_loss_terms += 1
         total_loss = total_loss / n_loss_terms
         self.update_center(teacher_output)
+        if return_stats:  # each teacher view is in ncrops - 1 pairs, as teacher_stats needs
+            return total_loss, teacher_stats(teacher_probs, total_loss)
         return total_loss
 
     @torch.no_grad()
@@ -411,9 +416,9 @@ class DINO(TeacherStudent):
         with torch.no_grad():
             teacher_output = self.teacher(views[:2])  # only the 2 global views go to the teacher
         student_output = self.student(views)
-        loss = self.dino_loss(student_output, teacher_output, epoch)
+        loss, stats = self.dino_loss(student_output, teacher_output, epoch, return_stats=True)
         temp = float(self.dino_loss.teacher_temp_schedule[epoch])
-        return loss, {"teacher_temp": torch.full((), temp, device=loss.device)}
+        return loss, {"teacher_temp": torch.full((), temp, device=loss.device), **stats}
 
 
 def build(args, backbone, embed_dim, niter_per_ep):

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.diagnostics import TEACHER_KEYS, teacher_stats
 from core.logger import bool_flag
 from data import MultiCropTransform
 from methods import dino
@@ -57,7 +58,8 @@ def add_args(parser):
                        help="Same for the teacher.")
     group.add_argument("--norm_in_head", default=None, type=str,
                        help=f"Normalization in the head MLP: none (default) or one of "
-                            f"{', '.join(NORMS)}. syncbn is bn synchronised across processes.")
+                            f"{', '.join(NORMS)}. bn and syncbn are the same here: with several "
+                            "processes every BatchNorm uses global statistics.")
     group.add_argument("--act_in_head", default="gelu", choices=["gelu", "relu"],
                        help="Activation in the head MLP.")
     group.add_argument("--drop_path", dest="drop_path_rate", type=float, default=None,
@@ -304,9 +306,10 @@ class iBOTLoss(nn.Module):
     Returns {"cls": lambda1 * mean over the ng*(ng+nl) - ng pairs of different views of the
     [CLS] cross-entropy, "patch": lambda2 * mean over the ng global views of the per-image mean
     cross-entropy over masked patches (an image without masked patches counts as 0),
-    "loss": cls + patch}. Then `center` (1, K) and `center2` (1, 1, Kp) move towards the
-    all-reduced batch means of the raw teacher [CLS] logits and patch logits (mean over all
-    patches, masked or not).
+    "loss": cls + patch, and the [CLS] teacher's collapse diagnostics of
+    core.diagnostics.teacher_stats: "teacher_entropy", "teacher_batch_entropy", "kl"}.
+    Then `center` (1, K) and `center2` (1, 1, Kp) move towards the all-reduced batch means of
+    the raw teacher [CLS] logits and patch logits (mean over all patches, masked or not).
     """
 
     def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp,
@@ -340,8 +343,8 @@ class iBOTLoss(nn.Module):
         temp = self.teacher_temp_schedule[epoch]
         temp2 = self.teacher_temp2_schedule[epoch]
         with torch.no_grad():
-            teacher_cls_c = F.softmax((teacher_cls.float() - self.center) / temp, dim=-1)
-            teacher_cls_c = teacher_cls_c.chunk(self.ngcrops)
+            teacher_cls_probs = F.softmax((teacher_cls.float() - self.center) / temp, dim=-1)
+            teacher_cls_c = teacher_cls_probs.chunk(self.ngcrops)
             teacher_patch_c = F.softmax((teacher_patch.float() - self.center2) / temp2, dim=-1)
             teacher_patch_c = teacher_patch_c.chunk(self.ngcrops)
 
@@ -361,10 +364,14 @@ class iBOTLoss(nn.Module):
                     loss1 = torch.sum(-teacher_cls_c[q] * student_cls_logp[v], dim=-1)
                     total_loss1 = total_loss1 + loss1.mean()
                     n_loss_terms1 += 1
-        total_loss1 = total_loss1 / n_loss_terms1 * self.lambda1
+        total_loss1 = total_loss1 / n_loss_terms1
+        # every global view is the teacher of ncrops - 1 pairs, as teacher_stats needs
+        diagnostics = teacher_stats(teacher_cls_probs, total_loss1)
+        total_loss1 = total_loss1 * self.lambda1
         total_loss2 = total_loss2 / n_loss_terms2 * self.lambda2
         self.update_center(teacher_cls, teacher_patch)
-        return dict(cls=total_loss1, patch=total_loss2, loss=total_loss1 + total_loss2)
+        return dict(cls=total_loss1, patch=total_loss2, loss=total_loss1 + total_loss2,
+                    **diagnostics)
 
     @torch.no_grad()
     def update_center(self, teacher_cls, teacher_patch):
@@ -412,7 +419,8 @@ class iBOT(TeacherStudent):
         temp2 = float(self.ibot_loss.teacher_temp2_schedule[epoch])
         stats = {"cls": losses["cls"].detach(), "patch": losses["patch"].detach(),
                  "teacher_temp": torch.full((), temp, device=device),
-                 "teacher_patch_temp": torch.full((), temp2, device=device)}
+                 "teacher_patch_temp": torch.full((), temp2, device=device),
+                 **{k: losses[k] for k in TEACHER_KEYS}}
         if ng > 1:  # main_ibot's "acc": student (view 2) and teacher (view 1) agree on the argmax
             with torch.no_grad():
                 t1 = teacher_output[0].chunk(ng)[0].argmax(-1)

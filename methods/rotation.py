@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.diagnostics import EffectiveRankEvery, embedding_stats
 from data import SingleViewTransform
 
 NUM_ROTATIONS = 4
@@ -79,9 +80,11 @@ def rotate_batch(images):
 
 
 class RotationPrediction(nn.Module):
-    def __init__(self, backbone, embed_dim, hidden_dim=0):
+    def __init__(self, backbone, embed_dim, hidden_dim=0, rank_freq=10):
         super().__init__()
         self.backbone = backbone
+        # collapse diagnostics of the backbone features; the SVD only every rank_freq steps
+        self.erank = EffectiveRankEvery(rank_freq)
         if hidden_dim > 0:
             self.head = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, NUM_ROTATIONS))
@@ -93,11 +96,12 @@ class RotationPrediction(nn.Module):
         so every BatchNorm batch holds each image in all four orientations."""
         x = views[0] if isinstance(views, (list, tuple)) else views
         rotated, labels = rotate_batch(x)
-        logits = self.head(self.backbone(rotated))
+        features = self.backbone(rotated)
+        logits = self.head(features)
         loss = F.cross_entropy(logits.float(), labels)
         with torch.no_grad():
             acc = (logits.argmax(dim=1) == labels).float().mean() * 100
-        return loss, {"rot_acc": acc}
+        return loss, {"rot_acc": acc, **embedding_stats(features, it, self.erank)}
 
     def after_backward(self, epoch):
         pass
@@ -113,4 +117,5 @@ class RotationPrediction(nn.Module):
 
 
 def build(args, backbone, embed_dim, niter_per_ep):
-    return RotationPrediction(backbone, embed_dim, args.rot_hidden_dim)
+    return RotationPrediction(backbone, embed_dim, args.rot_hidden_dim,
+                              getattr(args, "print_freq", 10))

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.diagnostics import EffectiveRankEvery, embedding_stats
 from core.dist import all_gather_with_grad, get_rank
 from data import TwoViewTransform
 
@@ -97,6 +98,8 @@ class SimCLR(nn.Module):
         self.backbone = backbone
         self.head = projection_head(embed_dim, args.proj_hidden_dim, args.proj_output_dim)
         self.temperature = args.temperature
+        # collapse diagnostics of the projections; the SVD only once per printed line
+        self.erank = EffectiveRankEvery(getattr(args, "print_freq", 10))
 
     def forward(self, views, epoch, it):
         """views: [x1, x2], each (B, 3, H, W). Both views go through the backbone as one batch
@@ -104,7 +107,7 @@ class SimCLR(nn.Module):
         z = self.head(self.backbone(torch.cat(views)))
         z1, z2 = z.chunk(2)
         loss, top1, top5 = info_nce_loss(z1, z2, self.temperature)
-        return loss, {"acc1": top1, "acc5": top5}
+        return loss, {"acc1": top1, "acc5": top5, **embedding_stats(z, it, self.erank)}
 
     def after_backward(self, epoch):
         pass

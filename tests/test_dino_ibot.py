@@ -474,7 +474,8 @@ def test_ibot_forward_masks_and_pred_start_epoch(small_vits):
     assert model.student.backbone.masked_embed.grad is not None  # in the graph all the same
     loss, stats = model((crops, masks), 1, 2)
     assert stats["patch"].item() > 0
-    assert set(stats) == {"cls", "patch", "teacher_temp", "teacher_patch_temp", "acc"}
+    assert set(stats) == {"cls", "patch", "teacher_temp", "teacher_patch_temp", "acc",
+                          "teacher_entropy", "teacher_batch_entropy", "kl"}
     assert set(model.checkpoint_modules()) == {"student", "teacher", "ibot_loss"}
     assert "center2" in model.ibot_loss.state_dict()
     # without masked image modelling the student has no masked_embed; masks still pick the patches
@@ -648,6 +649,6 @@ def test_visualize_attention_on_trained_checkpoint(runs, tmp_path):
     assert attentions.shape == (3, 2, 2)
     from PIL import Image
     names = sorted(os.listdir(tmp_path))
-    assert names == sorted(["img.png"] + [f"attn-head{j}.png" for j in range(3)]
+    assert names == sorted(["img.png", "attention.png"] + [f"attn-head{j}.png" for j in range(3)]
                            + [f"mask_th0.6_head{j}.png" for j in range(3)])
     assert Image.open(tmp_path / "attn-head0.png").size == (256, 256)  # 16px x display scale 16

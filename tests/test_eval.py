@@ -1,10 +1,14 @@
 """CPU tests of the evaluation suite: eval_linear.py (frozen-backbone check, a probe that learns,
 layer-wise probes), finetune.py (exactly the asked layers train, layer decay, mixup, the test
 report equals scikit-learn's), eval_knn.py few-shot and patch-token features, eval_compare.py,
-and one-line errors. Tiny .npy datasets of 16px images; runs in-process where possible."""
+core/evaluation.py (model flags from a checkpoint read once, output folders, the resume guard,
+no script importing another), and one-line errors with exit code 2. Tiny .npy datasets of 16px
+images; runs in-process where possible."""
 import argparse
+import ast
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +19,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import eval_compare
 import eval_knn
 import eval_linear
 import finetune
+from core import evaluation
+from core.cli import error_message
 from core.report import classification_metrics, format_report
 from models import build_backbone
 
@@ -56,8 +63,9 @@ def linear_args(npy_root, out, *extra):
 
 
 def one_line_error(excinfo, *words):
-    msg = str(excinfo.value)
-    assert msg.startswith("error:") and "\n" not in msg, msg
+    """The line core/cli.py prints for the exception: one line naming the problem."""
+    msg = error_message(excinfo.value)
+    assert msg.startswith("error: ") and "\n" not in str(excinfo.value), msg
     for w in words:
         assert w in msg, msg
 
@@ -199,10 +207,10 @@ def test_resnet_unfreeze_last_blocks_and_bad_names():
     backbone, _ = build_backbone("resnet18")
     assert {n.split(".")[0] for n in finetune.set_trainable(backbone, unfreeze_last_blocks=1)} == {"layer4"}
     assert {n.split(".")[0] for n in finetune.set_trainable(backbone, 2)} == {"layer3", "layer4"}
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         finetune.set_trainable(backbone, unfreeze_layers=["layer9"])
     one_line_error(e, "layer9", "layer4")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         finetune.set_trainable(backbone, unfreeze_last_blocks=5)
     one_line_error(e, "0..4")
 
@@ -292,7 +300,9 @@ def test_finetune_end_to_end_report_and_prediction_grid(npy_root, tmp_path, caps
     assert report["macro_avg"]["f1"] == pytest.approx(f1_score(y, preds, average="macro", zero_division=0))
     assert np.asarray(report["confusion_matrix"]).sum() == len(test)
     png = Image.open(tmp_path / "predictions.png")
-    assert png.size == (6 * 132 + 4, 128 + 32 + 8)  # 6 tiles in a row, caption band under each
+    assert png.size == (6 * 128, 128 + 45)  # 6 panels of 128 px in a row, a caption band each
+    assert Image.open(tmp_path / "confusion_matrix.png").size[0] > 300
+    assert (tmp_path / "curves.png").is_file()
 
 
 # ============ eval_knn.py: few-shot and patch-token features ============
@@ -303,7 +313,7 @@ def test_few_shot_sampling_is_balanced_and_seeded():
     assert np.bincount(labels[a]).tolist() == [3, 3, 3] and len(set(a.tolist())) == 9
     assert np.array_equal(a, eval_knn.sample_few_shot(labels, 3, seed=1))
     assert not np.array_equal(a, eval_knn.sample_few_shot(labels, 3, seed=2))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         eval_knn.sample_few_shot(labels, 6, seed=0)
     one_line_error(e, "class 2", "--n_shot")
 
@@ -331,21 +341,24 @@ def test_use_cls_false_mean_pools_patch_tokens_of_last_blocks():
     model = small_vit().eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        f = eval_knn.feature_function(n_last_blocks=2, use_cls=False)(model, x)
+        f = evaluation.feature_function(n_last_blocks=2, use_cls=False)(model, x)
         layers = model.get_intermediate_layers(x, 2)
     assert f.shape == (2, 2 * 192)
     assert torch.allclose(f, torch.cat([layers[0][:, 1:].mean(1), layers[1][:, 1:].mean(1)], 1))
     args = eval_knn.get_args_parser().parse_args(["--use_cls", "false", "--avgpool_patchtokens", "1"])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         eval_knn.check_args(args)
     one_line_error(e, "--use_cls false")
 
 
 def test_eval_knn_full_and_few_shot(npy_root, capsys):
-    common = ["--arch", "resnet18", "--dataset", "npy", "--data_path", str(npy_root), "--num_workers", "0"]
-    res = eval_knn.run_knn(local(eval_knn.get_args_parser().parse_args(common + ["--nb_knn", "5"])))
+    common = ["--arch", "resnet18", "--data_path", str(npy_root), "--num_workers", "0"]
+    args = local(eval_knn.get_args_parser().parse_args(common + ["--nb_knn", "5"]))
+    res = eval_knn.run_knn(args)
+    assert args.dataset == "npy"  # inferred from --data_path (train/images.npy), not digits
     assert "5-NN classifier result: Top1:" in capsys.readouterr().out  # DINO's line
     assert res["knn"][5][0] > 90
+    common += ["--dataset", "npy"]
     args = local(eval_knn.get_args_parser().parse_args(
         common + ["--n_shot", "2", "--n_episodes", "3", "--logreg", "true"]))
     res = eval_knn.run_knn(args)
@@ -355,19 +368,29 @@ def test_eval_knn_full_and_few_shot(npy_root, capsys):
 
 # ============ eval_compare.py and one-line errors from the command line ============
 
-def test_eval_compare_writes_side_by_side_table(npy_root, tmp_path):
-    torch.manual_seed(1)
+def save_checkpoint(path, seed):
+    """A train_ssl.py-style checkpoint of a random ResNet-18 (CIFAR stem, 16px crops)."""
+    torch.manual_seed(seed)
     backbone, _ = build_backbone("resnet18", cifar_stem=True)
-    ckpt = tmp_path / "ckpt.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-                "args": {"arch": "resnet18", "cifar_stem": True, "input_size": 16, "patch_size": 16}}, ckpt)
+                "args": {"arch": "resnet18", "cifar_stem": True, "input_size": 16, "patch_size": 16}}, path)
+    return path
+
+
+def test_eval_compare_writes_side_by_side_table(npy_root, tmp_path, monkeypatch):
+    """eval_compare.py starts eval_knn.py, eval_linear.py and finetune.py as processes, twice,
+    and tabulates their results.json."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ckpt = save_checkpoint(tmp_path / "ckpt.pth", seed=1)
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "eval_compare.py", "--pretrained_weights", str(ckpt), "--dataset", "npy",
-           "--data_path", str(npy_root), "--linear_epochs", "2", "--finetune_epochs", "1",
-           "--batch_size_per_gpu", "16", "--num_workers", "0", "--output_dir", str(out),
-           "--finetune_args", "--val_split 16 --save_predictions 0 --unfreeze_last_blocks 1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
+    args = eval_compare.get_args_parser().parse_args([
+        "--pretrained_weights", str(ckpt), "--data_path", str(npy_root), "--linear_epochs", "2",
+        "--finetune_epochs", "1", "--batch_size_per_gpu", "16", "--num_workers", "0",
+        "--output_dir", str(out),
+        "--finetune_args", "--val_split 16 --save_predictions 0 --unfreeze_last_blocks 1"])
+    eval_compare.eval_compare(args)
+    assert (args.arch, args.image_size, args.cifar_stem) == ("resnet18", 16, True)  # from the checkpoint
     table = (out / "compare.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "evaluation" not in line]
     assert len(rows) == 3 and rows[0].startswith("| 20-NN top-1")
@@ -375,19 +398,31 @@ def test_eval_compare_writes_side_by_side_table(npy_root, tmp_path):
     for name in ("knn", "linear", "finetune"):
         p, q = results[name]["pretrained"], results[name]["random_init"]
         assert f"| {p:.2f} | {q:.2f} | {p - q:+.2f} |" in table
+    run = json.loads((out / "random_init" / "finetune" / "results.json").read_text())
+    assert results["finetune"]["random_init"] == run["test_acc"]  # each run's own number
+    stored = torch.load(out / "random_init" / "linear" / "checkpoint.pth.tar", weights_only=True)["args"]
+    assert stored["pretrained_weights"] == "" and (stored["arch"], stored["image_size"]) == ("resnet18", 16)
     assert (out / "tb" / "pretrained").is_dir() and (out / "random_init" / "linear" / "log.txt").is_file()
 
 
-def test_bad_input_gives_one_clear_line_on_the_command_line(tmp_path):
-    r = subprocess.run([sys.executable, "finetune.py", "--output_dir", str(tmp_path), "--epochs", "2",
-                        "--warmup_epochs", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error:")
-    assert "--warmup_epochs" in r.stderr
+def run_main(script, argv, monkeypatch, capsys):
+    """Run a script's __main__ in this process (no interpreter start-up); returns (exit code,
+    stderr lines)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_input_gives_one_clear_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    code, lines = run_main("finetune.py", ["--output_dir", str(tmp_path), "--epochs", "2",
+                                           "--warmup_epochs", "2"], monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert "--warmup_epochs" in lines[0]
 
 
 def test_bad_inputs_in_process(npy_root, tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         eval_linear.run_linear(linear_args(npy_root, tmp_path, "--epochs", "0"))
     one_line_error(e, "--epochs")
     with pytest.raises(FileNotFoundError, match="does not exist"):  # raised by core/checkpoint.py
@@ -395,9 +430,176 @@ def test_bad_inputs_in_process(npy_root, tmp_path):
     p = finetune.get_args_parser()
     for flags, word in ((["--layer_decay", "1.5"], "--layer_decay"),
                         (["--unfreeze_layers", "layer4", "--unfreeze_last_blocks", "1"], "pick one")):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(ValueError) as e:
             finetune.check_args(p.parse_args(flags))
         one_line_error(e, word)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         eval_knn.check_args(eval_knn.get_args_parser().parse_args(["--n_shot", "-1"]))
     one_line_error(e, "--n_shot")
+
+
+# ============ core/evaluation.py: one home for what the scripts share ============
+
+EVAL_SCRIPTS = ["eval_knn.py", "eval_linear.py", "finetune.py", "eval_compare.py", "visualize_attention.py"]
+
+
+def declared_flags(path):
+    """The option strings a file declares with add_argument("--flag", ...)."""
+    tree = ast.parse(path.read_text())
+    return [node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+            and node.args and isinstance(node.args[0], ast.Constant)]
+
+
+def test_no_script_imports_another_and_each_shared_flag_is_declared_once():
+    scripts = EVAL_SCRIPTS + ["train_ssl.py"]  # (bench/ drives train_ssl.py's step on purpose)
+    names = {Path(s).stem for s in scripts}
+    for script in scripts:
+        tree = ast.parse((ROOT / script).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & names, f"{script} imports {imported & names}"
+    shared = declared_flags(ROOT / "core" / "evaluation.py")
+    assert {"--arch", "--pretrained_weights", "--dataset", "--n_last_blocks", "--batch_size_per_gpu"} <= set(shared)
+    for script in EVAL_SCRIPTS:
+        again = set(declared_flags(ROOT / script)) & set(shared)
+        if script == "visualize_attention.py":
+            again -= {"--image_size"}  # DINO's H W pair for one picture, not the square input size
+        assert not again, f"{script} declares {again} again"
+        assert "--local_rank" not in declared_flags(ROOT / script)  # torchrun sets LOCAL_RANK
+
+
+def vit_state(patch_size=8):
+    return build_backbone("vit_tiny", patch_size=patch_size, img_size=[16])[0].state_dict()
+
+
+@pytest.mark.parametrize("stored", [
+    {"arch": "vit_tiny", "patch_size": 8, "input_size": 16},                       # ours: a plain dict
+    argparse.Namespace(arch="vit_tiny", patch_size=8, global_crops_size=16),       # DINO/iBOT's Namespace
+    None])                                                                         # released weights
+def test_model_flags_come_from_the_checkpoint_read_once(tmp_path, monkeypatch, stored):
+    ckpt = {"teacher": {f"backbone.{k}": v for k, v in vit_state().items()}}
+    if stored is not None:
+        ckpt["args"] = stored
+    torch.save(ckpt, tmp_path / "w.pth")
+    reads = []
+    monkeypatch.setattr(evaluation, "load_file", lambda p: reads.append(p) or torch.load(
+        p, weights_only=False))
+    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
+    model, dim = evaluation.load_backbone(args, default_image_size=32)
+    assert reads == [str(tmp_path / "w.pth")]  # one read: flags and weights
+    assert (args.arch, args.patch_size, dim) == ("vit_tiny", 8, 192)  # vit_small/16 if ignored
+    assert args.image_size == (16 if stored is not None else 32)  # the training crop, else the dataset's
+    for k in ("pos_embed", "blocks.11.mlp.fc2.weight"):  # the teacher's weights, loaded
+        assert torch.equal(model.state_dict()[k], ckpt["teacher"][f"backbone.{k}"])
+
+
+def test_resnet_stem_of_released_weights_is_read_from_conv1(tmp_path):
+    backbone, _ = build_backbone("resnet18", cifar_stem=True)
+    torch.save(backbone.state_dict(), tmp_path / "r.pth")  # no args, 3x3 conv1
+    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "r.pth"),
+                                                    "--arch", "resnet18"])
+    evaluation.load_backbone(args, default_image_size=224)
+    assert args.cifar_stem is True and args.image_size == 224
+
+
+def test_default_output_dirs_differ_by_weights_and_dataset():
+    def out(weights, dataset="cifar10", arch=None):
+        return evaluation.default_output_dir("eval_linear", argparse.Namespace(
+            pretrained_weights=weights, dataset=dataset, arch=arch))
+    assert out("out/dino/checkpoint.pth") == os.path.join("out", "eval_linear", "dino_checkpoint_cifar10")
+    assert len({out("out/dino/checkpoint.pth"), out("out/simclr/checkpoint.pth"),
+                out("out/dino/checkpoint0050.pth"), out("out/dino/checkpoint.pth", "stl10"),
+                out("", arch="resnet18"), out("", arch="vit_small")}) == 6
+    assert out("dino_deitsmall16_pretrain.pth") == os.path.join("out", "eval_linear", "dino_deitsmall16_pretrain_cifar10")
+
+
+def test_resume_guard_names_the_first_difference():
+    args = argparse.Namespace(pretrained_weights="a.pth", arch="resnet18", lr=0.1, epochs=5, num_workers=2)
+    stored = evaluation.run_args(args)
+    evaluation.check_resume("x/ck.pth", {"args": stored}, args)  # the same run: fine
+    evaluation.check_resume("x/ck.pth", {"args": {**stored, "epochs": 3, "num_workers": 8}}, args)  # may change
+    evaluation.check_resume("x/ck.pth", {"args": argparse.Namespace(**stored)}, args)  # DINO-style record
+    with pytest.raises(ValueError) as e:
+        evaluation.check_resume("x/ck.pth", {"args": {**stored, "arch": "vit_tiny", "lr": 0.5}}, args)
+    one_line_error(e, "x/ck.pth was written by a run with --arch vit_tiny, this command has --arch resnet18",
+                   "--output_dir")
+    with pytest.raises(ValueError) as e:
+        evaluation.check_resume("x/ck.pth", {"args": {**stored, "lr": 0.5}}, args)
+    one_line_error(e, "--lr 0.5, this command has --lr 0.1")
+    with pytest.raises(ValueError) as e:
+        evaluation.check_resume("x/ck.pth", {"state_dict": {}}, args)  # no record: cannot tell
+    one_line_error(e, "no record", "--output_dir")
+
+
+def _start(script, *flags, cwd=ROOT):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *flags], cwd=cwd, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _refused(proc, *words):
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return out
+
+
+def test_second_run_in_one_folder_refuses_other_weights(npy_root, tmp_path, capsys, monkeypatch):
+    """Issue 12: two runs in one --output_dir with different --pretrained_weights. The second
+    must stop with one line (exit 2), not resume and print the first run's accuracy; the same
+    command resumes; without --output_dir each weights file gets its own folder."""
+    a = save_checkpoint(tmp_path / "a" / "ckpt.pth", seed=1)
+    b = save_checkpoint(tmp_path / "b" / "ckpt.pth", seed=2)
+    data = ["--data_path", str(npy_root), "--num_workers", "0", "--batch_size_per_gpu", "16"]
+    lin = data + ["--cached_features", "true", "--epochs", "2", "--tensorboard", "false"]
+    ft = data + ["--epochs", "1", "--warmup_epochs", "0", "--val_split", "16", "--save_predictions", "0",
+                 "--unfreeze_last_blocks", "0", "--tensorboard", "false"]
+    lin_out, ft_out = tmp_path / "lin", tmp_path / "ft"
+    first_lin = eval_linear.run_linear(local(eval_linear.get_args_parser().parse_args(
+        lin + ["--pretrained_weights", str(a), "--output_dir", str(lin_out)])))
+    first_ft = finetune.run_finetune(local(finetune.get_args_parser().parse_args(
+        ft + ["--pretrained_weights", str(a), "--output_dir", str(ft_out)])))
+    procs = [_start("eval_linear.py", *lin, "--pretrained_weights", str(b), "--output_dir", str(lin_out)),
+             _start("finetune.py", *ft, "--pretrained_weights", str(b), "--output_dir", str(ft_out))]
+    capsys.readouterr()
+    # the same command resumes (nothing left to train) and reports the same numbers
+    again = eval_linear.run_linear(local(eval_linear.get_args_parser().parse_args(
+        lin + ["--pretrained_weights", str(a), "--output_dir", str(lin_out)])))
+    assert again["best_acc"] == first_lin["best_acc"]
+    again = finetune.run_finetune(local(finetune.get_args_parser().parse_args(
+        ft + ["--pretrained_weights", str(a), "--output_dir", str(ft_out)])))
+    assert again["test_acc"] == first_ft["test_acc"]
+    out = capsys.readouterr().out
+    assert "checkpoint.pth.tar: resuming from epoch 2" in out and "checkpoint.pth: resuming from epoch 1" in out
+    # no --output_dir: a folder of its own per weights file
+    monkeypatch.chdir(tmp_path)
+    args = local(eval_linear.get_args_parser().parse_args(lin + ["--pretrained_weights", str(b)]))
+    eval_linear.run_linear(args)
+    assert args.output_dir == os.path.join("out", "eval_linear", "b_ckpt_npy")
+    assert (tmp_path / args.output_dir / "results.json").is_file()
+
+    for proc, name in zip(procs, (lin_out / "checkpoint.pth.tar", ft_out / "checkpoint.pth")):
+        stdout = _refused(proc, f"{name} was written by a run with --pretrained_weights {a}, "
+                                f"this command has --pretrained_weights {b}", "--output_dir")
+        assert "accuracy" not in stdout.lower().replace("max accuracy", "")  # no first-run numbers
+
+
+@pytest.mark.parametrize("script", EVAL_SCRIPTS)
+def test_a_given_data_path_is_never_ignored(script, tmp_path, monkeypatch, capsys):
+    """--data_path without --dataset: inferred from the folder, or one line naming --dataset
+    (never digits in silence). Runs the script's __main__ in this process."""
+    (tmp_path / "photos").mkdir()  # no train/, no CIFAR / STL-10 files
+    cases = [(["--data_path", str(tmp_path / "photos")], ["cannot tell which dataset", "--dataset"]),
+             (["--data_path", str(tmp_path / "missing")], ["does not exist", "--data_path"]),
+             (["--data_path", str(tmp_path / "photos"), "--dataset", "digits"],
+              ["--dataset digits", "drop --data_path"])]
+    if script in ("eval_linear.py", "finetune.py"):
+        cases.append((["--dataset", "digits", "--precision", "bf16", "--use_fp16", "true"],
+                      ["--precision bf16 contradicts --use_fp16 true"]))
+    for flags, words in cases:
+        code, lines = run_main(script, flags, monkeypatch, capsys)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert all(w in lines[0] for w in words), lines[0]

@@ -1,0 +1,359 @@
+"""What the evaluation scripts share (eval_knn.py, eval_linear.py, finetune.py, eval_compare.py,
+visualize_attention.py), so that no script imports another:
+
+    get_args_parser()        parent parser of the flags they share, used through parents=[...]:
+                             model_parser() + features_parser() + data_parser() + run_parser()
+    check_common_args(args)  --dataset given or inferred from --data_path (never ignored)
+    load_backbone(args)      read --pretrained_weights once, fill the model flags left unset
+                             from it (resolve_model_flags), build the backbone, load the weights
+    default_output_dir(script, args)   out/<script>/<weights>_<dataset>
+    run_args(args), check_resume(path, ckpt, args)   never resume another run's checkpoint
+    extract_dataset_features(model, dataset, ...)    features (N, F) of a whole dataset
+    knn_classifier(...), knn_eval_backbone(...)      DINO's weighted k-NN
+
+Errors are ordinary exceptions (ValueError, FileNotFoundError) with a one-line message; each
+script's entry point prints them (core/cli.py).
+"""
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core import amp
+from core import dist as distu
+from core.checkpoint import (checkpoint_args, extract_backbone_state, load_file,
+                             load_pretrained_weights)
+from core.logger import bool_flag
+from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
+from models import ARCHS, build_backbone, extract_features, feature_dim, is_vit
+
+
+# ============ the shared flags ... ============
+
+def avgpool_type(s):
+    """DINO's bool flag (false -> 0, true -> 2: CLS and patch mean) or iBOT's 0 / 1 / 2."""
+    if s.lower() in {"false", "off", "no"}:
+        return 0
+    if s.lower() in {"true", "on", "yes"}:
+        return 2
+    if s in {"0", "1", "2"}:
+        return int(s)
+    raise argparse.ArgumentTypeError("use 0 (CLS), 1 (patch mean), 2 (both), or false / true")
+
+
+def model_parser(image_size=True):
+    """--pretrained_weights --checkpoint_key --arch --patch_size, and unless image_size=False
+    (visualize_attention.py has its own --image_size H W) --image_size --cifar_stem."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("Model")
+    group.add_argument("--pretrained_weights", default="", type=str,
+                       help="Weights to evaluate: a train_ssl.py checkpoint, an official DINO/iBOT "
+                            "checkpoint or released backbone weights; empty: random init (the "
+                            "baseline every number should be read against).")
+    group.add_argument("--checkpoint_key", default="teacher", type=str,
+                       help='Key to use in the checkpoint (example: "teacher"); a checkpoint '
+                            "without it (SimCLR, rotation) falls back to its one network.")
+    group.add_argument("--arch", default=None, type=str, choices=ARCHS,
+                       help="Architecture (default: from the checkpoint's args or the shape of its "
+                            "weights, else vit_small).")
+    group.add_argument("--patch_size", default=None, type=int,
+                       help="ViT patch size (default: from the checkpoint's args or its patch "
+                            "embedding, else 16).")
+    if image_size:
+        group.add_argument("--image_size", default=None, type=int,
+                           help="Input resolution (default: the checkpoint's training crop, else "
+                                "the dataset's native size).")
+        group.add_argument("--cifar_stem", default=None, type=bool_flag,
+                           help="ResNet CIFAR stem (default: from the checkpoint, else true at "
+                                "64px and below).")
+    return parser
+
+
+def features_parser():
+    """--n_last_blocks --avgpool_patchtokens: which ViT tokens make the evaluation feature."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("Features (ViT; a ResNet's are its pooled map)")
+    group.add_argument("--n_last_blocks", default=1, type=int,
+                       help="Concatenate the CLS tokens of the last n blocks (default 1; "
+                            "eval_linear.py: 4, DINO's ViT-S setting, ViT-B uses 1).")
+    group.add_argument("--avgpool_patchtokens", default=0, type=avgpool_type,
+                       help="0 (false) = CLS tokens only, 1 = mean of the last block's patch "
+                            "tokens, 2 (true) = both concatenated (iBOT's 0/1/2, DINO's false/true).")
+    return parser
+
+
+def data_parser():
+    """--dataset --data_path --output_dir."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("Data and outputs")
+    group.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
+                       help="Dataset name (default: inferred from --data_path: a folder with "
+                            "train/ is imagefolder, train/images.npy is npy, torchvision's CIFAR / "
+                            "STL-10 files name theirs; without --data_path: digits, embedded).")
+    group.add_argument("--data_path", default="", type=str, help="Dataset root.")
+    group.add_argument("--output_dir", default=None, type=str,
+                       help="Folder for logs, checkpoints and results.json (default: "
+                            "out/<script>/<weights folder>_<weights file>_<dataset>, or "
+                            "random_init_<arch>_<dataset>; eval_knn.py writes nothing without it).")
+    return parser
+
+
+def run_parser():
+    """--batch_size_per_gpu --num_workers --seed --precision --use_fp16 --dist_url --cpu."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("Run")
+    group.add_argument("--batch_size_per_gpu", default=128, type=int, help="Per-GPU batch-size.")
+    group.add_argument("--num_workers", default=10, type=int, help="Data loading workers.")
+    group.add_argument("--seed", default=0, type=int,
+                       help="Random seed (held-out split, shuffling, few-shot episodes).")
+    amp.add_precision_args(group)
+    group.add_argument("--dist_url", default="env://", type=str,
+                       help="url used to set up distributed training (torchrun sets the rest).")
+    group.add_argument("--cpu", action="store_true", help="Run on CPU even if CUDA is there.")
+    return parser
+
+
+def get_args_parser(add_help=False):
+    """Every flag eval_knn.py, eval_linear.py and finetune.py share."""
+    return argparse.ArgumentParser(add_help=add_help, parents=[
+        model_parser(), features_parser(), data_parser(), run_parser()])
+
+
+def check_common_args(args):
+    """Before anything starts: --dataset as given or inferred from --data_path (a given path is
+    never ignored), and --precision / --use_fp16 not contradicting each other."""
+    args.dataset = resolve_dataset(args.dataset, args.data_path)
+    if getattr(args, "precision", None) is not None and getattr(args, "use_fp16", None) is not None:
+        # the device is not known yet; resolve_precision sets the final value after dist init
+        amp.resolve_precision(argparse.Namespace(precision=args.precision, use_fp16=args.use_fp16), "cuda")
+
+
+# ============ checkpoint -> model flags -> backbone ... ============
+
+VIT_WIDTHS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+
+
+def flags_from_weights(ckpt, checkpoint_key="teacher"):
+    """Model flags read off the tensors of weights that carry no args (released backbones):
+    a ViT's patch size and width from patch_embed.proj.weight (D, 3, p, p), a ResNet's stem
+    from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet stem)."""
+    sd, _ = extract_backbone_state(ckpt, checkpoint_key)
+    found = {}
+    w = sd.get("patch_embed.proj.weight")
+    if torch.is_tensor(w) and w.ndim == 4:
+        found["patch_size"] = int(w.shape[-1])
+        if int(w.shape[0]) in VIT_WIDTHS:
+            found["arch"] = VIT_WIDTHS[int(w.shape[0])]
+    w = sd.get("conv1.weight")
+    if torch.is_tensor(w) and w.ndim == 4:
+        found["cifar_stem"] = int(w.shape[-1]) == 3
+    return found
+
+
+def resolve_model_flags(args, ckpt=None, default_image_size=None):
+    """Fill the model flags left at None (--arch --patch_size --image_size --cifar_stem), in this
+    order of preference: the command line, the args stored in the checkpoint, the shapes of
+    its weights, the defaults (vit_small, patch 16, the training crop or default_image_size,
+    a CIFAR stem at 64px and below). Returns the size to build the network at."""
+    found = {k: v for k, v in checkpoint_args(ckpt).items() if v is not None}
+    if ckpt is not None and ("arch" not in found or "patch_size" not in found):
+        found = {**flags_from_weights(ckpt, args.checkpoint_key), **found}
+    for name, default in (("arch", "vit_small"), ("patch_size", 16)):
+        if getattr(args, name, None) is None:
+            setattr(args, name, found.get(name, default))
+    if getattr(args, "image_size", None) is None:
+        args.image_size = (found.get("input_size") or found.get("global_crops_size")
+                           or found.get("image_size"))
+        if args.image_size is None and ckpt is None:
+            args.image_size = default_image_size  # random init: build for this resolution
+    if getattr(args, "cifar_stem", None) is None:
+        args.cifar_stem = found.get("cifar_stem", bool(args.image_size and args.image_size <= 64))
+    build_size = args.image_size or 224
+    args.image_size = args.image_size or default_image_size
+    return build_size
+
+
+def load_backbone(args, default_image_size=None, **build_kwargs):
+    """The backbone named by the model flags with --pretrained_weights loaded, the file read
+    once; flags left unset come from it (resolve_model_flags), so `--pretrained_weights
+    out/checkpoint.pth` needs no model flags. Returns (backbone, embed_dim)."""
+    ckpt = load_file(args.pretrained_weights) if args.pretrained_weights else None
+    build_size = resolve_model_flags(args, ckpt, default_image_size)
+    backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size, img_size=[build_size],
+                                         cifar_stem=args.cifar_stem, **build_kwargs)
+    load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
+    return backbone, embed_dim
+
+
+# ============ output folder and resume guard ... ============
+
+def default_output_dir(script, args, subject=None):
+    """out/<script>/<run>: the run is named by the weights (their folder and file name, e.g.
+    out/eval_linear/dino_checkpoint_cifar10 for out/dino/checkpoint.pth) or random_init_<arch>,
+    then `subject` (default: the dataset). Kept under out/ as train_ssl.py's runs, never next to
+    the weights (often a read-only or shared folder); the runs that still meet in one folder
+    (e.g. another --checkpoint_key) are refused by check_resume."""
+    if args.pretrained_weights:
+        path = Path(args.pretrained_weights)
+        run = "_".join(x for x in (path.parent.name, path.stem) if x)
+    else:
+        run = f"random_init_{args.arch}"
+    return os.path.join("out", script, f"{run}_{subject or args.dataset}")
+
+
+# Flags a resumed run may change: how it runs, or how long, not what it computes. Every other
+# flag defines the run (weights, data, model, features, head, optimisation, seed).
+RESUMABLE = {"epochs", "output_dir", "evaluate", "linear_weights", "finetuned_weights",
+             "save_predictions", "num_workers", "print_freq", "val_freq", "tensorboard",
+             "precision", "use_fp16", "dist_url", "cpu",
+             "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
+# named first when several differ: the usual reason two runs meet in one folder
+FIRST = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "dataset", "data_path")
+
+
+def run_args(args):
+    """The flags of this run as a plain dict (weights_only=True reads it), the paths absolute
+    so a run resumed from another working directory still matches."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, torch.device):
+            v = str(v)
+        elif k in ("pretrained_weights", "data_path") and v:
+            v = os.path.abspath(v)
+        out[k] = v
+    return out
+
+
+def _show(v):
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v))
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "''" if v == "" else str(v)
+
+
+def check_resume(path, ckpt, args):
+    """Refuse to resume (or evaluate) `path` when the run that wrote it had other weights, data
+    or flags than this command: a ValueError naming the first flag that differs and the way out.
+    Otherwise a second run in one folder would report the first one's accuracy."""
+    stored = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(stored, argparse.Namespace):
+        stored = vars(stored)
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path} holds no record of the flags of the run that wrote it, so it "
+                         f"cannot be resumed safely; pass another --output_dir or delete that folder")
+    current = run_args(args)
+    order = [k for k in FIRST if k in current] + sorted(k for k in current if k not in FIRST)
+    for k in order:
+        if k in RESUMABLE or k not in stored or stored[k] == current[k]:
+            continue
+        raise ValueError(f"{path} was written by a run with --{k} {_show(stored[k])}, this command "
+                         f"has --{k} {_show(current[k])}; pass another --output_dir or delete that "
+                         "folder")
+
+
+# ============ features of a whole dataset ... ============
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Returns (image, index) so features can be put back in dataset order after a
+    distributed extraction (DistributedSampler pads with duplicates, which is harmless)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], i
+
+
+def feature_function(n_last_blocks=1, avgpool_patchtokens=0, use_cls=True):
+    """model, images (B, 3, H, W) -> features (B, F): models.extract_features, or with
+    use_cls=False (ViT) the patch-token means of the last n blocks, concatenated (B, n * D)."""
+    if use_cls:
+        return lambda model, x: extract_features(model, x, n_last_blocks, avgpool_patchtokens)
+
+    def patch_means(model, x):
+        if not is_vit(model):  # a ResNet's features are already pooled
+            return extract_features(model, x)
+        feature_dim(model, n_last_blocks)  # one-line error for an n outside 1..depth
+        return torch.cat([o[:, 1:].mean(dim=1) for o in model.get_intermediate_layers(x, n_last_blocks)],
+                         dim=-1)
+    return patch_means
+
+
+@torch.no_grad()
+def extract_dataset_features(model, dataset, batch_size, num_workers, device, feature_fn=None,
+                             normalize=True, precision="bf16"):
+    """Features (N, F) of every image of `dataset`, in dataset order, on every rank: each rank
+    runs its shard; shards are all-gathered. L2-normalised unless normalize=False.
+    feature_fn(model, images (B, 3, H, W)) -> (B, F), default models.extract_features (the CLS
+    token / pooled map); also e.g. a classifier's logits. Forward under autocast(precision)."""
+    feature_fn = feature_fn or feature_function()
+    indexed = IndexedDataset(dataset)
+    sampler = torch.utils.data.DistributedSampler(indexed, shuffle=False) \
+        if distu.get_world_size() > 1 else None
+    loader = torch.utils.data.DataLoader(indexed, sampler=sampler, batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         drop_last=False)
+    model.eval()
+    features = None
+    for images, index in loader:
+        images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
+        with amp.autocast(precision, device):
+            feats = feature_fn(model, images).float()
+        if features is None:
+            features = torch.zeros(len(dataset), feats.shape[-1], device=device)
+        features.index_copy_(0, distu.all_gather_nograd(index), distu.all_gather_nograd(feats))
+    return F.normalize(features, dim=1) if normalize else features
+
+
+# ============ weighted k-NN ... ============
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T,
+                   num_classes=1000):
+    """Weighted k-NN (Wu et al. 2018, as DINO): each of the k nearest training features (cosine
+    similarity s) votes for its class with weight exp(s / T). Features must be L2-normalised.
+    train_features (N, F), train_labels (N,), test_features (M, F), test_labels (M,).
+    Returns (top1, top5) in percent; top-5 uses min(5, k, num_classes) guesses."""
+    top1, top5, total = 0.0, 0.0, 0
+    k = min(k, train_features.shape[0])
+    n5 = min(5, k, num_classes)
+    train_labels = train_labels.to(train_features.device)
+    test_labels = test_labels.to(train_features.device)
+    chunk = 256  # fixed chunks (DINO's n_test // 100 chunking breaks below 100 test images)
+    for i in range(0, test_features.shape[0], chunk):
+        feats = test_features[i:i + chunk].to(train_features.device)
+        targets = test_labels[i:i + chunk]
+        b = targets.shape[0]
+        similarity = feats @ train_features.T                               # (b, N)
+        distances, indices = similarity.topk(k, largest=True, sorted=True)  # (b, k)
+        retrieved = train_labels[indices]                                   # (b, k)
+        one_hot = torch.zeros(b * k, num_classes, device=feats.device)
+        one_hot.scatter_(1, retrieved.view(-1, 1), 1)
+        weights = distances.div(T).exp()
+        probs = (one_hot.view(b, k, num_classes) * weights.view(b, k, 1)).sum(1)
+        predictions = probs.argsort(1, descending=True)
+        correct = predictions.eq(targets.view(-1, 1))
+        top1 += correct[:, :1].sum().item()
+        top5 += correct[:, :n5].sum().item()
+        total += b
+    return top1 * 100.0 / total, top5 * 100.0 / total
+
+
+def knn_eval_backbone(model, dataset_name, data_path, image_size, k, batch_size, num_workers,
+                      device, temperature=0.07, precision="bf16"):
+    """k-NN top-1/top-5 of `model` on a labelled dataset (train split as memory bank, test split
+    as queries). train_ssl.py's final check."""
+    info = dataset_info(dataset_name, data_path)
+    transform = eval_transform(image_size, info.mean, info.std)
+    train = build_dataset(dataset_name, data_path, "train", transform)
+    test = build_dataset(dataset_name, data_path, "test", transform)
+    train_f, test_f = (extract_dataset_features(model, d, batch_size, num_workers, device,
+                                                precision=precision) for d in (train, test))
+    return knn_classifier(train_f, torch.as_tensor(train.targets), test_f,
+                          torch.as_tensor(test.targets), k, temperature, train.num_classes)
