@@ -72,10 +72,12 @@ def get_args_parser(method, add_help=True):
                         help="ResNet 3x3 stride-1 first conv without max-pool; default: on when "
                              "the input is 64px or smaller.")
     parser.add_argument("--compile", default=False, type=bool_flag,
-                        help="torch.compile the backbone(s) the step runs (student and teacher). "
-                             "The first steps compile (minutes for a ViT-S on a GPU; one graph "
-                             "per crop size, mask and train/eval mode). Off by default: measured "
-                             "slower on CPU, not yet measured on a GPU (bench/gpu_suite.py).")
+                        help="torch.compile the backbone(s) the step runs (student and teacher; "
+                             "one graph per crop size, mask and train/eval mode), compiled "
+                             "during the first steps. Off by default: on a 2-core CPU it took "
+                             "1.5-5 min to compile and then saved 6-10%% per ViT step and lost "
+                             "20%% per ResNet step; on GPUs it is not measured yet "
+                             "(bench/gpu_suite.py measures it).")
 
     # Training/Optimization parameters
     amp.add_precision_args(parser)
@@ -195,16 +197,14 @@ def train_ssl(args):
     model, backbone, init_backbone = build_networks(args, len(data_loader))
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     # DDP averages the gradients of the parameters that require them (the student); the EMA
-    # teacher gets none and stays identical on every rank because the student does. Buffers:
-    # with SyncBatchNorm (CUDA) every rank updates its BatchNorm statistics from the same global
-    # batch statistics, and the loss buffers (DINO's centre) are all-reduced, so the buffers
-    # stay equal and broadcast_buffers would only add a broadcast per forward. Without it (gloo
-    # on CPU) rank 0's BatchNorm statistics are broadcast, so every rank holds what rank 0
-    # checkpoints. gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (one
-    # copy less, less memory); clipping and zero_grad(set_to_none=True) work on those views.
-    buffers_in_sync = not has_bn or args.device.type == "cuda"
+    # teacher gets none and stays identical on every rank because the student does. The buffers
+    # stay identical too: BatchNorm running statistics move with the global batch statistics on
+    # every backend (core/syncbn.py) and the loss buffers (DINO's centre) are all-reduced, so
+    # re-broadcasting rank 0's buffers before every forward would be a wasted collective.
+    # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets (one copy
+    # and one gradient-sized buffer less); clipping and zero_grad(set_to_none=True) work on them.
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
-                                        else None, **ddp_kwargs(buffers_in_sync)) \
+                                        else None, **ddp_kwargs(buffers_in_sync=True)) \
         if args.distributed else model
     print(f"Backbone {args.arch} ({backbone.embed_dim}-d features, "
           f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters) and "
@@ -277,9 +277,10 @@ def train_ssl(args):
 
 
 def ddp_kwargs(buffers_in_sync):
-    """DDP flags: gradients as views of the buckets; rank 0's buffers broadcast before every
-    forward only when the ranks' buffers can differ. torch 2.14 renamed broadcast_buffers to
-    forward_sync_buffers (the old name warns there); both keep the broadcast at construction."""
+    """DDP flags: gradients as views of the buckets, and rank 0's buffers re-broadcast before
+    every forward only if the ranks' buffers can drift apart. torch 2.14 renamed that flag from
+    broadcast_buffers to forward_sync_buffers (the old name warns there); under either name
+    the buffers are still broadcast once, when DDP wraps the model."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     return {name: not buffers_in_sync, "gradient_as_bucket_view": True}

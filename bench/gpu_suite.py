@@ -41,10 +41,12 @@ nothing else) into runs/data/cifar10-jpeg once.
 import argparse
 import contextlib
 import datetime
+import gc
 import io
 import json
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -69,6 +71,9 @@ from core.logger import bool_flag  # noqa: E402
 from core.optim import build_optimizer, get_params_groups, lr_for_batch  # noqa: E402
 from data import dataset_info  # noqa: E402
 from methods import METHODS  # noqa: E402
+
+SECTIONS = ("environment", "correctness", "distributed", "throughput", "settings",
+            "time-to-accuracy")
 
 # Dense peak tensor throughput in TFLOP/s per precision, from NVIDIA's data sheets (the sheets
 # print the 2:4-sparse figures, twice these): H100/H200 SXM "H100 Tensor Core GPU" and "H200
@@ -136,10 +141,11 @@ class Suite:
         self.out.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
         self.deadline = self.start + 60 * minutes
-        self.rows = {}
         old = tta._read_json(self.out / "suite.json", {})
         self.previous = {} if redo or old.get("device") != device else \
             {(r["section"], r["name"]): r for r in old.get("rows", [])}
+        # the table keeps the rows of earlier runs (e.g. of sections not run now) until replaced
+        self.rows = {k: {**r, "kept": True} for k, r in self.previous.items()}
         self.meta = {"device": device, "command": " ".join(["python", "bench/gpu_suite.py",
                                                             *sys.argv[1:]])}
 
@@ -163,10 +169,13 @@ class Suite:
             status, values, note = "fail", {}, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         except SystemExit as e:  # train_one_epoch stops on a non-finite loss
             status, values, note = "fail", {}, f"exited with {e.code}"
-        return self._add(dict(section=section, name=name, status=status, values=values,
-                              note=note, seconds=round(time.time() - t, 1),
-                              cpu_s=round(cpu_seconds() - cpu, 1),
-                              date=datetime.date.today().isoformat()))
+        row = dict(section=section, name=name, status=status, values=values, note=note,
+                   seconds=round(time.time() - t, 1), cpu_s=round(cpu_seconds() - cpu, 1),
+                   date=datetime.date.today().isoformat())
+        if self.device == "cuda":  # the next row gets the memory of this one (and of a failure)
+            gc.collect()
+            torch.cuda.empty_cache()
+        return self._add(row)
 
     def _add(self, row):
         self.rows[(row["section"], row["name"])] = row
@@ -178,7 +187,7 @@ class Suite:
         return row
 
     def write(self):
-        rows = list(self.rows.values())
+        rows = sorted(self.rows.values(), key=lambda r: SECTIONS.index(r["section"]))
         meta = {**self.meta, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "wall_s": round(time.time() - self.start, 1)}
         tta._write_json(self.out / "suite.json", {**meta, "rows": rows})
@@ -218,9 +227,13 @@ def bench_args(argv, device):
     return args, info, METHODS[args.method].build_transform(args, info)
 
 
-def fixed_batch(args, info, transform, batch_size):
+def fixed_batch(args, info, transform, batch_size, device=None):
+    """One synthetic batch through the method's transform, the same in every run (the
+    transforms draw from torch's and Python's generators)."""
+    torch.manual_seed(0)
+    random.seed(0)
     batch = throughput.synthetic_batch(transform, batch_size, max(info.image_size, args.input_size))
-    return train_ssl.to_device(batch, args.device)
+    return train_ssl.to_device(batch, device or args.device)
 
 
 class LossRecorder:
@@ -353,9 +366,10 @@ def step_loss_and_grad_norm(args, batch, device):
 # relative error per product); what remains is fp32 rounding (eps 6e-8) accumulated in a
 # different order by cuBLAS/cuDNN and by the CPU kernels: reductions of up to ~5k products per
 # output (3x3x512 convolutions, 2048-wide heads), dozens of layers deep, where BatchNorm and the
-# softmax temperatures (DINO's teacher at 0.04) amplify differences. Expected ~1e-6 on the
-# loss and ~1e-5 on the gradient norm; the limits leave 100x room: a real bug (a wrong kernel,
-# a wrong reduction, a missing scale) moves these by 1e-2 or more.
+# softmax temperatures (DINO's teacher at 0.04) amplify differences. Expected (not yet measured
+# on a GPU): ~1e-6 on the loss, ~1e-5 on the gradient norm, so the limits leave ~100x room,
+# while a real bug (a wrong kernel, a wrong reduction, a missing scale, TF32 left on) moves
+# them by 1e-3 to 1e-1. cudnn.deterministic for the comparison: no atomics-ordered sums.
 LOSS_RTOL, GRAD_RTOL = 1e-4, 1e-3
 
 
@@ -363,7 +377,7 @@ def device_vs_cpu(method, arch, device, tiny):
     size, batch_size = (tiny_size(arch), 4) if tiny else (32, 32)
     args, info, transform = bench_args([*small_flags(method, arch, size), "--precision", "fp32"],
                                        "cpu")
-    batch = throughput.synthetic_batch(transform, batch_size, max(info.image_size, args.input_size))
+    batch = fixed_batch(args, info, transform, batch_size, device=torch.device("cpu"))
     if device == "cuda":
         flags = dict(tf32=torch.backends.cuda.matmul.allow_tf32,
                      cudnn_tf32=torch.backends.cudnn.allow_tf32,
@@ -421,7 +435,7 @@ def distributed(device, out, data_flags, tiny):
     shutil.rmtree(run_dir, ignore_errors=True)
     flags = small_flags("dino", "vit_tiny", 16 if tiny else 32)
     flags[flags.index("--patch_size") + 1] = "4" if tiny else "8"
-    flags += [*data_flags, "--batch_size_per_gpu", "128", "--warmup_epochs", "0",
+    flags += [*data_flags, "--batch_size_per_gpu", "32" if tiny else "128", "--warmup_epochs", "0",
               "--num_workers", "0" if tiny else "4", "--knn_eval", "false", "--tensorboard",
               "false", "--output_dir", str(run_dir), "--print_freq", "5"]
     flags += ["--cpu"] if device == "cpu" else []
@@ -477,9 +491,9 @@ def step_flops(args, info, transform, batch_size):
         args.compile = compile_flag
     batch = fixed_batch(args, info, transform, batch_size)
     counter = FlopCounterMode(display=False)
-    with counter, amp.autocast(args.precision, args.device):
-        loss, _ = model(batch[0], args.epochs - 1, 0)
-    with counter:
+    with counter:  # one block: entering the mode again would reset its counts
+        with amp.autocast(args.precision, args.device):
+            loss, _ = model(batch[0], args.epochs - 1, 0)
         loss.backward()
     del model, batch
     return counter.get_total_flops()
@@ -531,7 +545,7 @@ def end_to_end(args, transform, batch_size, steps, warmup):
 
 
 def throughput_row(label, flags, batch_size, compiled, device, tiny, data_flags, flops_cache):
-    steps, warmup = (2, 1) if tiny else (20, 5 if not compiled else 8)
+    steps, warmup = (1, 1) if tiny else (20, 5 if not compiled else 8)
     workers = 0 if tiny else min(16, os.cpu_count() or 1)
     args, info, transform = bench_args([*flags, "--compile", str(compiled).lower(),
                                         "--steps", str(steps), "--warmup", str(warmup)], device)
@@ -601,7 +615,7 @@ def setting_cudnn_benchmark(device, tiny):
 
 
 def setting_channels_last(device, tiny):
-    size, batch_size, n = (16, 8, 2) if tiny else (32, 256, 10)
+    size, batch_size, n = (8, 8, 1) if tiny else (32, 256, 10)
     args, info, transform = bench_args(["--method", "simclr", "--arch", "resnet18", "--crop_size",
                                         str(size), "--proj_hidden_dim", "256"], device)
     res = []
@@ -649,7 +663,7 @@ def setting_fused_optimizer(device, tiny, name):
 
 
 def setting_ddp(device, tiny):
-    size, batch_size, n = (16, 8, 2) if tiny else (32, 256, 10)
+    size, batch_size, n = (8, 8, 1) if tiny else (32, 256, 10)
     args, info, transform = bench_args(["--method", "simclr", "--arch", "resnet18", "--crop_size",
                                         str(size), "--proj_hidden_dim", "256"], device)
     on_kwargs = train_ssl.ddp_kwargs(buffers_in_sync=True)  # train_ssl.py's on CUDA
@@ -666,7 +680,7 @@ def setting_sdpa(device, tiny):
     the math (unfused) kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    size, batch_size, n = (16, 8, 2) if tiny else (224, 64, 10)
+    size, batch_size, n = (16, 8, 1) if tiny else (224, 64, 10)
     args, info, transform = bench_args(["--method", "rotation", "--arch", "vit_tiny" if tiny else
                                         "vit_small", "--patch_size", "4" if tiny else "16",
                                         "--crop_size", str(size)], device)
@@ -890,6 +904,9 @@ def get_args_parser():
     parser.add_argument("--sections", default=None, nargs="+",
                         choices=["correctness", "distributed", "throughput", "settings", "tta"],
                         help="Only these sections (default: all).")
+    parser.add_argument("--cpu_compile", default=False, type=bool_flag,
+                        help="With --device cpu: also run the compiled version of the first "
+                             "tiny throughput row (minutes of compilation on a small CPU).")
     parser.add_argument("--data_pack", default="", type=str,
                         help="A treepack pack of CIFAR-10 (packs/cifar10 when it exists).")
     parser.add_argument("--data_path", default="", type=str,
@@ -962,7 +979,10 @@ def main(argv=None):
                       need["correctness"])
 
     if "distributed" in sections:
-        flags = data_flags if tiny else ["--dataset", "digits"]
+        # tiny: 64 images, 2 steps of 32 per epoch
+        flags = ["--dataset", "npy", "--data_path", str(make_tiny_digits(
+            suite.out / "data" / "digits-64", n_train=64, n_test=32))] if tiny \
+            else ["--dataset", "digits"]
         suite.row("distributed", "torchrun --nproc_per_node=1, then resume",
                   lambda: distributed(device, suite.out, flags, tiny), need["distributed"])
 
@@ -972,9 +992,13 @@ def main(argv=None):
             for label, flags, batches in THROUGHPUT[device]:
                 for batch_size in batches:
                     name = f"{label}, batch {batch_size}, {'compiled' if compiled else 'eager'}"
-                    if compiled and tiny and label != THROUGHPUT["cpu"][0][0]:
-                        suite.row("throughput", name, lambda: (
-                            "n/a", {}, "CPU: only the first tiny row is compiled"))
+                    if compiled and tiny and (label != THROUGHPUT["cpu"][0][0]
+                                              or not args.cpu_compile):
+                        note = "CPU: only the first tiny row is compiled" \
+                            if label != THROUGHPUT["cpu"][0][0] else \
+                            f"compiling takes ~{CPU_COMPILE_S} s on a 2-core CPU (measured); " \
+                            "--cpu_compile true runs it"
+                        suite.row("throughput", name, lambda note=note: ("n/a", {}, note))
                         continue
                     suite.row("throughput", name,
                               lambda lb=label, f=flags, b=batch_size, c=compiled:

@@ -153,7 +153,7 @@ def knn_of_checkpoint(path, dataset, data_path, k, batch_size, num_workers, devi
     import torch
 
     from core.checkpoint import checkpoint_args, load_file, load_pretrained_weights
-    from eval_knn import knn_eval_backbone
+    from core.evaluation import knn_eval_backbone
     from models import build_backbone
 
     ckpt = load_file(path)
@@ -172,7 +172,18 @@ def _flag(args, name, default=None):
 
 
 def watch(run_dir):
-    run_dir = Path(run_dir)
+    """The background process: run train_ssl.py, evaluate its checkpoints, keep state.json."""
+    try:
+        _watch(Path(run_dir))
+    except BaseException as e:
+        state = read_state(run_dir)
+        if state.get("status") == "running":  # not a clean stop: record why
+            state.update(status="failed", pid=None, error=f"{type(e).__name__}: {e}"[:500])
+            _write_json(Path(run_dir) / "state.json", state)
+        raise
+
+
+def _watch(run_dir):
     config = _read_json(run_dir / "config.json", None)
     if config is None:
         raise FileNotFoundError(f"{run_dir}/config.json is missing; use `tta.py start`")
@@ -222,32 +233,35 @@ def watch(run_dir):
             f.write(json.dumps(line) + "\n")
         print(json.dumps(line), flush=True)
 
-    while True:
-        rc = child.poll()
-        n = epochs_logged(run_dir)
-        if n > seen:
-            when = os.path.getmtime(run_dir / "train" / "log.txt")
-            for epoch in range(seen + 1, n + 1):
-                epoch_time[epoch] = state["past_s"] + when - session_start
-            seen = n
-            if seen % config["eval_every"] == 0 or seen == total_epochs or seen == 1:
-                evaluate()
-        save_state()
-        if stopping:
+    try:
+        while True:
+            rc = child.poll()
+            n = epochs_logged(run_dir)
+            if n > seen:
+                when = os.path.getmtime(run_dir / "train" / "log.txt")
+                for epoch in range(seen + 1, n + 1):
+                    epoch_time[epoch] = state["past_s"] + when - session_start
+                seen = n
+                if seen % config["eval_every"] == 0 or seen == total_epochs or seen == 1:
+                    evaluate()
+            save_state()
+            if stopping:
+                save_state(status="stopped", pid=None)
+                return
+            if rc is not None:
+                finished = rc == 0 and seen >= total_epochs
+                if finished and total_epochs not in evaluated:
+                    evaluate()
+                save_state(status="done" if finished else "failed", pid=None, returncode=rc)
+                return
+            time.sleep(1.0)
+    finally:  # a stop, or an error of ours: the training must not outlive its watcher
+        if child.poll() is None:
             child.terminate()
             try:
                 child.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 child.kill()
-            save_state(status="stopped", pid=None)
-            return
-        if rc is not None:
-            finished = rc == 0 and seen >= total_epochs
-            if finished and total_epochs not in evaluated:
-                evaluate()
-            save_state(status="done" if finished else "failed", pid=None, returncode=rc)
-            return
-        time.sleep(1.0)
 
 
 def main(argv=None):

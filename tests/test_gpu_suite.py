@@ -1,0 +1,153 @@
+"""bench/gpu_suite.py in its tiny CPU version, as CI and a user without a GPU run it, so the
+one-command GPU check cannot break between the rare GPU sessions; and train_ssl.py's
+--compile on the two cases that need more than one graph (multi-crop shapes, iBOT masks)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ["environment", "correctness", "distributed", "throughput", "settings",
+            "time-to-accuracy"]
+
+
+def _suite(out, *extra, timeout=600):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "bench/gpu_suite.py", "--device", "cpu", "--out",
+                           str(out), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, json.loads((out / "suite.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    # generous minutes: the tiny rows have fixed sizes, so the run takes what they take (about
+    # 50 CPU-seconds), and a loaded CI machine skips no row for lack of time
+    proc, table = _suite(out, "--minutes", "15")
+    return out, proc, table
+
+
+def rows_of(table, section):
+    return {r["name"]: r for r in table["rows"] if r["section"] == section}
+
+
+def test_every_section_in_order_and_no_failure(suite):
+    out, proc, table = suite
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sections = list(dict.fromkeys(r["section"] for r in table["rows"]))
+    assert sections == SECTIONS
+    assert not [r for r in table["rows"] if r["status"] == "fail"]
+    # each row was printed as it was done, in the table's order
+    printed = [line.split("]")[0][1:] for line in proc.stdout.splitlines()
+               if line.startswith("[") and ": " in line and "] " in line]
+    assert list(dict.fromkeys(printed)) == SECTIONS
+    md = (out / "suite.md").read_text()
+    assert all(f"## {s}" in md for s in SECTIONS) and "| row | status |" in md
+
+
+def test_correctness_rows(suite):
+    rows = rows_of(suite[2], "correctness")
+    for method, arch in (("simclr", "resnet18"), ("simclr", "vit_tiny"),
+                         ("rotation", "resnet18"), ("rotation", "vit_tiny"),
+                         ("dino", "vit_tiny"), ("ibot", "vit_tiny"), ("dino", "resnet18")):
+        fp32 = rows[f"{method} {arch} fp32"]
+        assert fp32["status"] == "pass", fp32
+        assert fp32["values"]["loss_last"] < fp32["values"]["loss_first"]
+        for precision in ("bf16", "fp16"):  # reported, not faked
+            row = rows[f"{method} {arch} {precision}"]
+            assert row["status"] == "n/a" and "cuda only" in row["note"]
+    first = rows["simclr resnet18 fp32 step, cpu vs cpu"]
+    assert first["status"] == "pass" and "2 threads vs 1" in first["note"]
+    assert float(first["values"]["loss_rel_diff"]) <= 1e-4
+
+
+def test_distributed_row_resumed(suite):
+    row = rows_of(suite[2], "distributed")["torchrun --nproc_per_node=1, then resume"]
+    assert row["status"] == "pass" and row["values"]["backend"] == "gloo", row
+
+
+def test_throughput_rows(suite):
+    rows = rows_of(suite[2], "throughput")
+    eager = [r for name, r in rows.items() if name.endswith("eager")]
+    assert len(eager) == 4
+    for r in eager:
+        v = r["values"]
+        assert r["status"] == "info" and v["step_img_s"] > 0 and v["e2e_img_s"] > 0, r
+        assert v["GFLOP_per_img"] > 0 and v["MFU_%"] == "n/a"  # no peak known for a CPU
+    compiled = rows["SimCLR ResNet-18 8px, batch 8, compiled"]
+    assert compiled["status"] == "n/a" and "--cpu_compile true" in compiled["note"]
+
+
+def test_settings_rows(suite):
+    rows = rows_of(suite[2], "settings")
+    sdpa = rows["SDPA attention kernel"]
+    assert sdpa["status"] == "pass" and "flash_attention_for_cpu" in sdpa["values"]["kernel"]
+    for name in ("channels_last (ResNet)", "fused AdamW", "fused SGD",
+                 "DDP broadcast_buffers / gradient_as_bucket_view"):
+        assert rows[name]["status"] == "info" and rows[name]["values"]["on_ms"] > 0
+    for name in ("cudnn.benchmark", "host-device syncs in the step", "pinned memory"):
+        assert rows[name]["status"] == "n/a"
+
+
+def test_time_to_accuracy_trained_in_the_background(suite):
+    out, _, table = suite
+    rows = rows_of(table, "time-to-accuracy")
+    assert rows["run"]["status"] == "info" and rows["run"]["values"]["status"] == "done", rows
+    epochs = [rows[f"epoch {e}"]["values"] for e in (1, 2)]
+    assert 0 < epochs[0]["train_s"] < epochs[1]["train_s"]
+    # 10 digit classes: chance is 10 %; any working feature extractor with labels in step
+    # with the features is far above it
+    assert all(e["knn_top1"] > 30 for e in epochs), epochs
+    state = json.loads((out / "tta" / "state.json").read_text())
+    assert state["status"] == "done" and state["pid"] is None
+
+
+def test_a_second_run_keeps_what_passed(suite):
+    out = suite[0]
+    proc, table = _suite(out, "--minutes", "1", "--sections", "correctness")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    correctness = rows_of(table, "correctness").values()
+    assert all(r.get("kept") for r in correctness) and "(kept from an earlier run)" in proc.stdout
+    # the rows of the sections not run this time stay in the table
+    assert list(dict.fromkeys(r["section"] for r in table["rows"])) == SECTIONS
+
+
+# ============ --compile ============
+
+def test_compile_keeps_keys_and_numbers_for_multicrop_and_masks():
+    """iBOT: 2 global + 2 local crops (two shapes), masks on the global ones. The backbones are
+    compiled in place (the eager backend: dynamo's capture without code generation, which a
+    2-core CPU compiles in seconds); the checkpoint keys and the losses are those of eager mode,
+    dynamo captured every call without a graph break, one graph per signature."""
+    import train_ssl
+    from bench import gpu_suite
+    from torch._dynamo.utils import counters
+
+    args, info, transform = gpu_suite.bench_args(gpu_suite.small_flags("ibot", "vit_tiny", 16),
+                                                 "cpu")
+    args.batch_size_per_gpu = 4
+    batch = gpu_suite.fixed_batch(args, info, transform, 4)
+    losses, keys = [], []
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, optimizer, scaler = gpu_suite.throughput.build_training(args, 3)
+        if compiled:
+            train_ssl.compile_backbones(model, backend="eager")
+        recorder = gpu_suite.LossRecorder(model)
+        gpu_suite.run_steps(recorder, model, batch, optimizer, scaler, args, 2, 1e-4)
+        losses.append(torch.stack(recorder.losses))
+        keys.append(list(model.state_dict()))
+    assert keys[0] == keys[1]  # no _orig_mod. prefixes: checkpoints do not change
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # student on the global crops (masked), student on the local crops, teacher
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
