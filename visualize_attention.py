@@ -17,7 +17,6 @@ from the shape of the patch embedding (without weights: vit_small/8, as DINO's s
 with official DINO/iBOT checkpoints. Default --output_dir:
 out/visualize_attention/<weights folder>_<weights file>_<image name or dataset_index>.
 """
-import argparse
 import math
 import os
 
@@ -44,7 +43,7 @@ PALETTE = torch.tensor([
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Visualize Self-Attention maps", parents=[
+    parser = cli.ArgumentParser("Visualize Self-Attention maps", parents=[
         evaluation.model_parser(image_size=False), evaluation.data_parser()])
     group = parser.add_argument_group("Image and maps")
     group.add_argument("--image_path", default=None, type=str,

@@ -35,7 +35,7 @@ from core import dist as distu
 from core.logger import bool_flag
 from core.optim import cancel_gradients_last_layer, cosine_scheduler
 from data import MultiCropTransform
-from models import build_backbone
+from models import build_backbone, check_patch_size
 
 # main_dino.py's defaults (ViT-S/16, ImageNet) for train_ssl.py's generic flags; --lr is for a
 # global batch of 256 and scaled linearly.
@@ -122,6 +122,7 @@ def check_multicrop_args(args):
             raise ValueError(f"--{name} {getattr(args, name)} is smaller than "
                              f"--patch_size {args.patch_size}; lower the patch size (4 for "
                              "32px images) or raise the crop size")
+        check_patch_size(args.arch, args.patch_size, getattr(args, name), f"--{name}")
 
 
 def check_args(args):
