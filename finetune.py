@@ -301,6 +301,8 @@ def test_report(model, dataset_test, info, args):
 
 def check_args(args):
     evaluation.check_common_args(args)
+    if args.epochs < 1 and not args.evaluate:
+        raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
     if args.epochs <= args.warmup_epochs and not args.evaluate:
         raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
                          f"({args.epochs}); lower --warmup_epochs")

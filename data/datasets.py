@@ -87,7 +87,8 @@ def resolve_dataset(name, root):
         return "digits"
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data_path {root} does not exist; pass an existing folder "
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"--data_path {root} {what}; pass an existing folder "
                                 f"(or no --data_path to use the embedded digits)")
     found = [dataset for folder, dataset in (
         ("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),

@@ -125,8 +125,21 @@ def check_multicrop_args(args):
         check_patch_size(args.arch, args.patch_size, getattr(args, name), f"--{name}")
 
 
+def check_head_args(args):
+    """Head and teacher flags shared with iBOT: values that would train silently on nonsense."""
+    if args.out_dim < 1:
+        raise ValueError(f"--out_dim {args.out_dim} must be >= 1 (4096-65536 as DINO)")
+    if not 0 <= args.momentum_teacher <= 1:
+        raise ValueError(f"--momentum_teacher {args.momentum_teacher} must be in [0, 1] "
+                         "(0.996 as DINO)")
+    for name in ("warmup_teacher_temp", "teacher_temp"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} {getattr(args, name)} must be positive (0.04 as DINO)")
+
+
 def check_args(args):
     check_multicrop_args(args)
+    check_head_args(args)
 
 
 def input_size(args, info):

@@ -43,6 +43,9 @@ def check_args(args):
     if args.crop_size < 0 or not 0 < args.min_crop_scale <= 1:
         raise ValueError(f"--crop_size {args.crop_size} / --min_crop_scale {args.min_crop_scale}: "
                          "need a size >= 0 (0: the dataset's) and a scale in (0, 1]")
+    if args.proj_hidden_dim < 1 or args.proj_output_dim < 1:
+        raise ValueError(f"--proj_hidden_dim {args.proj_hidden_dim} / --proj_output_dim "
+                         f"{args.proj_output_dim} must be >= 1 (2048 / 128 as solo-learn)")
     if args.crop_size:  # 0: the dataset's size, checked by train_ssl.py once it is known
         check_patch_size(args.arch, args.patch_size, args.crop_size, "--crop_size")
 

@@ -104,6 +104,13 @@ BAD_FLAGS = [
     (["--method", "simclr", "--batch_size_per_gpu", "0"], ["--batch_size_per_gpu 0 must be >= 1"]),
     (["--method", "simclr", "--print_freq", "0"], ["--print_freq 0 must be >= 1"]),
     (["--method", "simclr", "--lr", "-0.1"], ["--lr -0.1 must be >= 0"]),
+    # heads and temperatures that trained on silently (or stopped with a misleading NaN line)
+    (["--method", "dino", "--out_dim", "0"], ["--out_dim 0 must be >= 1"]),
+    (["--method", "dino", "--teacher_temp", "0"], ["--teacher_temp 0.0 must be positive"]),
+    (["--method", "ibot", "--momentum_teacher", "1.5"], ["--momentum_teacher 1.5 must be in [0, 1]"]),
+    (["--method", "ibot", "--teacher_patch_temp", "-1"], ["--teacher_patch_temp -1.0", "positive"]),
+    (["--method", "simclr", "--proj_output_dim", "0"], ["--proj_output_dim 0 must be >= 1"]),
+    (["--method", "simclr", "--data_path", __file__], ["is a file, not a folder"]),
     # the ViT would silently drop the pixels the patches do not cover
     (["--method", "simclr", "--arch", "vit_tiny", "--patch_size", "5", "--crop_size", "16"],
      ["--patch_size 5 does not divide --crop_size 16", "last 1 pixel", "4 or 8 or 16 divide 16"]),
