@@ -30,6 +30,7 @@ from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
 from core.evaluation import extract_dataset_features
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
 from models import feature_dim, is_vit, layerwise_features
 
@@ -241,8 +242,7 @@ def build_datasets(args, info):
 
 def build_probe(dims, names, args):
     probe = Probe(dims, args.num_labels, args.head, args.mlp_dims).to(args.device)
-    if args.distributed and args.head == "mlp" and args.device.type == "cuda":  # SyncBN is GPU-only
-        probe = nn.SyncBatchNorm.convert_sync_batchnorm(probe)
+    probe = sync_batchnorm(probe, args.device)  # BatchNorm statistics over all ranks, CPU too
     print(f"Probe: {len(dims)} x {args.head} on {dims[0]}-d features"
           + (f" ({', '.join(names)})" if args.probe_layers else "") + f", {args.num_labels} labels.")
     return probe

@@ -34,6 +34,7 @@ from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
 from core.evaluation import extract_dataset_features
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
 from models import extract_features, feature_dim, is_vit
@@ -354,8 +355,7 @@ def run_finetune(args):
     print(f"Training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M backbone parameters "
           f"({len(trainable)} tensors) and the head.")
     model.to(args.device)
-    if args.distributed and not is_vit(backbone) and args.device.type == "cuda":  # SyncBN is GPU-only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any training

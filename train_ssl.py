@@ -32,6 +32,7 @@ from core import dist as distu
 from core.checkpoint import (check_same_run, checkpoint_args, load_file, make_output_dir,
                              restart_from_checkpoint, save_atomic)
 from core.logger import MetricLogger, bool_flag
+from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
 from data import DATASETS, build_dataset, dataset_info, resolve_dataset
@@ -238,9 +239,7 @@ def train_ssl(args):
 
     # ============ building the networks ... ============
     model, backbone, init_backbone = build_networks(args, len(data_loader))
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if args.distributed and has_bn and args.device.type == "cuda":  # SyncBN is GPU-only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     # DDP averages the gradients of the parameters that require them (the student); the EMA
     # teacher gets none and stays identical on every rank because the student does. With
     # broadcast_buffers=True every forward also copies rank 0's buffers to the other ranks:

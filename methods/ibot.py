@@ -57,7 +57,8 @@ def add_args(parser):
                        help="Same for the teacher.")
     group.add_argument("--norm_in_head", default=None, type=str,
                        help=f"Normalization in the head MLP: none (default) or one of "
-                            f"{', '.join(NORMS)}. syncbn is bn synchronised across processes.")
+                            f"{', '.join(NORMS)}. bn and syncbn are the same here: with several "
+                            "processes every BatchNorm uses global statistics.")
     group.add_argument("--act_in_head", default="gelu", choices=["gelu", "relu"],
                        help="Activation in the head MLP.")
     group.add_argument("--drop_path", dest="drop_path_rate", type=float, default=None,

@@ -590,12 +590,14 @@ def test_a_given_data_path_is_never_ignored(script, tmp_path, monkeypatch, capsy
     """--data_path without --dataset: inferred from the folder, or one line naming --dataset
     (never digits in silence). Runs the script's __main__ in this process."""
     (tmp_path / "photos").mkdir()  # no train/, no CIFAR / STL-10 files
-    cases = [([str(tmp_path / "photos")], ["cannot tell which dataset", "--dataset"]),
-             ([str(tmp_path / "missing")], ["does not exist", "--dataset"])]
+    cases = [(["--data_path", str(tmp_path / "photos")], ["cannot tell which dataset", "--dataset"]),
+             (["--data_path", str(tmp_path / "missing")], ["does not exist", "--data_path"]),
+             (["--data_path", str(tmp_path / "photos"), "--dataset", "digits"],
+              ["--dataset digits", "drop --data_path"])]
     if script in ("eval_linear.py", "finetune.py"):
-        cases.append(([str(tmp_path / "photos"), "--dataset", "digits", "--precision", "bf16",
-                       "--use_fp16", "true"], ["--precision bf16 contradicts --use_fp16 true"]))
+        cases.append((["--dataset", "digits", "--precision", "bf16", "--use_fp16", "true"],
+                      ["--precision bf16 contradicts --use_fp16 true"]))
     for flags, words in cases:
-        code, lines = run_main(script, ["--data_path", *flags], monkeypatch, capsys)
+        code, lines = run_main(script, flags, monkeypatch, capsys)
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
         assert all(w in lines[0] for w in words), lines[0]

@@ -3,14 +3,13 @@ gradient across 2 gloo processes against one process on the global batch (this i
 core.dist.all_gather_with_grad's backward all-reduce is for), and a loss that drops."""
 import argparse
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _ddp import run_ranks
 from methods import simclr
 from methods.simclr import info_nce_loss
 
@@ -107,8 +106,8 @@ def _linear():
     return nn.Linear(6, 5)
 
 
-def _ddp_worker(rank, world_size, port, out_dir):
-    """Each rank: 4 of the 8 pairs through a DDP-wrapped Linear, the loss, backward. Saves the
+def _ddp_worker(rank, world_size):
+    """Each rank: 4 of the 8 pairs through a DDP-wrapped Linear, the loss, backward. Returns the
     rank's loss/accuracies and the DDP-averaged weight gradient, once with the real
     all_gather_with_grad and once with a broken backward that skips the all-reduce."""
     import torch.distributed as dist
@@ -116,9 +115,6 @@ def _ddp_worker(rank, world_size, port, out_dir):
 
     from core import dist as distu
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     x1, x2 = _pairs()
     local = slice(4 * rank, 4 * rank + 4)
     results = {}
@@ -132,16 +128,11 @@ def _ddp_worker(rank, world_size, port, out_dir):
         results[variant] = {"loss": loss.detach(), "top1": top1, "top5": top5,
                             "weight_grad": model.module.weight.grad.clone(),
                             "bias_grad": model.module.bias.grad.clone()}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pth"))
-    dist.destroy_process_group()
+    return results
 
 
-def test_ddp_gradient_equals_single_process_global_batch(tmp_path):
-    from core.dist import _free_port
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pth") for r in range(2)]
+def test_ddp_gradient_equals_single_process_global_batch():
+    ranks = run_ranks(_ddp_worker)  # forked: the broken backward stays in the children
 
     # one process, all 8 pairs (no process group: world size 1)
     x1, x2 = _pairs()
