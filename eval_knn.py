@@ -36,7 +36,7 @@ from models import is_vit
 
 def get_args_parser():
     parser = cli.ArgumentParser("Evaluation with weighted k-NN",
-                                     parents=[evaluation.get_args_parser()])
+                                parents=[evaluation.get_args_parser()])
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", default=None, nargs="+", type=int,
                        help="Number of NN to use. 20 is usually working the best. Default: "

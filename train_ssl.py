@@ -14,7 +14,6 @@ The file reads top to bottom like facebookresearch/dino's main_dino.py: argument
 init, data, networks, optimizer, schedules, resume, the epoch loop, and one training epoch.
 Everything method-specific lives in methods/<name>.py.
 """
-import argparse
 import copy
 import datetime
 import json
@@ -53,7 +52,7 @@ def get_args_parser(method, add_help=True):
     """All flags of `method` (None: the generic ones only, for `--help` without --method), with
     the method's RECIPE as the defaults of the generic flags."""
     parser = cli.ArgumentParser("minissl pre-training", add_help=add_help,
-                                     formatter_class=HelpFormatter)
+                                formatter_class=HelpFormatter)
     parser.add_argument("--method", default=method, type=str, choices=sorted(METHODS),
                         help="Self-supervised method (required); `--method <name> --help` lists "
                              "its flags and recipe.")
@@ -222,7 +221,7 @@ def train_ssl(args):
     # ============ preparing data ... ============
     info = dataset_info(args.dataset, args.data_path)
     args.input_size = method.input_size(args, info)
-    check_patch_size(args.arch, args.patch_size, args.input_size, "the input size")
+    check_patch_size(args.arch, args.patch_size, args.input_size, "the dataset's image size")
     transform = method.build_transform(args, info)
     dataset = build_dataset(args.dataset, args.data_path, "train", transform, download=args.download,
                             skip_bad_images=args.skip_bad_images)

@@ -45,7 +45,7 @@ def check_patch_size(arch, patch_size, size, what):
     hint = f" ({' or '.join(map(str, fits))} divide {size})" if fits else ""
     raise ValueError(f"--patch_size {patch_size} does not divide {what} {size}: the ViT would drop "
                      f"the last {size % patch_size} pixel rows and columns; use a patch size that "
-                     f"divides it{hint}, or change {what}")
+                     f"divides it{hint}")
 
 
 def is_vit(model):
