@@ -194,9 +194,10 @@ def test_bad_image_names_the_file_even_from_a_loader_worker(tmp_path, capsys):
     with pytest.raises(BadImageError):
         ds[3]
     # through a DataLoader worker, which re-raises it with its traceback as the message
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
-    exits_with_one_line(lambda: list(loader), capsys, f"cannot decode image {bad}",
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1))
+    exits_with_one_line(lambda: list(batches), capsys, f"cannot decode image {bad}",
                         "--skip_bad_images true")
+    batches._shutdown_workers()  # now: left to the garbage collector it takes 5 s
 
 
 def test_skip_bad_images_trains_on_and_counts_them(tmp_path, capfd):
