@@ -10,6 +10,7 @@ argparse.Namespace there, and `checkpoint_args` reads either.
 """
 import argparse
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -67,7 +68,10 @@ def load_file(path, mmap=False):
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
         if mmap:  # files of the legacy (pre-zip) format cannot be mapped: read them
             return load_file(path)
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        # torch's weights-only refusal is a page of advice; its one fact is the unpickler's error
+        refusal = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(e), re.S)
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # one sentence
+        reason = refusal.group(1) if refusal else first
         raise ValueError(f"could not read checkpoint '{path}' ({type(e).__name__}"
                          f"{': ' + reason if reason else ''}); is it a complete PyTorch .pth "
                          "file?") from None

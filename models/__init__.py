@@ -42,7 +42,7 @@ def check_patch_size(arch, patch_size, size, what):
     if ALIASES.get(arch, arch) not in _VITS or size % patch_size == 0:
         return
     fits = [p for p in (4, 8, 14, 16) if size % p == 0]
-    hint = f" ({' or '.join(map(str, fits))} divide {size})" if fits else ""
+    hint = f", e.g. {' or '.join(map(str, fits))}" if fits else ""
     raise ValueError(f"--patch_size {patch_size} does not divide {what} {size}: the ViT would drop "
                      f"the last {size % patch_size} pixel rows and columns; use a patch size that "
                      f"divides it{hint}")
