@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_ssl  # noqa: E402
 from bench import gpu_suite, throughput  # noqa: E402
+from core import cli  # noqa: E402
 from core import dist as distu  # noqa: E402
 
 FLAGS = {  # 16px, batch 16; the ViTs are /4, DINO/iBOT with 2 x 16px + 2 x 8px crops
@@ -67,7 +68,7 @@ def compare(method, batch_size=16, steps=4, blocks=3):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser("eager vs torch.compile on CPU")
+    parser = cli.ArgumentParser("eager vs torch.compile on CPU")
     parser.add_argument("methods", nargs="+", choices=sorted(FLAGS))
     args = parser.parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -579,17 +579,14 @@ def _ab(off_s, on_s, unit="ms"):
             "speedup": round(off_s / on_s, 2)}
 
 
-def _steps_ms(args, info, transform, batch_size, n, model_fn=None, optimizer_fn=None,
-              ddp_kwargs=None):
-    """Seconds per real training step after 2 warm-up steps, with the model / optimizer / DDP
-    wrapper chosen by the caller."""
+def _steps_ms(args, info, transform, batch_size, n, model_fn=None, ddp_kwargs=None):
+    """Seconds per real training step after 2 warm-up steps; model_fn(model) -> model and
+    ddp_kwargs (a world-size-1 DDP wrapper) set what is compared."""
     args.batch_size_per_gpu = batch_size
     torch.manual_seed(0)
     model, optimizer, scaler = throughput.build_training(args, n + 2)
     if model_fn is not None:
         model = model_fn(model)
-    if optimizer_fn is not None:
-        optimizer = optimizer_fn(model)
     ddp_model = model
     if ddp_kwargs is not None:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -676,8 +673,9 @@ def setting_ddp(device, tiny):
 
 
 def setting_sdpa(device, tiny):
-    """Which attention kernel the ViT step reaches (profiler op names), and its time against
-    the math (unfused) kernel."""
+    """Which attention kernel the ViT step reaches (the aten op SDPA dispatches to), and the
+    step's time against the math (unfused) kernel. Passes on CUDA in bf16/fp16 when a fused
+    flash kernel runs (PyTorch's own or cuDNN's)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     size, batch_size, n = (16, 8, 1) if tiny else (224, 64, 10)
@@ -691,15 +689,15 @@ def setting_sdpa(device, tiny):
     run_steps(model, model, batch, optimizer, scaler, args, 1, 1e-4)
     with OpNames() as seen:
         run_steps(model, model, batch, optimizer, scaler, args, 1, 1e-4)
-    ops = sorted(n for n in seen.names if n.startswith("_scaled_dot_product")
-                 or n.startswith(("_flash_attention", "_efficient_attention", "_cudnn_attention")))
+    ops = sorted(op for op in seen.names if op.startswith(
+        ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention")))
     kernel = ", ".join(o.replace("_scaled_dot_product_", "") for o in ops) or "none seen"
     default = timed(lambda: run_steps(model, model, batch, optimizer, scaler, args, n, 1e-4),
                     args.device) / n
     with sdpa_kernel([SDPBackend.MATH]):
         math = timed(lambda: run_steps(model, model, batch, optimizer, scaler, args, n, 1e-4),
                      args.device) / n
-    flash = any("flash" in o for o in ops)
+    flash = any("flash" in o or "cudnn" in o for o in ops)
     ok = flash or device == "cpu" or args.precision == "fp32"
     values = {"kernel": kernel, "precision": args.precision, **_ab(math, default)}
     note = f"rotation {args.arch}, step time; off = math kernel, on = default"
@@ -721,7 +719,8 @@ class OpNames(TorchDispatchMode):
 
 def setting_host_sync(device, tiny):
     """Synchronising CUDA calls inside train_one_epoch (torch.cuda.set_sync_debug_mode),
-    besides the logging every --print_freq steps (core/logger.py, check_finite)."""
+    besides those made once per --print_freq steps by design: the logging (core/logger.py,
+    check_finite) and the SVD of the effective-rank diagnostic (core/diagnostics.py)."""
     if device == "cpu":
         return "n/a", {}, "cuda only (torch.cuda.set_sync_debug_mode)"
     found = {}
@@ -743,7 +742,7 @@ def setting_host_sync(device, tiny):
                 torch.cuda.set_sync_debug_mode("default")
         where = {f"{Path(w.filename).name}:{w.lineno}" for w in caught
                  if "synchroniz" in str(w.message)
-                 and not w.filename.endswith(("core/logger.py",))
+                 and not w.filename.endswith(("core/logger.py", "core/diagnostics.py"))
                  and not (w.filename.endswith("train_ssl.py") and "check_finite" in
                           _function_at(w.filename, w.lineno))}
         if where:
@@ -890,7 +889,7 @@ def time_to_accuracy(suite, device, data_path, args):
 # ============ main ============
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("minissl GPU suite", formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser("minissl GPU suite", formatter_class=cli.HelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cuda: the real suite; cpu: tiny versions of every row.")
     parser.add_argument("--minutes", default=9.0, type=float,
@@ -1010,11 +1009,13 @@ def main(argv=None):
                          ("channels_last (ResNet)", setting_channels_last),
                          ("fused AdamW", lambda d, t: setting_fused_optimizer(d, t, "adamw")),
                          ("fused SGD", lambda d, t: setting_fused_optimizer(d, t, "sgd")),
-                         ("DDP broadcast_buffers / gradient_as_bucket_view", setting_ddp),
+                         ("DDP buffer sync / gradient_as_bucket_view", setting_ddp),
                          ("SDPA attention kernel", setting_sdpa),
                          ("host-device syncs in the step", setting_host_sync),
                          ("pinned memory", setting_pinned)):
-            suite.row("settings", name, lambda fn=fn: fn(device, tiny), need["settings"])
+            cuda_only = fn in (setting_cudnn_benchmark, setting_host_sync, setting_pinned)
+            suite.row("settings", name, lambda fn=fn: fn(device, tiny),
+                      0 if tiny and cuda_only else need["settings"])  # n/a takes no time
 
     if "tta" in sections:
         if tiny:

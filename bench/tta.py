@@ -23,7 +23,6 @@ over sessions: every second a session ran counts, start-up and work lost at a st
 it never flatters. The k-NN runs beside the training, on the same device (it slows the
 training a little; its own time is eval_s, not part of train_s).
 """
-import argparse
 import json
 import os
 import signal
@@ -35,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from core import cli  # noqa: E402  (standard library only: the watcher imports torch later)
 
 
 # ============ the files of a run ============
@@ -265,7 +266,7 @@ def _watch(run_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser("minissl time-to-accuracy runner")
+    parser = cli.ArgumentParser("minissl time-to-accuracy runner")
     parser.add_argument("command", choices=["start", "stop", "status", "watch"])
     parser.add_argument("--dir", required=True, help="The run's folder.")
     parser.add_argument("--eval_every", default=1, type=int,
@@ -287,6 +288,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from core import cli
-
     cli.run(main)

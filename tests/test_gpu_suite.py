@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,7 @@ def test_settings_rows(suite):
     sdpa = rows["SDPA attention kernel"]
     assert sdpa["status"] == "pass" and "flash_attention_for_cpu" in sdpa["values"]["kernel"]
     for name in ("channels_last (ResNet)", "fused AdamW", "fused SGD",
-                 "DDP broadcast_buffers / gradient_as_bucket_view"):
+                 "DDP buffer sync / gradient_as_bucket_view"):
         assert rows[name]["status"] == "info" and rows[name]["values"]["on_ms"] > 0
     for name in ("cudnn.benchmark", "host-device syncs in the step", "pinned memory"):
         assert rows[name]["status"] == "n/a"
@@ -151,3 +152,59 @@ def test_compile_keeps_keys_and_numbers_for_multicrop_and_masks():
     assert not counters["graph_break"], dict(counters["graph_break"])
     # student on the global crops (masked), student on the local crops, teacher
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+
+
+# ============ the pieces the GPU machine relies on ============
+
+def test_unpack_tree_reads_treepack_packs(tmp_path):
+    """The suite unpacks ../shared/tools/treepack.py's format itself (the GPU machine gets only
+    the checkout): [relative path, offset, length] in <pack>.json, the bytes in <pack>.bin."""
+    from bench.gpu_suite import unpack_tree
+
+    files = {"train/cat/0001.jpg": b"\xff\xd8cat", "test/dog/0002.jpg": b"dog!!", "a.txt": b""}
+    entries, blob = [], b""
+    for rel, data in files.items():
+        entries.append([rel, len(blob), len(data)])
+        blob += data
+    (tmp_path / "p.bin").write_bytes(blob)
+    (tmp_path / "p.json").write_text(json.dumps(entries))
+    dest = unpack_tree(tmp_path / "p", tmp_path / "out")
+    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*")
+            if p.is_file() and p.name != ".complete"} == files
+    (dest / "a.txt").write_bytes(b"changed")
+    unpack_tree(tmp_path / "p", dest)  # unpacked once: a second call leaves the tree alone
+    assert (dest / "a.txt").read_bytes() == b"changed"
+
+
+def _wait(condition, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_time_to_accuracy_resumes_after_a_stop(tmp_path):
+    """A GPU session ends mid-run: stop, start again (a later suite run does so), and the run
+    goes on from its checkpoint, its wall time counted across both sessions."""
+    from bench import gpu_suite, tta
+
+    data = gpu_suite.make_tiny_digits(tmp_path / "data", n_train=64, n_test=32)
+    recipe = gpu_suite.tta_recipe("cpu", data, epochs=3)  # 64 images: one step per epoch
+    run = tmp_path / "tta"
+    assert tta.start(run, recipe, eval_workers=0) == "running"
+    _wait(lambda: tta.read_progress(run))  # epoch 1 evaluated
+    assert tta.stop(run)
+    first = tta.read_state(run)
+    assert first["status"] == "stopped" and first["sessions"] == 1 and first["pid"] is None
+    with pytest.raises(ValueError, match="other flags"):  # a run keeps its recipe
+        tta.start(run, recipe[:-2], eval_workers=0)
+
+    assert tta.start(run, recipe, eval_workers=0) == "running"
+    _wait(lambda: tta.read_state(run).get("status") in ("done", "failed"))
+    state, progress = tta.read_state(run), tta.read_progress(run)
+    assert state["status"] == "done" and state["sessions"] == 2, state
+    assert state["past_s"] >= first["session_s"] > 0
+    epochs = [p["epoch"] for p in progress]
+    assert epochs == sorted(set(epochs)) and epochs[0] == 1 and epochs[-1] == 3
+    assert progress[-1]["session"] == 2 and progress[-1]["train_s"] > first["session_s"]
+    assert "Found checkpoint" in (run / "train.log").read_text()
