@@ -56,7 +56,7 @@ from .transforms import (MultiCropTransform, RandomGaussianBlur, RandomSolarize,
 
 __all__ = ["batch_seed", "make_generator", "batched_transform", "resized_crop",
            "sample_resized_crop_boxes", "BatchedView", "BatchedTwoView", "BatchedMultiCrop",
-           "BatchedSingleView", "BatchedMultiCropMask"]
+           "BatchedSingleView", "BatchedMultiCropMask", "HostMasks"]
 
 # ============ randomness ============
 
@@ -631,30 +631,42 @@ def _python_random_seeded(seed):
         random.setstate(state)
 
 
+class HostMasks:
+    """(batch_size, seed) -> bool (global_number, batch_size, h, w) on the host: the masks of
+    one batch, a function of the seed alone. Small and picklable, for worker processes."""
+
+    def __init__(self, mask_generator, global_number, shape):
+        self.mask_generator, self.global_number, self.shape = mask_generator, global_number, shape
+
+    def __call__(self, batch_size, seed=None):
+        with _python_random_seeded(None if seed is None else seed ^ 0x5EED):
+            return torch.stack([torch.stack([self.mask_generator(*self.shape)
+                                             for _ in range(batch_size)])
+                                for _ in range(self.global_number)])
+
+
 class BatchedMultiCropMask:
     """iBOT's MultiCropMaskTransform -> (crops, masks), masks: global_number bool (B, h, w).
 
     The masks are drawn on the host by the method's own MaskGenerator (the BEiT block algorithm
-    is a data-dependent loop per mask), with Python's `random` seeded from the batch seed, and
-    copied to the device through pinned memory; see docs/benchmarks.md for its cost."""
+    is a data-dependent loop per mask), with Python's `random` seeded from the batch seed.
+    host_masks() is what the loaders run in worker processes ahead of time (pass the result as
+    `masks`); without it they are drawn here, in the calling process. Either way they reach the
+    device through pinned memory. docs/benchmarks.md has the cost of both."""
 
     def __init__(self, pil):
         self.multicrop = BatchedMultiCrop(pil.multicrop)
-        self.mask_generator, self.patch_size = pil.mask_generator, pil.patch_size
-        self.global_number = pil.global_number
+        size = self.multicrop.global1.size
+        self.host_masks = HostMasks(pil.mask_generator, pil.global_number,
+                                    (size[0] // pil.patch_size, size[1] // pil.patch_size))
 
-    def masks(self, batch_size, shape, seed=None, device="cpu"):
-        h, w = shape[0] // self.patch_size, shape[1] // self.patch_size
-        with _python_random_seeded(None if seed is None else seed ^ 0x5EED):
-            masks = torch.stack([torch.stack([self.mask_generator(h, w) for _ in range(batch_size)])
-                                 for _ in range(self.global_number)])
-        if torch.device(device).type == "cuda":
-            masks = masks.pin_memory()
-        return list(masks.to(device, non_blocking=True).unbind(0))
-
-    def __call__(self, images, seed=None, sizes=None):
+    def __call__(self, images, seed=None, sizes=None, masks=None):
         crops = self.multicrop(images, seed, sizes)
-        return crops, self.masks(images.shape[0], crops[0].shape[-2:], seed, images.device)
+        if masks is None:
+            masks = self.host_masks(images.shape[0], seed)
+        if images.device.type == "cuda" and not masks.is_pinned():
+            masks = masks.pin_memory()
+        return crops, list(masks.to(images.device, non_blocking=True).unbind(0))
 
 
 def batched_transform(pil_transform):

@@ -35,6 +35,7 @@ Stored size of a resident ImageFolder: the images keep their size when they all 
 one's; any other image is resized (bicubic, antialiased) to cover that size and centre-cropped
 to it; store_size=s stores every image as s x s that way instead.
 """
+import itertools
 import math
 
 import numpy as np
@@ -44,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets as tv_datasets
 from torchvision.io import ImageReadMode
+from torchvision.transforms import functional as F
 
 from .datasets import ArrayDataset, _Subset, build_dataset
 from .gpu_transforms import batch_seed, batched_transform
@@ -121,6 +123,51 @@ class _Loader:
     def _seed(self, i):
         return batch_seed(self.seed, self.epoch, i, self.rank)
 
+    def _init_masks(self, transform, workers, device):
+        """iBOT: its masks drawn ahead in `workers` processes (0: inline, in this process)."""
+        self._mask_loader = None
+        if workers > 0 and hasattr(transform, "host_masks"):
+            self._mask_keys = _MaskKeys()
+            self._mask_loader = DataLoader(
+                _MaskBatches(transform.host_masks, self.seed, self.rank), sampler=self._mask_keys,
+                batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                persistent_workers=True)
+        return f", masks drawn in {workers} workers" if self._mask_loader is not None else ""
+
+    def _masks(self):
+        """{"masks": prefetched masks} for each batch left in this epoch ({} when drawn inline)."""
+        if self._mask_loader is None:
+            return itertools.repeat({})
+        per_rank = math.ceil(self.num_images / self.world_size)
+        self._mask_keys.keys = [(self.epoch, i, min(self.batch_size, per_rank - i * self.batch_size))
+                                for i in range(self.start_iter, self._len)]
+        return ({"masks": m} for m in self._mask_loader)
+
+
+class _MaskKeys:
+    """Sampler of (epoch, iteration, batch size) keys, refilled every epoch (a persistent
+    DataLoader re-reads it at each new iteration)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+class _MaskBatches(Dataset):
+    """(epoch, iteration, n) -> the iBOT masks of that batch, the same as drawn inline."""
+
+    def __init__(self, host_masks, seed, rank):
+        self.host_masks, self.seed, self.rank = host_masks, seed, rank
+
+    def __getitem__(self, key):
+        epoch, it, n = key
+        return self.host_masks(n, batch_seed(self.seed, epoch, it, self.rank))
+
 
 # ============ tensor backend: resident datasets ============
 
@@ -150,29 +197,52 @@ def _base_and_indices(dataset):
     return dataset, None
 
 
+def _folder_samples(dataset):
+    base, idx = _base_and_indices(dataset)
+    if not hasattr(base, "samples"):
+        return None
+    return base.samples if idx is None else [base.samples[i] for i in idx]
+
+
 def _cover_crop(img, height, width):
-    """PIL image -> uint8 (3, height, width): as is when it has that size, else resized
-    (bicubic) to cover it and centre-cropped."""
-    img = img.convert("RGB")
-    if img.size != (width, height):
-        scale = max(height / img.height, width / img.width)
-        new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - width) // 2, (new_h - height) // 2
-        img = img.crop((left, top, left + width, top + height))
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    """uint8 (3, h, w) -> uint8 (3, height, width): as is when it has that size, else resized
+    (bicubic, antialiased) to cover it and centre-cropped."""
+    h, w = img.shape[-2:]
+    if (h, w) != (height, width):
+        scale = max(height / h, width / w)
+        size = [max(height, round(h * scale)), max(width, round(w * scale))]
+        img = F.resize(img, size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        img = F.center_crop(img, [height, width])
+    return img
 
 
-class _CoverCropped(Dataset):
+class _Decoded(Dataset):
+    """Item i of a dataset as uint8 (3, height, width): files are read and decoded with
+    torchvision.io (libjpeg-turbo, the same pixels as PIL, several times faster), other
+    datasets' PIL images converted."""
+
     def __init__(self, dataset, height, width):
         self.dataset, self.height, self.width = dataset, height, width
+        self.samples = _folder_samples(dataset)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        img, _ = self.dataset[i]
+        if self.samples is not None:
+            img = _decode_cpu(torchvision.io.read_file(self.samples[i][0]))
+        else:
+            img = F.pil_to_tensor(self.dataset[i][0].convert("RGB"))
         return _cover_crop(img, self.height, self.width)
+
+
+def _first_size(dataset):
+    """(height, width) of item 0, from the file header alone when it is a file."""
+    samples = _folder_samples(dataset)
+    if samples is not None:
+        with Image.open(samples[0][0]) as img:
+            return img.height, img.width
+    return dataset[0][0].height, dataset[0][0].width
 
 
 def stored_shape(dataset, store_size=None):
@@ -184,16 +254,15 @@ def stored_shape(dataset, store_size=None):
     elif arr is not None:
         h, w = arr.shape[2:]
     else:
-        first = dataset[0][0]
-        w, h = first.size
+        h, w = _first_size(dataset)
     return len(dataset), 3, int(h), int(w)
 
 
 def decode_dataset(dataset, store_size=None, num_workers=0):
     """A dataset of data.datasets built with transform=None -> (uint8 (N, 3, H, W), int64 (N,))
     on the host. Arrays (digits, npy, CIFAR, STL-10) are copied as they are; other datasets
-    (ImageFolder, Tiny ImageNet) are decoded once with PIL in `num_workers` processes, to the
-    size stored_shape() gives."""
+    (ImageFolder, Tiny ImageNet) are decoded once (torchvision.io) in `num_workers` processes,
+    to the size stored_shape() gives."""
     base, idx = _base_and_indices(dataset)
     arr = _array_of(base)
     _, _, h, w = stored_shape(dataset, store_size)
@@ -201,7 +270,7 @@ def decode_dataset(dataset, store_size=None, num_workers=0):
         arr = arr if idx is None else arr[idx]
         images = torch.from_numpy(np.ascontiguousarray(arr))
     else:
-        loader = DataLoader(_CoverCropped(dataset, h, w), batch_size=256, num_workers=num_workers)
+        loader = DataLoader(_Decoded(dataset, h, w), batch_size=256, num_workers=num_workers)
         images = torch.empty((len(dataset), 3, h, w), dtype=torch.uint8)
         n = 0
         for batch in loader:
@@ -219,15 +288,16 @@ class ResidentLoader(_Loader):
     (data.gpu_transforms.batched_transform). Yields (views, labels) on `device`."""
 
     def __init__(self, images, labels, transform, batch_size, device, seed=0, rank=0,
-                 world_size=1, shuffle=True, drop_last=True):
+                 world_size=1, shuffle=True, drop_last=True, mask_workers=0):
         super().__init__(len(images), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.images, self.labels, self.transform = images, labels.to(images.device), transform
         self.device = torch.device(device)
         self.describe = f"resident uint8 {tuple(images.shape)} on {images.device}, no workers"
+        self.describe += self._init_masks(transform, mask_workers, self.device)
 
     def __iter__(self):
         on_device = self.images.device == self.device
-        for i, idx in self._batches():
+        for (i, idx), extra in zip(self._batches(), self._masks()):
             idx = torch.tensor(idx)
             if on_device:  # indices through pinned memory: no host-device sync
                 if self.device.type == "cuda":
@@ -239,17 +309,10 @@ class ResidentLoader(_Loader):
                     images, labels = images.pin_memory(), labels.pin_memory()
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-            yield self.transform(images, seed=self._seed(i)), labels
+            yield self.transform(images, seed=self._seed(i), **extra), labels
 
 
 # ============ tensor backend: JPEGs streamed from an ImageFolder ============
-
-def _folder_samples(dataset):
-    base, idx = _base_and_indices(dataset)
-    if not hasattr(base, "samples"):
-        return None
-    return base.samples if idx is None else [base.samples[i] for i in idx]
-
 
 def _shrink(img, max_side):
     """uint8 (3, h, w) -> at most max_side on its longer side (antialiased bilinear)."""
@@ -319,7 +382,7 @@ class StreamingLoader(_Loader):
     longer than max_side are shrunk to it first (bounds the padded batch)."""
 
     def __init__(self, samples, transform, batch_size, device, seed=0, rank=0, world_size=1,
-                 shuffle=True, drop_last=True, num_workers=4, max_side=1024):
+                 shuffle=True, drop_last=True, num_workers=4, max_side=1024, mask_workers=0):
         super().__init__(len(samples), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.device, self.transform, self.max_side = torch.device(device), transform, max_side
         cuda = self.device.type == "cuda"
@@ -332,6 +395,7 @@ class StreamingLoader(_Loader):
                                  persistent_workers=num_workers > 0)
         where = "decoded on the GPU (nvJPEG)" if cuda else "decoded in the workers"
         self.describe = f"JPEG bytes read by {num_workers} workers, {where}"
+        self.describe += self._init_masks(transform, mask_workers, self.device)
 
     def set_epoch(self, epoch, start_iter=0):
         super().set_epoch(epoch, start_iter)
@@ -353,6 +417,7 @@ class StreamingLoader(_Loader):
 
     def __iter__(self):
         cuda = self.device.type == "cuda"
+        masks = self._masks()
         for i, batch in enumerate(self.loader, start=self.start_iter):
             if cuda:
                 data, labels = batch
@@ -362,7 +427,7 @@ class StreamingLoader(_Loader):
                 images, sizes, labels = batch
                 images = images.to(self.device)
             labels = labels.to(self.device, non_blocking=True)
-            yield self.transform(images, seed=self._seed(i), sizes=sizes), labels
+            yield self.transform(images, seed=self._seed(i), sizes=sizes, **next(masks)), labels
 
 
 # ============ pil backend: today's DataLoader ============
@@ -396,12 +461,13 @@ class PILLoader(_Loader):
 def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_size, *, device,
                        seed=0, rank=0, world_size=1, num_workers=4, memory_gb=4.0,
                        download=False, split="train", shuffle=True, drop_last=True,
-                       store_size=None, max_side=1024, **dataset_kwargs):
+                       store_size=None, max_side=1024, mask_workers=None, **dataset_kwargs):
     """The loader of `split` of a dataset for one process; see the module docstring.
 
     backend: "tensor" or "pil". pil_transform: the method's PIL transform (the tensor backend
     builds its batched twin from it). device: the training device. memory_gb: the resident
-    budget in GiB. dataset_kwargs: passed to build_dataset (val_split, seed of the split).
+    budget in GiB. mask_workers: processes drawing iBOT's masks ahead (default
+    min(num_workers, 4); 0 draws them inline). dataset_kwargs: passed to build_dataset (val_split, seed of the split).
     -> a loader with __len__ (batches per epoch), set_epoch(epoch, start_iter=0), start_iter,
     num_images, describe, and iteration over (views, labels)."""
     if backend not in BACKENDS:
@@ -415,6 +481,7 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
         return PILLoader(dataset, batch_size, device, num_workers=num_workers, **common)
 
     transform = batched_transform(pil_transform)
+    common["mask_workers"] = min(num_workers, 4) if mask_workers is None else mask_workers
     dataset = build_dataset(dataset_name, data_path, split, None, download=download,
                             **dataset_kwargs)
     n, c, h, w = stored_shape(dataset, store_size)

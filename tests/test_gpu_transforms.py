@@ -299,3 +299,17 @@ def test_streaming_loader_on_cpu(tmp_path):
     resident = build_train_loader("tensor", "imagefolder", str(tmp_path), tf, 4, device="cpu",
                                   num_workers=0)
     assert isinstance(resident, ResidentLoader) and resident.images.shape == (12, 3, 24, 36)
+
+
+def test_ibot_masks_drawn_in_workers_equal_inline_ones():
+    tf = _recipes()["ibot"]
+    images, labels = torch.zeros((40, 3, 32, 32), dtype=torch.uint8), torch.zeros(40)
+    runs = []
+    for workers in (0, 1):
+        loader = ResidentLoader(images, labels, batched_transform(tf), 8, "cpu", seed=1,
+                                mask_workers=workers)
+        loader.set_epoch(2, start_iter=3)
+        runs.append([views[1] for views, _ in loader])
+    assert len(runs[0]) == 2 and [m.shape for m in runs[1][0]] == [(8, 8, 8)] * 2
+    for inline, prefetched in zip(*runs):
+        assert all(torch.equal(a, b) for a, b in zip(inline, prefetched))
