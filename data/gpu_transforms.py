@@ -32,11 +32,12 @@ How each op is done
   first, then the hue shift (0 for samples without jitter), then the blends after it, so every
   sample sees its own order at the cost of 6 blends and 1 hue pass.
 - Grayscale: ITU-R 601 luma (0.299, 0.587, 0.114), PIL's "L", copied to 3 channels.
-- Gaussian blur: a per-sample (S, S) band matrix on each axis. torchvision's GaussianBlur keeps
+- Gaussian blur: separable, a per-sample kernel per axis as one grouped convolution (groups =
+  samples x channels), padding by index (any width). torchvision's GaussianBlur keeps
   its kernel size (data/transforms.py: 10 % of the view) and reflect padding; the PIL
   ImageFilter blur of the multi-crop recipe (RandomGaussianBlur) has no kernel size, so its
   kernel spans +-3 sigma_max (13 taps for radius 2) with edge replication, as PIL's box blurs.
-  Samples that are not blurred get an identity matrix.
+  Samples that are not blurred get the identity kernel.
 - Solarize (PIL threshold 128 of 255): x >= 128/255 -> 1 - x. Then Normalize(mean, std).
 Everything stays in float32 on the device: no per-op uint8 rounding as in PIL (differences of
 at most a grey level), and no host-device sync (no .item(), no boolean indexing), so on CUDA the
@@ -398,20 +399,32 @@ class _Grayscale:
         return torch.where(params["gray"][:, None, None, None], _gray(x).expand_as(x), x)
 
 
-def _blur_matrix(n_pix, kernel, padding):
-    """(N, n_pix, n_pix) matrix applying the 1-D kernels (N, 2h+1) along one axis."""
-    n, taps = kernel.shape
-    half = taps // 2
-    src = (torch.arange(n_pix, device=kernel.device)[:, None]
-           + torch.arange(-half, half + 1, device=kernel.device)[None])            # (n_pix, taps)
-    if padding == "reflect" and n_pix > 1:  # mirror without repeating the edge, any distance
+def _padded_index(n_pix, half, padding, device):
+    """Source pixel of each position of an axis padded by `half` on both sides: mirrored
+    without repeating the edge (reflect, at any distance) or the edge repeated (replicate)."""
+    src = torch.arange(-half, n_pix + half, device=device)
+    if padding == "reflect" and n_pix > 1:
         period = 2 * (n_pix - 1)
         src = torch.remainder(src, period)
-        src = torch.where(src >= n_pix, period - src, src)
-    else:  # replicate the edge
-        src = src.clamp(0, n_pix - 1)
-    m = torch.zeros((n, n_pix, n_pix), device=kernel.device, dtype=kernel.dtype)
-    return m.scatter_add_(2, src.expand(n, -1, -1), kernel[:, None, :].expand(-1, n_pix, -1))
+        return torch.where(src >= n_pix, period - src, src)
+    return src.clamp(0, n_pix - 1)
+
+
+def _blur_axis(x, kernel, padding, dim):
+    """Convolve (N, C, H, W) along dim 2 or 3 with per-sample 1-D kernels (N, taps): one
+    grouped convolution, a group per (sample, channel)."""
+    n, c = x.shape[:2]
+    taps = kernel.shape[1]
+    half = taps // 2
+    if half < x.shape[dim]:  # F.pad's reflect needs a pad below the size
+        x = torch.nn.functional.pad(x, (0, 0, half, half) if dim == 2 else (half, half, 0, 0),
+                                    mode=padding)
+    else:
+        x = x.index_select(dim, _padded_index(x.shape[dim], half, padding, x.device))
+    shape = (n * c, 1, taps, 1) if dim == 2 else (n * c, 1, 1, taps)
+    weight = kernel.repeat_interleave(c, 0).reshape(shape)
+    out = torch.nn.functional.conv2d(x.reshape(1, n * c, *x.shape[2:]), weight, groups=n * c)
+    return out.reshape(n, c, *out.shape[2:])
 
 
 class _GaussianBlur:
@@ -426,17 +439,15 @@ class _GaussianBlur:
         return {"blur": _bernoulli(n, self.p, gen, device),
                 "sigma": _uniform(n, self.sigma[0], self.sigma[1], gen, device)}
 
-    def _matrix(self, n_pix, taps, params):
+    def _kernel(self, taps, params):
         t = torch.arange(taps, device=params["sigma"].device, dtype=torch.float32) - taps // 2
         k = torch.exp(-0.5 * (t[None] / params["sigma"][:, None]) ** 2)
         k = k / k.sum(1, keepdim=True)
-        k = torch.where(params["blur"][:, None], k, (t == 0).float()[None])  # identity if unblurred
-        return _blur_matrix(n_pix, k, self.padding)
+        return torch.where(params["blur"][:, None], k, (t == 0).float()[None])  # unblurred: identity
 
     def apply(self, x, params):
-        my = self._matrix(x.shape[2], self.kernel_size[1], params)[:, None]
-        mx = self._matrix(x.shape[3], self.kernel_size[0], params)[:, None]
-        return my.matmul(x).matmul(mx.transpose(-1, -2))
+        x = _blur_axis(x, self._kernel(self.kernel_size[1], params), self.padding, 2)
+        return _blur_axis(x, self._kernel(self.kernel_size[0], params), self.padding, 3)
 
 
 class _Solarize:

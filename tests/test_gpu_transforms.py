@@ -313,3 +313,13 @@ def test_ibot_masks_drawn_in_workers_equal_inline_ones():
     assert len(runs[0]) == 2 and [m.shape for m in runs[1][0]] == [(8, 8, 8)] * 2
     for inline, prefetched in zip(*runs):
         assert all(torch.equal(a, b) for a, b in zip(inline, prefetched))
+
+
+def test_blur_wider_than_the_image_mirrors_like_reflect():
+    x = _smooth_images(2, 5, 5).float() / 255
+    kernel = torch.rand((2, 13))  # 6 taps per side on 5 pixels: padded by index
+    from data.gpu_transforms import _blur_axis
+    padded = x[:, :, [2, 3, 4, 3, 2, 1, 0, 1, 2, 3, 4, 3, 2, 1, 0, 1, 2]]  # rows -6..10, period 8
+    want = torch.stack([sum(kernel[b, t] * padded[b, :, t:t + 5] for t in range(13))
+                        for b in range(2)])
+    torch.testing.assert_close(_blur_axis(x, kernel, "reflect", 2), want, atol=1e-5, rtol=0)
