@@ -25,8 +25,10 @@ timed. Every train_ssl.py flag of the method is accepted (--method <name> --help
         --dataset imagefolder --data_path ../shared/data/cifar10-jpeg --num_workers 2
 data: images/s of the loader alone (reading, decoding, augmenting, on the device); end2end:
 images/s of the loader feeding train_ssl.train_one_epoch, the two in one loop as in training.
-One line per backend and batch size, then the tensor / pil ratio. setup_s (building the
-loader: decoding a resident split, starting workers) is reported apart and not timed.
+One line per backend and batch size (and repeat), then the tensor / pil ratio of the best
+of --repeats. setup_s (building the loader: decoding a resident split) is reported apart and
+not timed. bench/resized_crop.py and bench/ibot_masks.py time two design choices of the
+tensor backend.
 
 peak_mem_MB: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU, the peak
 resident set size of the whole process so far (includes Python and torch, ~0.3-0.5 GB, and
@@ -80,6 +82,9 @@ def get_args_parser(method):
                        choices=["tensor", "pil"],
                        help="Data backends compared by --mode data / end2end (--num_workers "
                             "workers for pil).")
+    group.add_argument("--repeats", default=1, type=int,
+                       help="--mode data / end2end: measure the backends this many times, "
+                            "interleaved, and report the best of each (shared machines).")
     group.add_argument("--data_memory_gb", default=4.0, type=float,
                        help="Resident budget of the tensor backend (as train_ssl.py's flag).")
     return parser
@@ -245,13 +250,15 @@ def main(argv=None):
     if args.mode != "step":
         for batch_size in args.batch_size:
             rates = {}
-            for backend in args.backends:
-                rates[backend], setup = measure_loader(args, transform, batch_size, backend,
-                                                       train=args.mode == "end2end")
-                print(f"mode={args.mode} backend={backend} method={args.method} arch={arch} "
-                      f"dataset={args.dataset} input={args.input_size} batch={batch_size} "
-                      f"device={args.device_name} workers={args.num_workers} "
-                      f"img/s={rates[backend]:.1f} setup_s={setup:.1f}", flush=True)
+            for _ in range(args.repeats):
+                for backend in args.backends:
+                    rate, setup = measure_loader(args, transform, batch_size, backend,
+                                                 train=args.mode == "end2end")
+                    rates[backend] = max(rate, rates.get(backend, 0))
+                    print(f"mode={args.mode} backend={backend} method={args.method} arch={arch} "
+                          f"dataset={args.dataset} input={args.input_size} batch={batch_size} "
+                          f"device={args.device_name} workers={args.num_workers} "
+                          f"img/s={rate:.1f} setup_s={setup:.1f}", flush=True)
             if len(rates) == 2:
                 print(f"mode={args.mode} method={args.method} batch={batch_size} "
                       f"tensor/pil={rates['tensor'] / rates['pil']:.2f}", flush=True)
