@@ -17,9 +17,9 @@ done, in this order:
   distributed       `torchrun --nproc_per_node=1 train_ssl.py` (nccl on CUDA, gloo on CPU) for
                     one short epoch, then the same command resumes from its checkpoint
   throughput        SimCLR ResNet-18 32px, DINO and iBOT ViT-S/16 2x224 + 10x96, rotation ViT-S/16
-                    160px: img/s of the step alone (bench/throughput.py) and end to end (the
-                    train loader feeding the step), peak memory, GFLOP per image and MFU, each
-                    eager and with --compile true
+                    160px: img/s of the step alone (bench/throughput.py) and end to end
+                    (train_ssl.py's loader, tensor and pil backends, feeding the step), peak
+                    memory, GFLOP per image and MFU, each eager and with --compile true
   settings          each fast default off and on: cudnn.benchmark, channels_last, fused
                     AdamW/SGD, DDP flags, the SDPA kernel, host-device syncs, pinned memory
   time-to-accuracy  SimCLR ResNet-18 on CIFAR-10 (bench/tta.py) in the background: k-NN top-1
@@ -499,51 +499,6 @@ def step_flops(args, info, transform, batch_size):
     return counter.get_total_flops()
 
 
-def end_to_end(args, transform, batch_size, steps, warmup):
-    """images/s of train_ssl's loader feeding train_ssl's step: the DataLoader over the train
-    split (workers decode and augment, pinned memory on CUDA), as train_ssl.py builds it."""
-    from data import build_dataset
-
-    args.batch_size_per_gpu = batch_size
-    dataset = build_dataset(args.dataset, args.data_path, "train", transform)
-    n = warmup + steps
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=args.num_workers,
-        pin_memory=args.device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0)
-    torch.manual_seed(args.seed)
-    model, optimizer, scaler = throughput.build_training(args, n)
-
-    class Endless:  # the next k batches of the loader, with the __len__ train_one_epoch reads
-        def __init__(self, k):
-            self.k = k
-
-        def __len__(self):
-            return self.k
-
-        def __iter__(self):
-            it = iter(loader)
-            for _ in range(self.k):
-                try:
-                    yield next(it)
-                except StopIteration:  # past the end of an epoch: start the next one
-                    it = iter(loader)
-                    yield next(it)
-
-    lrs = np.full(args.epochs * n, lr_for_batch(args.lr, batch_size))
-    wds = np.full(args.epochs * n, args.weight_decay)
-
-    def run(k):
-        with contextlib.redirect_stdout(io.StringIO()):
-            train_ssl.train_one_epoch(model, model, Endless(k), optimizer, lrs, wds,
-                                      args.epochs - 1, scaler, args)
-
-    if warmup:
-        run(warmup)
-    seconds = timed(lambda: run(steps), args.device)
-    return batch_size * steps / seconds
-
-
 def throughput_row(label, flags, batch_size, compiled, device, tiny, data_flags, flops_cache):
     steps, warmup = (1, 1) if tiny else (20, 5 if not compiled else 8)
     workers = 0 if tiny else min(16, os.cpu_count() or 1)
@@ -560,10 +515,16 @@ def throughput_row(label, flags, batch_size, compiled, device, tiny, data_flags,
     peak_tf = peak_tflops(args.device, args.precision)
     values["MFU_%"] = round(100 * flops / (step_ms / 1000) / (peak_tf * 1e12), 1) if peak_tf \
         else "n/a"
+    # end to end: train_ssl.py's loader (data/loaders.py) feeding the step, on real images;
+    # the default tensor backend, and (eager rows) the PIL reference path
     e2e_args, _, e2e_transform = bench_args([*flags, *data_flags, "--compile",
-                                             str(compiled).lower()], device)
-    e2e_args.num_workers = workers  # bench/throughput.py sets 0 for its step-only mode
-    values["e2e_img_s"] = round(end_to_end(e2e_args, e2e_transform, batch_size, steps, warmup), 1)
+                                             str(compiled).lower(), "--mode", "end2end",
+                                             "--steps", str(steps), "--warmup", str(warmup),
+                                             "--num_workers", str(workers)], device)
+    for backend in ("tensor",) if compiled or tiny else ("tensor", "pil"):
+        img_s, _ = throughput.measure_loader(e2e_args, e2e_transform, batch_size, backend,
+                                             train=True)
+        values[f"e2e_{backend}_img_s"] = round(img_s, 1)
     values["e2e_data"] = e2e_args.dataset
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -775,7 +736,8 @@ def setting_pinned(device, tiny):
         res.append(timed(lambda: src.to("cuda", non_blocking=pinned), torch.device("cuda"), 5))
     return "info", {"off_GB_s": round(gb / res[0], 1), "on_GB_s": round(gb / res[1], 1),
                     "speedup": round(res[0] / res[1], 2)}, \
-        "host-to-device copy of a 148 MB DINO batch, pageable vs pinned (DataLoader pin_memory)"
+        "host-to-device copy of a 148 MB DINO batch, pageable vs pinned (what the pil " \
+        "backend's DataLoader and host-resident arrays use)"
 
 
 # ============ data ============
