@@ -76,8 +76,8 @@ def get_args_parser(method, add_help=True):
                         help="torch.compile the backbone(s) the step runs (student and teacher; "
                              "one graph per crop size, mask and train/eval mode), compiled "
                              "during the first steps. Off by default: on a 2-core CPU it took "
-                             "1.5-5 min to compile and then saved 6-10%% per ViT step and lost "
-                             "20%% per ResNet step; on GPUs it is not measured yet "
+                             "1.5-5 min to compile, then saved 5-9%% of a ViT step and cost "
+                             "22%% of a ResNet-18 step; on GPUs it is not measured yet "
                              "(bench/gpu_suite.py measures it).")
 
     # Training/Optimization parameters

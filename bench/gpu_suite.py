@@ -838,7 +838,7 @@ def time_to_accuracy(suite, device, data_path, args):
                      "knn_top5": p["knn_top5"], "session": p["session"]}, ""), cache=False)
     last = progress[-1]["knn_top1"] if progress else None
     values = {"epochs_done": state.get("epoch", 0), "epochs": args.tta_epochs,
-              "status": status, "knn_top1_last": last}
+              "state": status, "knn_top1_last": last}
     note = "python train_ssl.py " + " ".join(recipe)
     if status == "running":
         note = f"still training in the background (pid {state.get('pid')}); the next suite run " \

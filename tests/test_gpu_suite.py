@@ -116,7 +116,7 @@ def test_settings_rows(suite):
 def test_time_to_accuracy_trained_in_the_background(suite):
     out, table = suite[0][1], suite[2]
     rows = rows_of(table, "time-to-accuracy")
-    assert rows["run"]["status"] == "info" and rows["run"]["values"]["status"] == "done", rows
+    assert rows["run"]["status"] == "info" and rows["run"]["values"]["state"] == "done", rows
     epochs = [rows[f"epoch {e}"]["values"] for e in (1, 2)]
     assert 0 < epochs[0]["train_s"] < epochs[1]["train_s"]
     # 10 digit classes: chance is 10 %; any working feature extractor with labels in step
