@@ -210,7 +210,7 @@ def test_time_to_accuracy_resumes_after_a_stop(tmp_path):
     recipe = gpu_suite.tta_recipe("cpu", data, epochs=3)  # 64 images: one step per epoch
     run = tmp_path / "tta"
     assert tta.start(run, recipe, eval_workers=0) == "running"
-    _wait(lambda: tta.read_progress(run))  # epoch 1 evaluated
+    _wait(lambda: tta.epochs_logged(run) >= 1)  # stopped early in the run: 2 epochs to go
     assert tta.stop(run)
     first = tta.read_state(run)
     assert first["status"] == "stopped" and first["sessions"] == 1 and first["pid"] is None
@@ -223,6 +223,6 @@ def test_time_to_accuracy_resumes_after_a_stop(tmp_path):
     assert state["status"] == "done" and state["sessions"] == 2, state
     assert state["past_s"] >= first["session_s"] > 0
     epochs = [p["epoch"] for p in progress]
-    assert epochs == sorted(set(epochs)) and epochs[0] == 1 and epochs[-1] == 3
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 3
     assert progress[-1]["session"] == 2 and progress[-1]["train_s"] > first["session_s"]
     assert "Found checkpoint" in (run / "train.log").read_text()
