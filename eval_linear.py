@@ -273,6 +273,7 @@ def training_batches(model, feats_fn, dataset_train, info, args):
         args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
         drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size,
         val_split=args.val_split)
+    print(f"Augmented training images: {loader.describe}.")
 
     def encode(x):
         with torch.no_grad(), amp.autocast(args.precision, args.device):

@@ -388,6 +388,7 @@ def run_finetune(args):
     # each rank's DistributedSampler(shuffle=True) order with drop_last, as train_ssl.py
     loader = evaluation.train_loader(args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
                                      val_split=args.val_split)
+    print(f"Training images: {loader.describe}.")
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
                                         else None) if args.distributed else model
 
