@@ -258,8 +258,9 @@ def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset
 
 class LoadedSplit(torch.utils.data.Dataset):
     """A dataset with a loader of the same images (data/loaders.py, shuffle=False,
-    drop_last=False): its length, items, targets and classes are the dataset's, while
-    extract_dataset_features reads its images from the loader (--data_backend tensor)."""
+    drop_last=False): its length, items, targets and num_classes are the dataset's (and its
+    classes, through .dataset as for a held-out subset), while extract_dataset_features reads
+    its images from the loader (--data_backend tensor)."""
 
     def __init__(self, dataset, loader):
         self.dataset, self.loader = dataset, loader
