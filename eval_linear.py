@@ -228,10 +228,13 @@ def build_datasets(args, info):
     split (test None). Fills --num_labels from the data."""
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     train_tf = val_tf if args.cached_features else SingleViewTransform(args.image_size, info.mean, info.std)
-    split = dict(val_split=args.val_split, seed=args.seed)
-    dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf, **split)
-    dataset_val = build_dataset(args.dataset, args.data_path, "val", val_tf, **split)
-    dataset_test = build_dataset(args.dataset, args.data_path, "test", val_tf) if args.val_split else None
+    if args.cached_features:  # images read once, through --data_backend tensor or pil
+        dataset_train = evaluation.eval_split(args, "train", val_tf, val_split=args.val_split)
+    else:  # (training_batches builds the augmented loader)
+        dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf,
+                                      val_split=args.val_split, seed=args.seed)
+    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)
+    dataset_test = evaluation.eval_split(args, "test", val_tf) if args.val_split else None
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -258,19 +261,19 @@ def cached(model, dataset, feats_fn, args):
             torch.as_tensor(dataset.targets))
 
 
-def training_batches(model, feats_fn, dataset_train, args):
+def training_batches(model, feats_fn, dataset_train, info, args):
     """What train_one_epoch iterates, and encode(batch) -> features: cached features with the
-    identity (--cached_features), or augmented images through the frozen backbone."""
+    identity (--cached_features), or augmented images (data/loaders.py, --data_backend) through
+    the frozen backbone. Both have set_epoch(epoch)."""
     if args.cached_features:
         print("Extracting features once, without augmentation (--cached_features)...")
         features, labels = cached(model, dataset_train, feats_fn, args)
         return FeatureBatches(features, labels, args.batch_size_per_gpu, args.seed), lambda x: x
-    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size,
-                                                 rank=args.rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, pin_memory=args.device.type == "cuda",
-        drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size)
+    loader = evaluation.train_loader(
+        args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
+        drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size,
+        val_split=args.val_split)
+    print(f"Augmented training images: {loader.describe}.")
 
     def encode(x):
         with torch.no_grad(), amp.autocast(args.precision, args.device):
@@ -435,7 +438,7 @@ def run_linear(args):
         return evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args)
 
     # ============ preparing data ... ============
-    batches, encode = training_batches(model, feats_fn, dataset_train, args)
+    batches, encode = training_batches(model, feats_fn, dataset_train, info, args)
     if args.cached_features:
         val_data, test_data = cached(model, dataset_val, feats_fn, args), cached(model, dataset_test, feats_fn, args)
     else:
@@ -461,7 +464,7 @@ def run_linear(args):
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
     for epoch in range(start_epoch, args.epochs):
-        (batches if args.cached_features else batches.sampler).set_epoch(epoch)
+        batches.set_epoch(epoch)
         train_stats = train_one_epoch(model, ddp_probe, optimizer, scaler, batches, epoch, encode, args)
         scheduler.step()
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}

@@ -332,8 +332,8 @@ def build_datasets(args, info):
     split = dict(val_split=args.val_split, seed=args.seed)
     dataset_train = build_dataset(args.dataset, args.data_path, "train",
                                   SingleViewTransform(args.image_size, info.mean, info.std), **split)
-    dataset_val = build_dataset(args.dataset, args.data_path, "val", val_tf, **split)
-    dataset_test = build_dataset(args.dataset, args.data_path, "test", val_tf)
+    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)  # tensor / pil
+    dataset_test = evaluation.eval_split(args, "test", val_tf)
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -385,11 +385,10 @@ def run_finetune(args):
     if len(dataset_train) < global_batch:
         raise ValueError(f"the train split has {len(dataset_train)} images, fewer than one global "
                          f"batch ({global_batch}); lower --batch_size_per_gpu")
-    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size,
-                                                 rank=args.rank, shuffle=True, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, drop_last=True,
-                                         pin_memory=args.device.type == "cuda")
+    # each rank's DistributedSampler(shuffle=True) order with drop_last, as train_ssl.py
+    loader = evaluation.train_loader(args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
+                                     val_split=args.val_split)
+    print(f"Training images: {loader.describe}.")
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
                                         else None) if args.distributed else model
 
@@ -425,7 +424,7 @@ def run_finetune(args):
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         train_stats = train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule,
                                       epoch, args)
         logits = predict(model, dataset_val, args)

@@ -467,7 +467,8 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
     backend: "tensor" or "pil". pil_transform: the method's PIL transform (the tensor backend
     builds its batched twin from it). device: the training device. memory_gb: the resident
     budget in GiB. mask_workers: processes drawing iBOT's masks ahead (default
-    min(num_workers, 4); 0 draws them inline). dataset_kwargs: passed to build_dataset (val_split, seed of the split).
+    min(num_workers, 4); 0 draws them inline). dataset_kwargs: passed to build_dataset (e.g.
+    val_split, held out with `seed` as well).
     -> a loader with __len__ (batches per epoch), set_epoch(epoch, start_iter=0), start_iter,
     num_images, describe, and iteration over (views, labels)."""
     if backend not in BACKENDS:
@@ -476,13 +477,13 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
     common = dict(seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
                   drop_last=drop_last)
     if backend == "pil":
-        dataset = build_dataset(dataset_name, data_path, split, pil_transform, download=download,
-                                **dataset_kwargs)
+        dataset = build_dataset(dataset_name, data_path, split, pil_transform, seed=seed,
+                                download=download, **dataset_kwargs)
         return PILLoader(dataset, batch_size, device, num_workers=num_workers, **common)
 
     transform = batched_transform(pil_transform)
     common["mask_workers"] = min(num_workers, 4) if mask_workers is None else mask_workers
-    dataset = build_dataset(dataset_name, data_path, split, None, download=download,
+    dataset = build_dataset(dataset_name, data_path, split, None, seed=seed, download=download,
                             **dataset_kwargs)
     n, c, h, w = stored_shape(dataset, store_size)
     fits = n * c * h * w <= memory_gb * 2**30
