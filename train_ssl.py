@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli
+from core import amp, cli, preempt
 from core import dist as distu
-from core.checkpoint import restart_from_checkpoint, save_atomic
+from core.checkpoint import load_resume, remove_stale_tmp, restart_from_checkpoint, save_atomic
 from core.curves import save_curves
 from core.diagnostics import check_collapse
 from core.logger import MetricLogger, bool_flag
@@ -114,6 +114,12 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--saveckp_freq", default=None, type=int,
                         help="Keep a numbered snapshot checkpoint{epoch:04}.pth every this many "
                              "epochs (0: never).")
+    preempt.add_args(parser)
+    parser.add_argument("--resume_from", default="", type=str,
+                        help="Resume from this checkpoint (e.g. a snapshot <output_dir>/"
+                             "checkpoint0040.pth) instead of <output_dir>/checkpoint.pth; once "
+                             "this run has written its own checkpoint.pth, the same command "
+                             "continues from that. Never used unless given.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="Data loading workers per process.")
@@ -155,6 +161,7 @@ def parse_args(argv=None, make_parser=None):
         raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
                          f"({args.epochs}); lower --warmup_epochs")
     METHODS[args.method].check_args(args)
+    preempt.check_args(args)
     args.dataset = resolve_dataset(args.dataset, args.data_path)
     amp.resolve_precision(args, "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     return args
@@ -178,7 +185,9 @@ def train_ssl(args):
     if len(dataset) < global_batch:
         raise ValueError(f"the train split has {len(dataset)} images, fewer than one global "
                          f"batch ({global_batch}); lower --batch_size_per_gpu")
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
+    # DistributedSampler whose epoch can start at a given iteration (mid-epoch resume)
+    sampler = preempt.ResumableSampler(dataset, args.batch_size_per_gpu, shuffle=True,
+                                       seed=args.seed)
     data_loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers, pin_memory=args.device.type == "cuda", drop_last=True,
@@ -218,38 +227,67 @@ def train_ssl(args):
 
     # ============ optionally resume training ... ============
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    to_restore = {"epoch": 0}
-    restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"),
-                            run_variables=to_restore, optimizer=optimizer,
-                            fp16_scaler=scaler if scaler.is_enabled() else None,
-                            **model.checkpoint_modules())
-    start_epoch = to_restore["epoch"]
+    if distu.is_main_process():
+        remove_stale_tmp(args.output_dir)  # the unfinished writes of a killed run
+    ckpt_path, ckpt = load_resume(os.path.join(args.output_dir, "checkpoint.pth"), args.resume_from)
+    to_restore = {"epoch": 0, "iteration": 0, "ranks": None}
+    if ckpt is not None:
+        preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+        restart_from_checkpoint(ckpt_path, run_variables=to_restore, ckpt=ckpt,
+                                optimizer=optimizer,
+                                fp16_scaler=scaler if scaler.is_enabled() else None,
+                                **model.checkpoint_modules())
+        del ckpt
+    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
+    # every rank's random generators and running sums, restored once the epoch's data iterator
+    # exists (None from a checkpoint of another world size: the run goes on, not bit-exact)
+    rank_states = to_restore["ranks"] if len(to_restore["ranks"] or ()) == args.world_size else None
+
+    def save_checkpoint(epoch, iteration, logger=None):
+        """checkpoint.pth (rank 0) at `iteration` of `epoch` (0: the epoch starts there), with
+        everything an exact resume needs; a collective (every rank's generators are gathered)."""
+        ranks = preempt.gather_rank_states(logger)
+        save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
+        save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch, iteration=iteration,
+                         sampler={"seed": args.seed, "epoch": epoch, "world_size": args.world_size,
+                                  "batch_size": args.batch_size_per_gpu},
+                         ranks=ranks, args=vars_plain(args))
+        if scaler.is_enabled():
+            save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+        if distu.is_main_process():
+            save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+            if iteration == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+        stopper.saved()
 
     writer = None
     if args.tensorboard and distu.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
+    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and exit 0
+    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
+                                 args.device)
     start_time = time.time()
-    print(f"Starting {args.method} training from epoch {start_epoch}!")
+    print(f"Starting {args.method} training from epoch {start_epoch}"
+          + (f", iteration {start_iter}" if start_iter else "") + "!")
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_iter)
 
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
-                                      wd_schedule, epoch, scaler, args)
+                                      wd_schedule, epoch, scaler, args, stopper=stopper,
+                                      save_checkpoint=save_checkpoint, start_iter=start_iter,
+                                      rank_states=rank_states)
+        start_iter, rank_states = 0, None
+        if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
+            break
         # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
         check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
 
         # ============ writing logs and checkpoint ... ============
-        save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
-        save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch + 1, args=vars_plain(args))
-        if scaler.is_enabled():
-            save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+        save_checkpoint(epoch + 1, 0)
         if distu.is_main_process():
-            save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
@@ -258,8 +296,18 @@ def train_ssl(args):
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train/{k}", v, epoch)
                 writer.flush()
+        if stopper.stop:  # the signal came in the epoch's last step
+            break
+    stopper.agree()  # a signal after the last step: the ranks skip the final k-NN check together
+    stopper.close()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    if stopper.stop:
+        stopper.finish()
+        if writer is not None:
+            writer.close()
+        distu.cleanup()
+        return
 
     if args.knn_eval and info.num_classes != 0:
         final_knn_check(model.eval_backbone(), init_backbone, args, info, writer)
@@ -286,19 +334,29 @@ def build_networks(args, niter_per_ep):
 
 
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
-                    scaler, args):
+                    scaler, args, stopper=None, save_checkpoint=None, start_iter=0,
+                    rank_states=None):
+    """One epoch from iteration start_iter. stopper (core.preempt.Preemption) and
+    save_checkpoint(epoch, iteration, logger): mid-epoch checkpoints and stopping on a signal;
+    rank_states: the generators and running sums a resumed epoch starts with. Returns the
+    epoch's averaged stats, or None when the ranks stopped mid-epoch (checkpoint written)."""
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
                           batch_size=args.batch_size_per_gpu)
     ddp_model.train()
     nonfinite = torch.zeros((), device=args.device)
+    niter = len(data_loader)  # iterations of the whole epoch, wherever it starts
 
     def edit_gradients():  # between backward and step, on the unscaled gradients
         if args.clip_grad:
             clip_gradients(model, args.clip_grad)
         model.after_backward(epoch)  # e.g. DINO's frozen last layer
 
-    for i, (views, _) in enumerate(logger.log_every(data_loader)):
-        it = len(data_loader) * epoch + i  # global training iteration
+    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
+        batches = iter(data_loader)
+    if rank_states is not None:  # resumed: the generators and sums of the checkpoint
+        preempt.restore_rank_state(rank_states, logger)
+    for i, (views, _) in enumerate(logger.log_every(batches, niter, start_iter), start=start_iter):
+        it = niter * epoch + i  # global training iteration
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the first group is regularized
@@ -314,8 +372,17 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
         model.after_step(it)
 
         logger.update(loss=loss.detach(), **stats)
-        if i % args.print_freq == 0 or i == len(data_loader) - 1:
-            check_finite(nonfinite, epoch, i)
+        if stopper is None:
+            if i % args.print_freq == 0 or i == niter - 1:
+                check_finite(nonfinite, epoch, i)
+        elif i % args.print_freq == 0 or i == niter - 1 or stopper.sync_due(it):
+            # one all-reduce: non-finite losses, a signal on any rank, a checkpoint due
+            flags = stopper.agree(nonfinite, it)
+            check_finite(flags.nonfinite, epoch, i)
+            if flags.save and i < niter - 1:  # (after the last step, train_ssl saves the epoch)
+                save_checkpoint(epoch, i + 1, logger)
+                if flags.stop:
+                    return None
     stats = logger.global_averages()
     stats.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
@@ -323,10 +390,14 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
 
 
 def check_finite(nonfinite, epoch, i):
-    n = nonfinite.clone()
-    if distu.get_world_size() > 1:
-        torch.distributed.all_reduce(n)
-    if n.item() > 0:
+    """nonfinite: the count of non-finite losses, all ranks together (an int), or this rank's
+    (a tensor, all-reduced here)."""
+    if torch.is_tensor(nonfinite):
+        n = nonfinite.clone()
+        if distu.get_world_size() > 1:
+            torch.distributed.all_reduce(n)
+        nonfinite = n.item()
+    if nonfinite > 0:
         print(f"error: loss is not finite (nan/inf) at epoch {epoch}, iteration {i}; stopping "
               "without saving. Lower --lr, raise --warmup_epochs, keep --clip_grad on, or train "
               "in --precision bf16 or fp32 if this was fp16.", file=sys.stderr, force=True)
