@@ -17,7 +17,6 @@ last, so they override). The linear probe runs on cached features unless told ot
 Per-run outputs and logs: <output_dir>/{pretrained,random_init}/{knn,linear,finetune}/;
 `tensorboard --logdir <output_dir>` shows both inits side by side.
 """
-import argparse
 import json
 import os
 import shlex
@@ -33,7 +32,7 @@ SCRIPTS = {"knn": "eval_knn.py", "linear": "eval_linear.py", "finetune": "finetu
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Pretrained vs random init", parents=[
+    parser = cli.ArgumentParser("Pretrained vs random init", parents=[
         evaluation.model_parser(), evaluation.data_parser(), evaluation.run_parser()])
     group = parser.add_argument_group("Comparison")
     group.add_argument("--evals", default=list(SCRIPTS), nargs="+", choices=list(SCRIPTS),

@@ -18,7 +18,6 @@ Without --pretrained_weights the backbone keeps its random init (the baseline). 
 shared flags (model, features, data, run) are in core/evaluation.py; with --output_dir the
 results are also written to <output_dir>/results.json.
 """
-import argparse
 import json
 import os
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from core import amp, cli, evaluation
 from core import dist as distu
-from core.checkpoint import save_atomic
+from core.checkpoint import make_output_dir, save_atomic
 from core.evaluation import extract_dataset_features, knn_classifier
 from core.logger import bool_flag
 from data import build_dataset, dataset_info, eval_transform
@@ -36,8 +35,8 @@ from models import is_vit
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Evaluation with weighted k-NN",
-                                     parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Evaluation with weighted k-NN",
+                                parents=[evaluation.get_args_parser()])
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", default=None, nargs="+", type=int,
                        help="Number of NN to use. 20 is usually working the best. Default: "
@@ -157,6 +156,9 @@ def run_knn(args):
     check_args(args)
     amp.resolve_precision(args, args.device)
     info = dataset_info(args.dataset, args.data_path)
+    for folder in (args.output_dir, args.dump_features):
+        if folder and distu.is_main_process():
+            make_output_dir(folder)  # writable, before any feature is extracted
     if args.load_features:
         feats = torch.load(os.path.join(args.load_features, "features.pth"), map_location="cpu")
         train_f, test_f = feats["train_features"], feats["test_features"]

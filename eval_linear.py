@@ -15,7 +15,6 @@ snapshot after training, as facebookresearch/moco-v3 main_lincls.py's sanity_che
 Without --pretrained_weights the probe runs on the random init (the baseline). The run resumes
 from <output_dir>/checkpoint.pth.tar only if that file was written with the same flags.
 """
-import argparse
 import copy
 import json
 import os
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import amp, cli, evaluation, preempt
 from core import dist as distu
-from core.checkpoint import load_file, remove_stale_tmp, save_atomic
+from core.checkpoint import load_file, make_output_dir, remove_stale_tmp, save_atomic
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -38,8 +37,8 @@ from models import feature_dim, is_vit, layerwise_features
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Evaluation with linear classification",
-                                     parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Evaluation with linear classification",
+                                parents=[evaluation.get_args_parser()])
     parser.set_defaults(n_last_blocks=4)  # DINO: 4 for ViT-Small, 1 for ViT-Base
 
     group = parser.add_argument_group("The probe and its training")
@@ -453,6 +452,7 @@ def run_linear(args):
     probe = build_probe(dims, names, args)
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)
     print(f"Output folder: {args.output_dir}")
+    make_output_dir(args.output_dir)  # writable, before any feature is extracted
     if args.evaluate:
         return evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args)
 

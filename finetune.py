@@ -19,11 +19,9 @@ out/finetune/<weights>_<dataset>; it resumes from <output_dir>/checkpoint.pth on
 was written with the same flags. The shared flags (model, features, data, run, --precision) are
 in core/evaluation.py.
 """
-import argparse
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import amp, cli, evaluation, preempt
 from core import dist as distu
-from core.checkpoint import load_file, remove_stale_tmp, save_atomic
+from core.checkpoint import load_file, make_output_dir, remove_stale_tmp, save_atomic
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -44,7 +42,7 @@ from models import extract_features, feature_dim, is_vit
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()])
     group = parser.add_argument_group("What trains")
     group.add_argument("--drop_path", default=0.1, type=float,
                        help="ViT stochastic depth rate (iBOT ViT-S: 0.1); ResNets have none.")
@@ -330,6 +328,8 @@ def test_report(model, dataset_test, info, args, writer=None):
 
 def check_args(args):
     evaluation.check_common_args(args)
+    if args.epochs < 1 and not args.evaluate:
+        raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
     if args.epochs <= args.warmup_epochs and not args.evaluate:
         raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
                          f"({args.epochs}); lower --warmup_epochs")
@@ -384,7 +384,7 @@ def run_finetune(args):
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
     print(f"Output folder: {args.output_dir}")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)  # writable, before any training
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     best_path = os.path.join(args.output_dir, "checkpoint_best.pth")
 

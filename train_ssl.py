@@ -14,7 +14,6 @@ The file reads top to bottom like facebookresearch/dino's main_dino.py: argument
 init, data, networks, optimizer, schedules, resume, the epoch loop, and one training epoch.
 Everything method-specific lives in methods/<name>.py.
 """
-import argparse
 import copy
 import datetime
 import json
@@ -29,7 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import amp, cli, preempt
 from core import dist as distu
-from core.checkpoint import load_resume, remove_stale_tmp, restart_from_checkpoint, save_atomic
+from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_resume,
+                             make_output_dir, remove_stale_tmp, restart_from_checkpoint,
+                             save_atomic)
 from core.curves import save_curves
 from core.diagnostics import check_collapse
 from core.logger import MetricLogger, bool_flag
@@ -38,7 +39,7 @@ from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_p
                         lr_for_batch)
 from data import DATASETS, build_dataset, dataset_info, resolve_dataset
 from methods import METHODS
-from models import ARCHS, build_backbone, is_vit
+from models import ARCHS, build_backbone, check_patch_size, is_vit
 
 # Generic flags whose default is the method's RECIPE (every methods/<name>.py sets them all).
 RECIPE_FLAGS = ("arch", "optimizer", "lr", "min_lr", "weight_decay", "weight_decay_end",
@@ -53,8 +54,8 @@ class HelpFormatter(cli.HelpFormatter):
 def get_args_parser(method, add_help=True):
     """All flags of `method` (None: the generic ones only, for `--help` without --method), with
     the method's RECIPE as the defaults of the generic flags."""
-    parser = argparse.ArgumentParser("minissl pre-training", add_help=add_help,
-                                     formatter_class=HelpFormatter)
+    parser = cli.ArgumentParser("minissl pre-training", add_help=add_help,
+                                formatter_class=HelpFormatter)
     parser.add_argument("--method", default=method, type=str, choices=sorted(METHODS),
                         help="Self-supervised method (required); `--method <name> --help` lists "
                              "its flags and recipe.")
@@ -107,6 +108,10 @@ def get_args_parser(method, add_help=True):
                         help="Dataset root (none for digits).")
     parser.add_argument("--download", default=False, type=bool_flag,
                         help="Let torchvision download CIFAR/STL-10 if missing.")
+    parser.add_argument("--skip_bad_images", default=False, type=bool_flag,
+                        help="Image folders: train on, in place of an image file that cannot be "
+                             "decoded, the next one, naming and counting each on stderr; false "
+                             "stops at the first with one line naming the file.")
 
     # Misc
     parser.add_argument("--output_dir", default="out", type=str,
@@ -146,7 +151,7 @@ def parse_args(argv=None, make_parser=None):
     make_parser(method) builds the full parser (default: get_args_parser; bench/ extends it).
     Then every check that needs no data: the method's check_args, --dataset from --data_path,
     the precision. Raises ValueError (the script's entry point prints it as one line)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = cli.ArgumentParser(add_help=False)
     pre.add_argument("--method")
     pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)
@@ -157,9 +162,7 @@ def parse_args(argv=None, make_parser=None):
     if known.method is not None and known.method not in METHODS:
         raise ValueError(f"unknown --method '{known.method}'; choose one of: {choices}")
     args = (make_parser or get_args_parser)(known.method).parse_args(argv)
-    if args.warmup_epochs >= args.epochs and args.epochs > 0:
-        raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
-                         f"({args.epochs}); lower --warmup_epochs")
+    check_args(args)
     METHODS[args.method].check_args(args)
     preempt.check_args(args)
     args.dataset = resolve_dataset(args.dataset, args.data_path)
@@ -167,8 +170,60 @@ def parse_args(argv=None, make_parser=None):
     return args
 
 
+def check_args(args):
+    """The generic flags: values that cannot work fail here, before anything starts."""
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be >= 0 and below --epochs "
+                         f"({args.epochs})")
+    for name, low in (("batch_size_per_gpu", 1), ("num_workers", 0), ("print_freq", 1),
+                      ("saveckp_freq", 0), ("knn_k", 1), ("patch_size", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= {low}")
+    for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= 0")
+    if not 0 <= args.drop_path_rate < 1:
+        raise ValueError(f"--drop_path_rate {args.drop_path_rate} must be in [0, 1)")
+
+
+# Flags a resumed run may change: how long or how it runs, not what it computes (DINO extends
+# runs with a larger --epochs). Every other flag stored in checkpoint.pth defines the run:
+# method, model, head, data, crops, optimisation, batch size, seed.
+RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
+             "tensorboard", "knn_eval", "knn_k", "saveckp_freq", "skip_bad_images",
+             "precision", "use_fp16", "compile",
+             "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
+             "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
+FIRST = ("method", "arch", "patch_size", "dataset", "data_path")  # named first when several differ
+
+
+def check_output_dir(args):
+    """Before any data is read: --output_dir is a folder this process can write in, and the
+    checkpoint.pth there (and the --resume_from file), if any, was written by this same run
+    (core/checkpoint.check_same_run), not by a run of another method, model or dataset that
+    would crash the resume or, worse, be continued silently. Flags left unset (None) are
+    derived from the compared ones."""
+    make_output_dir(args.output_dir)
+    paths = [p for p in [os.path.join(args.output_dir, "checkpoint.pth")] if os.path.isfile(p)]
+    if args.resume_from:
+        paths.append(args.resume_from)  # a missing one is reported here, before any data
+    for path in paths:
+        try:
+            stored = checkpoint_args(load_file(path, mmap=True))
+        except ValueError:
+            continue  # an unreadable checkpoint is the resume's to report
+        current = {k: os.path.abspath(v) if k == "data_path" and v else v
+                   for k, v in vars_plain(args).items() if v is not None}
+        if stored.get("data_path"):
+            stored = {**stored, "data_path": os.path.abspath(stored["data_path"])}
+        check_same_run(path, stored, current, RESUMABLE, FIRST)
+
+
 def train_ssl(args):
     distu.init_distributed_mode(args)
+    check_output_dir(args)
     distu.fix_random_seeds(args.seed)
     method = METHODS[args.method]
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
@@ -179,8 +234,10 @@ def train_ssl(args):
     # ============ preparing data ... ============
     info = dataset_info(args.dataset, args.data_path)
     args.input_size = method.input_size(args, info)
+    check_patch_size(args.arch, args.patch_size, args.input_size, "the dataset's image size")
     transform = method.build_transform(args, info)
-    dataset = build_dataset(args.dataset, args.data_path, "train", transform, download=args.download)
+    dataset = build_dataset(args.dataset, args.data_path, "train", transform, download=args.download,
+                            skip_bad_images=args.skip_bad_images)
     global_batch = args.batch_size_per_gpu * args.world_size
     if len(dataset) < global_batch:
         raise ValueError(f"the train split has {len(dataset)} images, fewer than one global "

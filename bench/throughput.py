@@ -24,7 +24,6 @@ never goes down, so list batch sizes in increasing order).
 Run it as one plain process (not torchrun): it builds a world-size-1 process group, as
 train_ssl.py does, for the methods that all-reduce.
 """
-import argparse
 import contextlib
 import io
 import resource
@@ -48,7 +47,7 @@ from methods import METHODS  # noqa: E402
 
 def get_args_parser(method):
     """train_ssl.py's parser for `method` (all its flags and defaults) plus the bench's own."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         "minissl training throughput", allow_abbrev=False, formatter_class=train_ssl.HelpFormatter,
         parents=[train_ssl.get_args_parser(method, add_help=False)])
     group = parser.add_argument_group("Benchmark")

@@ -1,4 +1,6 @@
-"""Checkpoints: atomic saves, resume, and loading pretrained weights into a bare backbone.
+"""Checkpoints: atomic saves, resume, and loading pretrained weights into a bare backbone; the
+output folder made and checked writable before a run starts (make_output_dir), and the resume
+guard every script shares (check_same_run: never resume another run's checkpoint).
 
 Training checkpoints are one dict with the official key names (facebookresearch/dino):
 {"student", "teacher", "optimizer", "dino_loss" | "ibot_loss", "fp16_scaler", "epoch", "args"};
@@ -11,6 +13,7 @@ rank's random generators); "epoch" always counts the finished epochs, as DINO's.
 import argparse
 import os
 import re
+import tempfile
 import time
 import zipfile
 
@@ -80,29 +83,46 @@ def remove_stale_tmp(folder):
     return removed
 
 
-def _reason(exc):
-    """The first sentence of an exception's message, e.g. 'PytorchStreamReader failed reading
-    zip archive: failed finding central directory', never cut mid-word."""
-    text = " ".join(str(exc).split())
-    first = text.split(". ")[0].rstrip(".")
-    if len(first) > 160:
-        first = first[:160].rsplit(" ", 1)[0] + " ..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+def make_output_dir(path):
+    """Create the output folder and check that this process can write in it, before any data is
+    read: otherwise a read-only folder fails only at the first checkpoint, an epoch later. A
+    real write, not os.access (which root and network file systems answer wrongly)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--output_dir {path} is not a writable folder ({e.strerror or e}); "
+                              "pass a folder you can write to") from None
 
 
-def load_file(path):
+def load_file(path, mmap=False):
     """torch.load on CPU. Official DINO/iBOT training checkpoints pickle an argparse.Namespace,
     and numpy scalars (their optimizer state holds numpy floats), which weights_only=True
-    refuses; allow exactly those classes."""
+    refuses; allow exactly those classes. mmap=True maps the tensors instead of reading them
+    (cheap when only "args" is needed). Every unreadable file is one ValueError naming it."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint '{path}' is a folder; pass the path of a .pth file "
+                                "in it (e.g. checkpoint.pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass the path of a .pth "
                          "file written by train_ssl.py or an official DINO/iBOT release")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint '{path}' is empty (0 bytes), e.g. a copy or download that "
+                         "did not finish; copy it again or pass another file")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
-        raise ValueError(f"could not read checkpoint '{path}' ({_reason(e)}); it is truncated or "
-                         "not a PyTorch .pth file") from None
+        if mmap:  # files of the legacy (pre-zip) format cannot be mapped: read them
+            return load_file(path)
+        # torch's weights-only refusal is a page of advice; its one fact is the unpickler's error
+        refusal = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(e), re.S)
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # one sentence
+        reason = refusal.group(1) if refusal else first
+        raise ValueError(f"could not read checkpoint '{path}' ({type(e).__name__}"
+                         f"{': ' + reason if reason else ''}); is it a complete PyTorch .pth "
+                         "file?") from None
 
 
 def checkpoint_args(ckpt):
@@ -112,6 +132,40 @@ def checkpoint_args(ckpt):
     if isinstance(args, argparse.Namespace):
         return vars(args)
     return dict(args) if isinstance(args, dict) else {}
+
+
+def _plain(v):
+    """A flag value as compared by check_same_run: lists and tuples alike (a recipe's tuple
+    default and the list argparse makes of the same numbers are one value)."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _show(v):
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v))
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "''" if v == "" else str(v)
+
+
+def check_same_run(path, stored, current, resumable=(), first=()):
+    """The resume guard: refuse to resume `path` when the run that wrote it had other flags
+    than this command. stored: the flags kept in the checkpoint (checkpoint_args; None or {}
+    when it kept none); current: this command's flags as a dict. Every flag in both defines
+    the run except those in `resumable` (how long or how it runs: --epochs, --num_workers ...).
+    Raises a one-line ValueError naming the first flag that differs (those in `first`, then
+    alphabetical) and the way out; otherwise a second run in one folder would continue, or
+    report, the first one's."""
+    if not stored:
+        raise ValueError(f"{path} holds no record of the flags of the run that wrote it, so it "
+                         f"cannot be resumed safely; pass another --output_dir or delete that folder")
+    order = [k for k in first if k in current] + sorted(k for k in current if k not in first)
+    for k in order:
+        if k in resumable or k not in stored or _plain(stored[k]) == _plain(current[k]):
+            continue
+        raise ValueError(f"{path} was written by a run with --{k} {_show(stored[k])}, this command "
+                         f"has --{k} {_show(current[k])}; pass another --output_dir or delete that "
+                         "folder")
 
 
 def restart_from_checkpoint(path, run_variables=None, ckpt=None, **modules):
@@ -173,9 +227,11 @@ def load_resume(own, resume_from=""):
     if not resume_from:
         if error is not None:
             snap = newest_snapshot(os.path.dirname(own) or ".")
-            hint = (f"resume from the newest snapshot with --resume_from {snap}, or delete it to "
-                    "start over" if snap else "delete it to start over")
-            raise ValueError(f"cannot resume: {error}; {hint}") from None
+            hint = (f"resume from the newest snapshot with --resume_from {snap}, or delete {own} "
+                    f"to start over" if snap else f"delete {own} to start over")
+            text = str(error)
+            raise ValueError(f"{text} To go on, {hint}" if text.endswith("?")
+                             else f"{text}; to go on, {hint}") from None
         return (own, ckpt) if ckpt is not None else (None, None)
     same = os.path.abspath(str(checkpoint_args(ckpt).get("resume_from") or ""))
     if ckpt is not None and same == os.path.abspath(resume_from):

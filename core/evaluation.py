@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from core import amp
 from core import dist as distu
-from core.checkpoint import (checkpoint_args, extract_backbone_state, load_file,
+from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_state, load_file,
                              load_pretrained_weights)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
-from models import ARCHS, build_backbone, extract_features, feature_dim, is_vit
+from models import ARCHS, build_backbone, check_patch_size, extract_features, feature_dim, is_vit
 
 
 # ============ the shared flags ... ============
@@ -125,6 +125,9 @@ def check_common_args(args):
     """Before anything starts: --dataset as given or inferred from --data_path (a given path is
     never ignored), and --precision / --use_fp16 not contradicting each other."""
     args.dataset = resolve_dataset(args.dataset, args.data_path)
+    for name, low in (("num_workers", 0), ("batch_size_per_gpu", 1)):
+        if getattr(args, name, low) < low:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= {low}")
     if getattr(args, "precision", None) is not None and getattr(args, "use_fp16", None) is not None:
         # the device is not known yet; resolve_precision sets the final value after dist init
         amp.resolve_precision(argparse.Namespace(precision=args.precision, use_fp16=args.use_fp16), "cuda")
@@ -181,6 +184,7 @@ def load_backbone(args, default_image_size=None, **build_kwargs):
     out/checkpoint.pth` needs no model flags. Returns (backbone, embed_dim)."""
     ckpt = load_file(args.pretrained_weights) if args.pretrained_weights else None
     build_size = resolve_model_flags(args, ckpt, default_image_size)
+    check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size")
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size, img_size=[build_size],
                                          cifar_stem=args.cifar_stem, **build_kwargs)
     load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
@@ -227,32 +231,12 @@ def run_args(args):
     return out
 
 
-def _show(v):
-    if isinstance(v, (list, tuple)):
-        return " ".join(map(str, v))
-    if isinstance(v, bool):
-        return str(v).lower()
-    return "''" if v == "" else str(v)
-
-
 def check_resume(path, ckpt, args):
     """Refuse to resume (or evaluate) `path` when the run that wrote it had other weights, data
-    or flags than this command: a ValueError naming the first flag that differs and the way out.
-    Otherwise a second run in one folder would report the first one's accuracy."""
-    stored = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(stored, argparse.Namespace):
-        stored = vars(stored)
-    if not isinstance(stored, dict):
-        raise ValueError(f"{path} holds no record of the flags of the run that wrote it, so it "
-                         f"cannot be resumed safely; pass another --output_dir or delete that folder")
-    current = run_args(args)
-    order = [k for k in FIRST if k in current] + sorted(k for k in current if k not in FIRST)
-    for k in order:
-        if k in RESUMABLE or k not in stored or stored[k] == current[k]:
-            continue
-        raise ValueError(f"{path} was written by a run with --{k} {_show(stored[k])}, this command "
-                         f"has --{k} {_show(current[k])}; pass another --output_dir or delete that "
-                         "folder")
+    or flags than this command: a ValueError naming the first flag that differs and the way out
+    (core/checkpoint.check_same_run, shared with train_ssl.py). Otherwise a second run in one
+    folder would report the first one's accuracy."""
+    check_same_run(path, checkpoint_args(ckpt), run_args(args), RESUMABLE, FIRST)
 
 
 # ============ features of a whole dataset ... ============

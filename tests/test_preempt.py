@@ -241,7 +241,7 @@ def test_dino_killed_at_random_moments_ends_with_the_uninterrupted_weights(tmp_p
     assert run.join() == [2]
     errors = [line for line in run.text().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in run.text(), run.text()[-3000:]
-    for words in (str(bad / "checkpoint.pth"), "truncated", f"--resume_from {snapshot}"):
+    for words in (str(bad / "checkpoint.pth"), "complete PyTorch", f"--resume_from {snapshot}"):
         assert words in errors[0], errors[0]
     assert errors[0].rstrip().endswith("start over")  # a whole sentence, not cut
     # the user asks for the snapshot: epoch 1 again, to the same weights
@@ -371,7 +371,7 @@ def test_load_resume_never_falls_back_silently(tmp_path, capsys):
     with pytest.raises(ValueError) as e:
         load_resume(str(own))
     msg = str(e.value)
-    assert "\n" not in msg and str(own) in msg and "truncated" in msg
+    assert "\n" not in msg and str(own) in msg and "complete PyTorch .pth file" in msg
     assert f"--resume_from {tmp_path / 'checkpoint0003.pth'}" in msg
     # asked for: the snapshot, said so in one line
     snap = str(tmp_path / "checkpoint0003.pth")
