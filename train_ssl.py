@@ -301,16 +301,10 @@ def train_ssl(args):
     rank_states = to_restore["ranks"] if len(to_restore["ranks"] or ()) == args.world_size else None
 
     def save_checkpoint(epoch, iteration, logger=None):
-        """checkpoint.pth (rank 0) at `iteration` of `epoch` (0: the epoch starts there), with
-        everything an exact resume needs; a collective (every rank's generators are gathered)."""
+        """checkpoint.pth (rank 0) at `iteration` of `epoch` (0: the epoch starts there); a
+        collective: every rank's generators and running sums are gathered."""
         ranks = preempt.gather_rank_states(logger)
-        save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
-        save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch, iteration=iteration,
-                         sampler={"seed": args.seed, "epoch": epoch, "world_size": args.world_size,
-                                  "batch_size": args.batch_size_per_gpu},
-                         ranks=ranks, args=vars_plain(args))
-        if scaler.is_enabled():
-            save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+        save_dict = checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks)
         if distu.is_main_process():
             save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
             if iteration == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
@@ -388,6 +382,22 @@ def build_networks(args, niter_per_ep):
     if not is_vit(backbone) and args.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions
     return model, backbone, init_backbone
+
+
+def checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks):
+    """What checkpoint.pth holds: DINO's keys (the networks and loss buffers under the method's
+    names, "optimizer", "fp16_scaler", "epoch" = finished epochs, "args") and what an exact
+    resume at `iteration` of `epoch` needs: the data order ("sampler") and every rank's random
+    generators and running sums ("ranks", core/preempt.py). The schedules are indexed by
+    (epoch, iteration), so they need nothing more."""
+    save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
+    save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch, iteration=iteration,
+                     sampler={"seed": args.seed, "epoch": epoch, "world_size": args.world_size,
+                              "batch_size": args.batch_size_per_gpu},
+                     ranks=ranks, args=vars_plain(args))
+    if scaler.is_enabled():
+        save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+    return save_dict
 
 
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
