@@ -209,13 +209,13 @@ def check_output_dir(args):
     paths = [p for p in [os.path.join(args.output_dir, "checkpoint.pth")] if os.path.isfile(p)]
     if args.resume_from:
         paths.append(args.resume_from)  # a missing one is reported here, before any data
+    current = {k: os.path.abspath(v) if k == "data_path" and v else v
+               for k, v in vars_plain(args).items() if v is not None}
     for path in paths:
         try:
             stored = checkpoint_args(load_file(path, mmap=True))
         except ValueError:
             continue  # an unreadable checkpoint is the resume's to report
-        current = {k: os.path.abspath(v) if k == "data_path" and v else v
-                   for k, v in vars_plain(args).items() if v is not None}
         if stored.get("data_path"):
             stored = {**stored, "data_path": os.path.abspath(stored["data_path"])}
         check_same_run(path, stored, current, RESUMABLE, FIRST)

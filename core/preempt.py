@@ -21,9 +21,9 @@ global iteration, so (epoch, iteration) is their step; the data order is Distrib
 (seed, epoch) permutation, skipped to the iteration; the random augmentations, stochastic depth
 and masks come from the global generators (torch CPU and CUDA, numpy, python) of each rank,
 saved per rank. With DataLoader workers (num_workers > 0) each worker has its own generator,
-seeded when the epoch's iterator starts, so a mid-epoch resume of the PIL path changes the
-augmentations of the rest of that epoch (the weights then differ as with another seed); with
-num_workers 0 it is exact.
+seeded when the workers start, so after a resume the PIL path draws other augmentations than
+the uninterrupted run (the weights then differ as with another seed); with num_workers 0 it is
+exact.
 
 How the ranks agree to stop without a collective per step: a signal only sets a Python flag,
 and the ranks compare their flags where the loop already reads the host: the non-finite-loss
