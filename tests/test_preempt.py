@@ -14,8 +14,8 @@ ends with exactly the weights of an uninterrupted run.
 Every start is a fork of this test process running train_ssl.py's entry point (core.cli.run
 around parse_args and train_ssl) with the same argv, so that a restart costs no interpreter
 start and torch import (seconds each on a busy 2-core machine); the process is killed as any
-other. Runs are tiny (48 digits, 16px, vit_tiny/8, 2 epochs of 6 steps), OMP_NUM_THREADS 1 and
-num_workers 0.
+other. Runs are tiny (32 or 48 digits at 16px, vit_tiny/8, 2 epochs of 4 or 6 steps),
+OMP_NUM_THREADS 1 and num_workers 0.
 """
 import glob
 import json
@@ -42,6 +42,19 @@ import finetune
 import train_ssl  # imported once here: every forked start inherits it
 from core import amp, cli, preempt
 from core.checkpoint import load_resume, remove_stale_tmp, save_atomic
+
+STARTED = []  # every process a test started, killed at its end if a failure left it running
+
+
+@pytest.fixture(autouse=True)
+def no_orphans():
+    yield
+    for p in STARTED:
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+    STARTED.clear()
+
 
 def make_digits(root, n_train=48, n_test=16, size=16):
     """scikit-learn's 8x8 digits, upscaled to size x size RGB, as an npy dataset."""
@@ -91,6 +104,7 @@ class Run:
             p = mp.get_context("fork").Process(target=_child, args=(argv, self.logs[r], e))
             p.start()
             self.procs.append(p)
+            STARTED.append(p)
 
     def text(self, rank=0):
         return self.logs[rank].read_text() if self.logs[rank].exists() else ""
