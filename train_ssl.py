@@ -37,7 +37,8 @@ from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
-from data import DATASETS, build_dataset, dataset_info, resolve_dataset
+from data import DATASETS, dataset_info, resolve_dataset
+from data.loaders import add_data_args, build_train_loader
 from methods import METHODS
 from models import ARCHS, build_backbone, check_patch_size, is_vit
 
@@ -112,6 +113,7 @@ def get_args_parser(method, add_help=True):
                         help="Image folders: train on, in place of an image file that cannot be "
                              "decoded, the next one, naming and counting each on stderr; false "
                              "stops at the first with one line naming the file.")
+    add_data_args(parser)  # --data_backend {tensor,pil}, --data_memory_gb (data/loaders.py)
 
     # Misc
     parser.add_argument("--output_dir", default="out", type=str,
@@ -193,7 +195,7 @@ def check_args(args):
 # method, model, head, data, crops, optimisation, batch size, seed.
 RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
              "tensorboard", "knn_eval", "knn_k", "saveckp_freq", "skip_bad_images",
-             "precision", "use_fp16", "compile",
+             "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
              "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 FIRST = ("method", "arch", "patch_size", "dataset", "data_path")  # named first when several differ
@@ -236,20 +238,19 @@ def train_ssl(args):
     args.input_size = method.input_size(args, info)
     check_patch_size(args.arch, args.patch_size, args.input_size, "the dataset's image size")
     transform = method.build_transform(args, info)
-    dataset = build_dataset(args.dataset, args.data_path, "train", transform, download=args.download,
-                            skip_bad_images=args.skip_bad_images)
+    # tensor: views made in batches on the device from a resident uint8 copy of the split (or
+    # JPEGs decoded there); pil: the method's PIL transform per image in DataLoader workers.
+    # Both visit each rank's DistributedSampler order with drop_last (data/loaders.py).
+    data_loader = build_train_loader(
+        args.data_backend, args.dataset, args.data_path, transform, args.batch_size_per_gpu,
+        device=args.device, seed=args.seed, rank=args.rank, world_size=args.world_size,
+        num_workers=args.num_workers, memory_gb=args.data_memory_gb, download=args.download,
+        skip_bad_images=args.skip_bad_images)
     global_batch = args.batch_size_per_gpu * args.world_size
-    if len(dataset) < global_batch:
-        raise ValueError(f"the train split has {len(dataset)} images, fewer than one global "
-                         f"batch ({global_batch}); lower --batch_size_per_gpu")
-    # DistributedSampler whose epoch can start at a given iteration (mid-epoch resume)
-    sampler = preempt.ResumableSampler(dataset, args.batch_size_per_gpu, shuffle=True,
-                                       seed=args.seed)
-    data_loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, pin_memory=args.device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0)
-    print(f"Data loaded: there are {len(dataset)} images.")
+    if data_loader.num_images < global_batch:
+        raise ValueError(f"the train split has {data_loader.num_images} images, fewer than one "
+                         f"global batch ({global_batch}); lower --batch_size_per_gpu")
+    print(f"Data loaded: there are {data_loader.num_images} images ({data_loader.describe}).")
 
     # ============ building the networks ... ============
     model, backbone, init_backbone = build_networks(args, len(data_loader))
@@ -323,7 +324,7 @@ def train_ssl(args):
     print(f"Starting {args.method} training from epoch {start_epoch}"
           + (f", iteration {start_iter}" if start_iter else "") + "!")
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_iter)
+        data_loader.set_epoch(epoch, start_iter)  # start_iter > 0: a resumed epoch
 
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,

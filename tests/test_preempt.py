@@ -168,7 +168,7 @@ def log_lines(out):
 def dino_argv(data, out):
     return ["--method", "dino", "--arch", "vit_tiny", "--patch_size", "8",
             "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "2",
-            "--out_dim", "64", "--dataset", "npy", "--data_path", str(data),
+            "--out_dim", "64", "--dataset", "npy", "--data_path", str(data), "--data_backend", "tensor",
             "--batch_size_per_gpu", "8", "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.01",
             "--num_workers", "0", "--tensorboard", "false", "--knn_eval", "false",
             "--print_freq", "1", "--checkpoint_every_iters", "3", "--output_dir", str(out)]
@@ -272,7 +272,7 @@ def test_dino_killed_at_random_moments_ends_with_the_uninterrupted_weights(tmp_p
 def simclr_argv(data, out):
     return ["--method", "simclr", "--arch", "vit_tiny", "--patch_size", "8", "--crop_size", "16",
             "--proj_hidden_dim", "64", "--dataset", "npy", "--data_path", str(data),
-            "--batch_size_per_gpu", "4", "--epochs", "2", "--warmup_epochs", "1",
+            "--data_backend", "pil", "--batch_size_per_gpu", "4", "--epochs", "2", "--warmup_epochs", "1",
             "--num_workers", "0", "--tensorboard", "false", "--knn_eval", "false",
             "--print_freq", "2", "--checkpoint_every_iters", "3", "--output_dir", str(out)]
 
@@ -312,6 +312,42 @@ def test_simclr_two_ranks_killed_and_requeued_ends_with_the_same_weights(tmp_pat
     diff = max_diff(ref, got)
     assert diff <= 1e-6, diff  # fp32 rounding at most; exact in practice
     print(f"SimCLR 2 ranks: 1 SIGKILL + 1 SIGUSR1, largest weight difference {diff}")
+
+
+# ============ the tensor backend streaming an ImageFolder: SIGTERM, resume ============
+
+def test_streamed_image_folder_resumes_exactly(tmp_path):
+    """data/loaders.py's StreamingLoader (an ImageFolder above --data_memory_gb): the batches
+    left in the epoch, the same views (seeded per batch), and no draw from torch's generator
+    at another step than in an uninterrupted run (stochastic depth reads that stream)."""
+    from PIL import Image
+    digits = load_digits()
+    for split, part in (("train", range(32)), ("test", range(32, 40))):
+        for i in part:
+            folder = tmp_path / "data" / split / str(digits.target[i] % 2)
+            folder.mkdir(parents=True, exist_ok=True)
+            img = (digits.images[i] / 16 * 255).astype(np.uint8)
+            Image.fromarray(np.kron(img, np.ones((2, 2), np.uint8))).convert("RGB").save(folder / f"{i}.png")
+
+    def argv(out):
+        return ["--method", "simclr", "--arch", "vit_tiny", "--patch_size", "8", "--crop_size", "16",
+                "--proj_hidden_dim", "64", "--drop_path_rate", "0.1", "--dataset", "imagefolder",
+                "--data_path", str(tmp_path / "data"), "--data_backend", "tensor",
+                "--data_memory_gb", "0", "--batch_size_per_gpu", "8", "--epochs", "2",
+                "--warmup_epochs", "1", "--num_workers", "0", "--tensorboard", "false",
+                "--knn_eval", "false", "--print_freq", "1", "--output_dir", str(out)]
+    reference = Run(argv(tmp_path / "ref"), tmp_path / "ref")
+    reference.finish()
+    assert "JPEG bytes read" in reference.text()  # the streaming path
+    run = Run(argv(tmp_path / "run"), tmp_path / "run")
+    run.wait_for(lambda: "Epoch: [1/2] [0/4]" in run.text())
+    assert run.kill(signal.SIGTERM)
+    run.finish()
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["iteration"] < 4, (ckpt["epoch"], ckpt["iteration"])
+    Run(argv(tmp_path / "run"), tmp_path / "resumed").finish()
+    ref, got = weights(tmp_path / "ref", ["model"]), weights(tmp_path / "run", ["model"])
+    assert all(torch.equal(ref[k], got[k]) for k in ref), max_diff(ref, got)
 
 
 # ============ eval_linear.py and finetune.py: stopped mid-epoch, resumed to the same weights ============
