@@ -18,12 +18,13 @@ run gives: bit-identical on CPU with a fixed seed and num_workers 0 (tests/test_
 What an exact resume needs, and where it is kept: the weights, the optimizer, the scaler and the
 methods' loss buffers (DINO's centre) are state dicts; the schedules are arrays indexed by the
 global iteration, so (epoch, iteration) is their step; the data order is DistributedSampler's
-(seed, epoch) permutation, skipped to the iteration; the random augmentations, stochastic depth
-and masks come from the global generators (torch CPU and CUDA, numpy, python) of each rank,
-saved per rank. With DataLoader workers (num_workers > 0) each worker has its own generator,
-seeded when the workers start, so after a resume the PIL path draws other augmentations than
-the uninterrupted run (the weights then differ as with another seed); with num_workers 0 it is
-exact.
+(seed, epoch) permutation, skipped to the iteration (the loader's set_epoch(epoch, start_iter));
+stochastic depth, and the PIL path's augmentations, draw from the global generators (torch CPU
+and CUDA, numpy, python), saved per rank. The tensor data path seeds each batch's views from
+(seed, epoch, iteration, rank), so it is exact with any num_workers. The PIL path is exact with
+num_workers 0; with DataLoader workers each worker has its own generator, seeded when the
+workers start, so after a resume it draws other augmentations than the uninterrupted run (the
+weights then differ as with another seed).
 
 How the ranks agree to stop without a collective per step: a signal only sets a Python flag,
 and the ranks compare their flags where the loop already reads the host: the non-finite-loss

@@ -317,9 +317,10 @@ def test_simclr_two_ranks_killed_and_requeued_ends_with_the_same_weights(tmp_pat
 # ============ the tensor backend streaming an ImageFolder: SIGTERM, resume ============
 
 def test_streamed_image_folder_resumes_exactly(tmp_path):
-    """data/loaders.py's StreamingLoader (an ImageFolder above --data_memory_gb): the batches
-    left in the epoch, the same views (seeded per batch), and no draw from torch's generator
-    at another step than in an uninterrupted run (stochastic depth reads that stream)."""
+    """data/loaders.py's StreamingLoader (an ImageFolder above --data_memory_gb), with a
+    DataLoader worker reading the files: the batches left in the epoch, the same views (seeded
+    per batch, so workers do not matter), and no draw from torch's generator at another step
+    than in an uninterrupted run (stochastic depth reads that stream)."""
     from PIL import Image
     digits = load_digits()
     for split, part in (("train", range(32)), ("test", range(32, 40))):
@@ -334,7 +335,7 @@ def test_streamed_image_folder_resumes_exactly(tmp_path):
                 "--proj_hidden_dim", "64", "--drop_path_rate", "0.1", "--dataset", "imagefolder",
                 "--data_path", str(tmp_path / "data"), "--data_backend", "tensor",
                 "--data_memory_gb", "0", "--batch_size_per_gpu", "8", "--epochs", "2",
-                "--warmup_epochs", "1", "--num_workers", "0", "--tensorboard", "false",
+                "--warmup_epochs", "1", "--num_workers", "1", "--tensorboard", "false",
                 "--knn_eval", "false", "--print_freq", "1", "--output_dir", str(out)]
     reference = Run(argv(tmp_path / "ref"), tmp_path / "ref")
     reference.finish()
