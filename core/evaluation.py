@@ -217,6 +217,7 @@ def default_output_dir(script, args, subject=None):
 RESUMABLE = {"epochs", "output_dir", "evaluate", "linear_weights", "finetuned_weights",
              "save_predictions", "num_workers", "print_freq", "val_freq", "tensorboard",
              "precision", "use_fp16", "dist_url", "cpu", "data_backend", "data_memory_gb",
+             "checkpoint_every_iters", "checkpoint_every_minutes",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 # named first when several differ: the usual reason two runs meet in one folder
 FIRST = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "dataset", "data_path")

@@ -131,7 +131,7 @@ class _Loader:
             self._mask_loader = DataLoader(
                 _MaskBatches(transform.host_masks, self.seed, self.rank), sampler=self._mask_keys,
                 batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                persistent_workers=True)
+                persistent_workers=True, generator=_quiet_generator())
         return f", masks drawn in {workers} workers" if self._mask_loader is not None else ""
 
     def _masks(self):
@@ -142,6 +142,15 @@ class _Loader:
         self._mask_keys.keys = [(self.epoch, i, min(self.batch_size, per_rank - i * self.batch_size))
                                 for i in range(self.start_iter, self._len)]
         return ({"masks": m} for m in self._mask_loader)
+
+
+def _quiet_generator():
+    """The generator a DataLoader draws its workers' base seed from when an epoch's iteration
+    starts. Without one it draws from torch's global generator, at the first batch of the
+    epoch; a run resumed mid-epoch (core/preempt.py) would then consume that draw at another
+    step than the uninterrupted run and shift the stream stochastic depth draws from. The
+    workers here draw nothing at random (masks are keyed by batch, files are only read)."""
+    return torch.Generator().manual_seed(0)
 
 
 class _MaskKeys:
@@ -392,7 +401,7 @@ class StreamingLoader(_Loader):
         self.loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=cuda, drop_last=drop_last,
                                  collate_fn=_collate_encoded if cuda else _collate_decoded,
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0, generator=_quiet_generator())
         where = "decoded on the GPU (nvJPEG)" if cuda else "decoded in the workers"
         self.describe = f"JPEG bytes read by {num_workers} workers, {where}"
         self.describe += self._init_masks(transform, mask_workers, self.device)
