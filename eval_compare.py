@@ -79,7 +79,8 @@ def command(name, weights, out, args):
              "--image_size", str(args.image_size), "--cifar_stem", str(args.cifar_stem).lower(),
              "--dataset", args.dataset, "--data_path", args.data_path, "--output_dir", out,
              "--batch_size_per_gpu", str(args.batch_size_per_gpu),
-             "--num_workers", str(args.num_workers), "--seed", str(args.seed)]
+             "--num_workers", str(args.num_workers), "--seed", str(args.seed),
+             "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb)]
     if args.precision is not None:
         flags += ["--precision", args.precision]
     if args.use_fp16 is not None:

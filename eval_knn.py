@@ -30,7 +30,7 @@ from core import dist as distu
 from core.checkpoint import make_output_dir, save_atomic
 from core.evaluation import extract_dataset_features, knn_classifier
 from core.logger import bool_flag
-from data import build_dataset, dataset_info, eval_transform
+from data import dataset_info, eval_transform
 from models import is_vit
 
 
@@ -136,8 +136,8 @@ def extract_train_test(args, info):
     if not args.use_cls and not is_vit(model):
         print("Note: --use_cls false only changes ViT features; a ResNet's are pooled already.")
     transform = eval_transform(args.image_size, info.mean, info.std)
-    train = build_dataset(args.dataset, args.data_path, "train", transform)
-    test = build_dataset(args.dataset, args.data_path, "test", transform)
+    train = evaluation.eval_split(args, "train", transform)  # --data_backend tensor or pil
+    test = evaluation.eval_split(args, "test", transform)
     print(f"Data loaded with {len(train)} train and {len(test)} val imgs.")
     fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
     features = []

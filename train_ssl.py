@@ -27,10 +27,11 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli
+from core import amp, cli, preempt
 from core import dist as distu
-from core.checkpoint import (check_same_run, checkpoint_args, load_file, make_output_dir,
-                             restart_from_checkpoint, save_atomic)
+from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_resume,
+                             make_output_dir, remove_stale_tmp, restart_from_checkpoint,
+                             save_atomic)
 from core.curves import save_curves
 from core.diagnostics import check_collapse
 from core.logger import MetricLogger, bool_flag
@@ -128,6 +129,12 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--saveckp_freq", default=None, type=int,
                         help="Keep a numbered snapshot checkpoint{epoch:04}.pth every this many "
                              "epochs (0: never).")
+    preempt.add_args(parser)
+    parser.add_argument("--resume_from", default="", type=str,
+                        help="Resume from this checkpoint (e.g. a snapshot <output_dir>/"
+                             "checkpoint0040.pth) instead of <output_dir>/checkpoint.pth; once "
+                             "this run has written its own checkpoint.pth, the same command "
+                             "continues from that. Never used unless given.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="Data loading workers per process.")
@@ -167,6 +174,7 @@ def parse_args(argv=None, make_parser=None):
     args = (make_parser or get_args_parser)(known.method).parse_args(argv)
     check_args(args)
     METHODS[args.method].check_args(args)
+    preempt.check_args(args)
     args.dataset = resolve_dataset(args.dataset, args.data_path)
     amp.resolve_precision(args, "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     return args
@@ -196,28 +204,31 @@ def check_args(args):
 RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
              "tensorboard", "knn_eval", "knn_k", "saveckp_freq", "skip_bad_images",
              "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
+             "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 FIRST = ("method", "arch", "patch_size", "dataset", "data_path")  # named first when several differ
 
 
 def check_output_dir(args):
     """Before any data is read: --output_dir is a folder this process can write in, and the
-    checkpoint.pth there, if any, was written by this same run (core/checkpoint.check_same_run),
-    not by a run of another method, model or dataset that would crash the resume or, worse,
-    be continued silently. Flags left unset (None) are derived from the compared ones."""
+    checkpoint.pth there (and the --resume_from file), if any, was written by this same run
+    (core/checkpoint.check_same_run), not by a run of another method, model or dataset that
+    would crash the resume or, worse, be continued silently. Flags left unset (None) are
+    derived from the compared ones."""
     make_output_dir(args.output_dir)
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    if not os.path.isfile(path):
-        return
-    try:
-        stored = checkpoint_args(load_file(path, mmap=True))
-    except ValueError:
-        return  # an unreadable checkpoint is the resume's to report
+    paths = [p for p in [os.path.join(args.output_dir, "checkpoint.pth")] if os.path.isfile(p)]
+    if args.resume_from:
+        paths.append(args.resume_from)  # a missing one is reported here, before any data
     current = {k: os.path.abspath(v) if k == "data_path" and v else v
                for k, v in vars_plain(args).items() if v is not None}
-    if stored.get("data_path"):
-        stored = {**stored, "data_path": os.path.abspath(stored["data_path"])}
-    check_same_run(path, stored, current, RESUMABLE, FIRST)
+    for path in paths:
+        try:
+            stored = checkpoint_args(load_file(path, mmap=True))
+        except ValueError:
+            continue  # an unreadable checkpoint is the resume's to report
+        if stored.get("data_path"):
+            stored = {**stored, "data_path": os.path.abspath(stored["data_path"])}
+        check_same_run(path, stored, current, RESUMABLE, FIRST)
 
 
 def train_ssl(args):
@@ -282,38 +293,61 @@ def train_ssl(args):
 
     # ============ optionally resume training ... ============
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    to_restore = {"epoch": 0}
-    restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"),
-                            run_variables=to_restore, optimizer=optimizer,
-                            fp16_scaler=scaler if scaler.is_enabled() else None,
-                            **model.checkpoint_modules())
-    start_epoch = to_restore["epoch"]
+    if distu.is_main_process():
+        remove_stale_tmp(args.output_dir)  # the unfinished writes of a killed run
+    ckpt_path, ckpt = load_resume(os.path.join(args.output_dir, "checkpoint.pth"), args.resume_from)
+    to_restore = {"epoch": 0, "iteration": 0, "ranks": None}
+    if ckpt is not None:
+        preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+        restart_from_checkpoint(ckpt_path, run_variables=to_restore, ckpt=ckpt,
+                                optimizer=optimizer,
+                                fp16_scaler=scaler if scaler.is_enabled() else None,
+                                **model.checkpoint_modules())
+        del ckpt
+    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
+    # every rank's random generators and running sums, restored once the epoch's data iterator
+    # exists (None from a checkpoint of another world size: the run goes on, not bit-exact)
+    rank_states = to_restore["ranks"] if len(to_restore["ranks"] or ()) == args.world_size else None
+
+    def save_checkpoint(epoch, iteration, logger=None):
+        """checkpoint.pth (rank 0) at `iteration` of `epoch` (0: the epoch starts there); a
+        collective: every rank's generators and running sums are gathered."""
+        ranks = preempt.gather_rank_states(logger)
+        save_dict = checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks)
+        if distu.is_main_process():
+            save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+            if iteration == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+        stopper.saved()
 
     writer = None
     if args.tensorboard and distu.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
+    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and exit 0
+    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
+                                 args.device)
     start_time = time.time()
-    print(f"Starting {args.method} training from epoch {start_epoch}!")
+    print(f"Starting {args.method} training from epoch {start_epoch}"
+          + (f", iteration {start_iter}" if start_iter else "") + "!")
     for epoch in range(start_epoch, args.epochs):
-        data_loader.set_epoch(epoch)
+        data_loader.set_epoch(epoch, start_iter)  # start_iter > 0: a resumed epoch
 
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
-                                      wd_schedule, epoch, scaler, args)
+                                      wd_schedule, epoch, scaler, args, stopper=stopper,
+                                      save_checkpoint=save_checkpoint, start_iter=start_iter,
+                                      rank_states=rank_states)
+        start_iter, rank_states = 0, None
+        if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
+            break
         # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
         check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
 
         # ============ writing logs and checkpoint ... ============
-        save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
-        save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch + 1, args=vars_plain(args))
-        if scaler.is_enabled():
-            save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+        save_checkpoint(epoch + 1, 0)
         if distu.is_main_process():
-            save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
@@ -322,8 +356,18 @@ def train_ssl(args):
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train/{k}", v, epoch)
                 writer.flush()
+        if stopper.stop:  # the signal came in the epoch's last step
+            break
+    stopper.agree()  # a signal after the last step: the ranks skip the final k-NN check together
+    stopper.close()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    if stopper.stop:
+        stopper.finish()
+        if writer is not None:
+            writer.close()
+        distu.cleanup()
+        return
 
     if args.knn_eval and info.num_classes != 0:
         final_knn_check(model.eval_backbone(), init_backbone, args, info, writer)
@@ -361,6 +405,22 @@ def build_networks(args, niter_per_ep):
     return model, backbone, init_backbone
 
 
+def checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks):
+    """What checkpoint.pth holds: DINO's keys (the networks and loss buffers under the method's
+    names, "optimizer", "fp16_scaler", "epoch" = finished epochs, "args") and what an exact
+    resume at `iteration` of `epoch` needs: the data order ("sampler") and every rank's random
+    generators and running sums ("ranks", core/preempt.py). The schedules are indexed by
+    (epoch, iteration), so they need nothing more."""
+    save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
+    save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch, iteration=iteration,
+                     sampler={"seed": args.seed, "epoch": epoch, "world_size": args.world_size,
+                              "batch_size": args.batch_size_per_gpu},
+                     ranks=ranks, args=vars_plain(args))
+    if scaler.is_enabled():
+        save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+    return save_dict
+
+
 def compile_backbones(model, backend="inductor"):
     """torch.compile every backbone inside the method's module, in place (nn.Module.compile):
     the state_dict keys, the checkpoints and the method code stay as they are. Each backbone is
@@ -374,19 +434,29 @@ def compile_backbones(model, backend="inductor"):
 
 
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
-                    scaler, args):
+                    scaler, args, stopper=None, save_checkpoint=None, start_iter=0,
+                    rank_states=None):
+    """One epoch from iteration start_iter. stopper (core.preempt.Preemption) and
+    save_checkpoint(epoch, iteration, logger): mid-epoch checkpoints and stopping on a signal;
+    rank_states: the generators and running sums a resumed epoch starts with. Returns the
+    epoch's averaged stats, or None when the ranks stopped mid-epoch (checkpoint written)."""
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
                           batch_size=args.batch_size_per_gpu)
     ddp_model.train()
     nonfinite = torch.zeros((), device=args.device)
+    niter = len(data_loader)  # iterations of the whole epoch, wherever it starts
 
     def edit_gradients():  # between backward and step, on the unscaled gradients
         if args.clip_grad:
             clip_gradients(model, args.clip_grad)
         model.after_backward(epoch)  # e.g. DINO's frozen last layer
 
-    for i, (views, _) in enumerate(logger.log_every(data_loader)):
-        it = len(data_loader) * epoch + i  # global training iteration
+    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
+        batches = iter(data_loader)
+    if rank_states is not None:  # resumed: the generators and sums of the checkpoint
+        preempt.restore_rank_state(rank_states, logger)
+    for i, (views, _) in enumerate(logger.log_every(batches, niter, start_iter), start=start_iter):
+        it = niter * epoch + i  # global training iteration
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the first group is regularized
@@ -402,8 +472,17 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
         model.after_step(it)
 
         logger.update(loss=loss.detach(), **stats)
-        if i % args.print_freq == 0 or i == len(data_loader) - 1:
-            check_finite(nonfinite, epoch, i)
+        if stopper is None:
+            if i % args.print_freq == 0 or i == niter - 1:
+                check_finite(nonfinite, epoch, i)
+        elif i % args.print_freq == 0 or i == niter - 1 or stopper.sync_due(it):
+            # one all-reduce: non-finite losses, a signal on any rank, a checkpoint due
+            flags = stopper.agree(nonfinite, it)
+            check_finite(flags.nonfinite, epoch, i)
+            if flags.save and i < niter - 1:  # (after the last step, train_ssl saves the epoch)
+                save_checkpoint(epoch, i + 1, logger)
+                if flags.stop:
+                    return None
     stats = logger.global_averages()
     stats.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
@@ -411,10 +490,14 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
 
 
 def check_finite(nonfinite, epoch, i):
-    n = nonfinite.clone()
-    if distu.get_world_size() > 1:
-        torch.distributed.all_reduce(n)
-    if n.item() > 0:
+    """nonfinite: the count of non-finite losses, all ranks together (an int), or this rank's
+    (a tensor, all-reduced here)."""
+    if torch.is_tensor(nonfinite):
+        n = nonfinite.clone()
+        if distu.get_world_size() > 1:
+            torch.distributed.all_reduce(n)
+        nonfinite = n.item()
+    if nonfinite > 0:
         print(f"error: loss is not finite (nan/inf) at epoch {epoch}, iteration {i}; stopping "
               "without saving. Lower --lr, raise --warmup_epochs, keep --clip_grad on, or train "
               "in --precision bf16 or fp32 if this was fp16.", file=sys.stderr, force=True)

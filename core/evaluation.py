@@ -8,6 +8,8 @@ visualize_attention.py), so that no script imports another:
                              from it (resolve_model_flags), build the backbone, load the weights
     default_output_dir(script, args)   out/<script>/<weights>_<dataset>
     run_args(args), check_resume(path, ckpt, args)   never resume another run's checkpoint
+    eval_split(args, split, transform), train_loader(args, split, transform)
+                             the images through --data_backend tensor or pil (data/loaders.py)
     extract_dataset_features(model, dataset, ...)    features (N, F) of a whole dataset
     knn_classifier(...), knn_eval_backbone(...)      DINO's weighted k-NN
 
@@ -27,6 +29,7 @@ from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_s
                              load_pretrained_weights)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
+from data.loaders import add_data_args, build_train_loader, epoch_indices
 from models import ARCHS, build_backbone, check_patch_size, extract_features, feature_dim, is_vit
 
 
@@ -101,7 +104,8 @@ def data_parser():
 
 
 def run_parser():
-    """--batch_size_per_gpu --num_workers --seed --precision --use_fp16 --dist_url --cpu."""
+    """--batch_size_per_gpu --num_workers --seed --precision --use_fp16 --dist_url --cpu
+    --data_backend --data_memory_gb."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Run")
     group.add_argument("--batch_size_per_gpu", default=128, type=int, help="Per-GPU batch-size.")
@@ -112,6 +116,7 @@ def run_parser():
     group.add_argument("--dist_url", default="env://", type=str,
                        help="url used to set up distributed training (torchrun sets the rest).")
     group.add_argument("--cpu", action="store_true", help="Run on CPU even if CUDA is there.")
+    add_data_args(parser)  # --data_backend {tensor,pil}, --data_memory_gb, as train_ssl.py
     return parser
 
 
@@ -211,7 +216,8 @@ def default_output_dir(script, args, subject=None):
 # flag defines the run (weights, data, model, features, head, optimisation, seed).
 RESUMABLE = {"epochs", "output_dir", "evaluate", "linear_weights", "finetuned_weights",
              "save_predictions", "num_workers", "print_freq", "val_freq", "tensorboard",
-             "precision", "use_fp16", "dist_url", "cpu",
+             "precision", "use_fp16", "dist_url", "cpu", "data_backend", "data_memory_gb",
+             "checkpoint_every_iters", "checkpoint_every_minutes",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 # named first when several differ: the usual reason two runs meet in one folder
 FIRST = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "dataset", "data_path")
@@ -236,6 +242,49 @@ def check_resume(path, ckpt, args):
     (core/checkpoint.check_same_run, shared with train_ssl.py). Otherwise a second run in one
     folder would report the first one's accuracy."""
     check_same_run(path, checkpoint_args(ckpt), run_args(args), RESUMABLE, FIRST)
+
+
+# ============ the images: --data_backend tensor or pil ... ============
+
+def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset_kwargs):
+    """data/loaders.py's build_train_loader for `split` with the run's flags (--data_backend,
+    --data_memory_gb, batch size, workers, seed, rank): (images, labels) batches of each rank's
+    DistributedSampler order, as train_ssl.py reads its data. dataset_kwargs: val_split."""
+    return build_train_loader(args.data_backend, args.dataset, args.data_path, transform,
+                              args.batch_size_per_gpu, device=args.device, seed=args.seed,
+                              rank=args.rank, world_size=args.world_size,
+                              num_workers=args.num_workers, memory_gb=args.data_memory_gb,
+                              split=split, shuffle=shuffle, drop_last=drop_last, **dataset_kwargs)
+
+
+class LoadedSplit(torch.utils.data.Dataset):
+    """A dataset with a loader of the same images (data/loaders.py, shuffle=False,
+    drop_last=False): its length, items, targets and num_classes are the dataset's (and its
+    classes, through .dataset as for a held-out subset), while extract_dataset_features reads
+    its images from the loader (--data_backend tensor)."""
+
+    def __init__(self, dataset, loader):
+        self.dataset, self.loader = dataset, loader
+        self.targets, self.num_classes = dataset.targets, dataset.num_classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def eval_split(args, split, transform, **dataset_kwargs):
+    """`split` of --dataset with the (deterministic) eval `transform`, as extract_dataset_features
+    reads it: with --data_backend pil the dataset itself (PIL transforms in DataLoader workers),
+    with tensor a LoadedSplit (the split kept as uint8 on the device, Resize + CenterCrop done
+    in batches there). dataset_kwargs: val_split."""
+    dataset = build_dataset(args.dataset, args.data_path, split, transform, seed=args.seed,
+                            **dataset_kwargs)
+    if args.data_backend == "pil":
+        return dataset
+    return LoadedSplit(dataset, train_loader(args, split, transform, shuffle=False,
+                                             drop_last=False, **dataset_kwargs))
 
 
 # ============ features of a whole dataset ... ============
@@ -269,24 +318,42 @@ def feature_function(n_last_blocks=1, avgpool_patchtokens=0, use_cls=True):
     return patch_means
 
 
-@torch.no_grad()
-def extract_dataset_features(model, dataset, batch_size, num_workers, device, feature_fn=None,
-                             normalize=True, precision="bf16"):
-    """Features (N, F) of every image of `dataset`, in dataset order, on every rank: each rank
-    runs its shard; shards are all-gathered. L2-normalised unless normalize=False.
-    feature_fn(model, images (B, 3, H, W)) -> (B, F), default models.extract_features (the CLS
-    token / pooled map); also e.g. a classifier's logits. Forward under autocast(precision)."""
-    feature_fn = feature_fn or feature_function()
+def indexed_batches(dataset, batch_size, num_workers, device):
+    """(images, their indices in `dataset`) on `device`, this rank's shard in the order of
+    DistributedSampler(shuffle=False), whose shards are padded to one length with the first
+    indices again (harmless: the same image's features land twice in the same row).
+    A LoadedSplit's batches come from its loader, which visits that very order; its index
+    lists are recomputed here (data.loaders.epoch_indices)."""
+    if isinstance(dataset, LoadedSplit):
+        loader = dataset.loader
+        order = torch.tensor(epoch_indices(len(dataset), 0, loader.seed, loader.rank,
+                                           loader.world_size, shuffle=False))
+        loader.set_epoch(0)
+        for i, (images, _) in enumerate(loader):
+            yield images, order[i * loader.batch_size:(i + 1) * loader.batch_size].to(device)
+        return
     indexed = IndexedDataset(dataset)
     sampler = torch.utils.data.DistributedSampler(indexed, shuffle=False) \
         if distu.get_world_size() > 1 else None
     loader = torch.utils.data.DataLoader(indexed, sampler=sampler, batch_size=batch_size,
                                          num_workers=num_workers, pin_memory=device.type == "cuda",
                                          drop_last=False)
+    for images, index in loader:
+        yield images.to(device, non_blocking=True), index.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def extract_dataset_features(model, dataset, batch_size, num_workers, device, feature_fn=None,
+                             normalize=True, precision="bf16"):
+    """Features (N, F) of every image of `dataset` (a dataset, or a LoadedSplit of eval_split),
+    in dataset order, on every rank: each rank runs its shard; shards are all-gathered.
+    L2-normalised unless normalize=False.
+    feature_fn(model, images (B, 3, H, W)) -> (B, F), default models.extract_features (the CLS
+    token / pooled map); also e.g. a classifier's logits. Forward under autocast(precision)."""
+    feature_fn = feature_fn or feature_function()
     model.eval()
     features = None
-    for images, index in loader:
-        images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
+    for images, index in indexed_batches(dataset, batch_size, num_workers, device):
         with amp.autocast(precision, device):
             feats = feature_fn(model, images).float()
         if features is None:

@@ -131,7 +131,7 @@ class _Loader:
             self._mask_loader = DataLoader(
                 _MaskBatches(transform.host_masks, self.seed, self.rank), sampler=self._mask_keys,
                 batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                persistent_workers=True)
+                persistent_workers=True, generator=_quiet_generator())
         return f", masks drawn in {workers} workers" if self._mask_loader is not None else ""
 
     def _masks(self):
@@ -142,6 +142,15 @@ class _Loader:
         self._mask_keys.keys = [(self.epoch, i, min(self.batch_size, per_rank - i * self.batch_size))
                                 for i in range(self.start_iter, self._len)]
         return ({"masks": m} for m in self._mask_loader)
+
+
+def _quiet_generator():
+    """The generator a DataLoader draws its workers' base seed from when an epoch's iteration
+    starts. Without one it draws from torch's global generator, at the first batch of the
+    epoch; a run resumed mid-epoch (core/preempt.py) would then consume that draw at another
+    step than the uninterrupted run and shift the stream stochastic depth draws from. The
+    workers here draw nothing at random (masks are keyed by batch, files are only read)."""
+    return torch.Generator().manual_seed(0)
 
 
 class _MaskKeys:
@@ -392,7 +401,7 @@ class StreamingLoader(_Loader):
         self.loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=cuda, drop_last=drop_last,
                                  collate_fn=_collate_encoded if cuda else _collate_decoded,
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0, generator=_quiet_generator())
         where = "decoded on the GPU (nvJPEG)" if cuda else "decoded in the workers"
         self.describe = f"JPEG bytes read by {num_workers} workers, {where}"
         self.describe += self._init_masks(transform, mask_workers, self.device)
@@ -467,7 +476,8 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
     backend: "tensor" or "pil". pil_transform: the method's PIL transform (the tensor backend
     builds its batched twin from it). device: the training device. memory_gb: the resident
     budget in GiB. mask_workers: processes drawing iBOT's masks ahead (default
-    min(num_workers, 4); 0 draws them inline). dataset_kwargs: passed to build_dataset (val_split, seed of the split).
+    min(num_workers, 4); 0 draws them inline). dataset_kwargs: passed to build_dataset (e.g.
+    val_split, held out with `seed` as well).
     -> a loader with __len__ (batches per epoch), set_epoch(epoch, start_iter=0), start_iter,
     num_images, describe, and iteration over (views, labels)."""
     if backend not in BACKENDS:
@@ -476,13 +486,13 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
     common = dict(seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
                   drop_last=drop_last)
     if backend == "pil":
-        dataset = build_dataset(dataset_name, data_path, split, pil_transform, download=download,
-                                **dataset_kwargs)
+        dataset = build_dataset(dataset_name, data_path, split, pil_transform, seed=seed,
+                                download=download, **dataset_kwargs)
         return PILLoader(dataset, batch_size, device, num_workers=num_workers, **common)
 
     transform = batched_transform(pil_transform)
     common["mask_workers"] = min(num_workers, 4) if mask_workers is None else mask_workers
-    dataset = build_dataset(dataset_name, data_path, split, None, download=download,
+    dataset = build_dataset(dataset_name, data_path, split, None, seed=seed, download=download,
                             **dataset_kwargs)
     n, c, h, w = stored_shape(dataset, store_size)
     fits = n * c * h * w <= memory_gb * 2**30
