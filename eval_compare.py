@@ -17,7 +17,6 @@ last, so they override). The linear probe runs on cached features unless told ot
 Per-run outputs and logs: <output_dir>/{pretrained,random_init}/{knn,linear,finetune}/;
 `tensorboard --logdir <output_dir>` shows both inits side by side.
 """
-import argparse
 import json
 import os
 import shlex
@@ -33,7 +32,7 @@ SCRIPTS = {"knn": "eval_knn.py", "linear": "eval_linear.py", "finetune": "finetu
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Pretrained vs random init", parents=[
+    parser = cli.ArgumentParser("Pretrained vs random init", parents=[
         evaluation.model_parser(), evaluation.data_parser(), evaluation.run_parser()])
     group = parser.add_argument_group("Comparison")
     group.add_argument("--evals", default=list(SCRIPTS), nargs="+", choices=list(SCRIPTS),
@@ -80,7 +79,8 @@ def command(name, weights, out, args):
              "--image_size", str(args.image_size), "--cifar_stem", str(args.cifar_stem).lower(),
              "--dataset", args.dataset, "--data_path", args.data_path, "--output_dir", out,
              "--batch_size_per_gpu", str(args.batch_size_per_gpu),
-             "--num_workers", str(args.num_workers), "--seed", str(args.seed)]
+             "--num_workers", str(args.num_workers), "--seed", str(args.seed),
+             "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb)]
     if args.precision is not None:
         flags += ["--precision", args.precision]
     if args.use_fp16 is not None:

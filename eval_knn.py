@@ -18,7 +18,6 @@ Without --pretrained_weights the backbone keeps its random init (the baseline). 
 shared flags (model, features, data, run) are in core/evaluation.py; with --output_dir the
 results are also written to <output_dir>/results.json.
 """
-import argparse
 import json
 import os
 
@@ -28,16 +27,16 @@ import torch.nn.functional as F
 
 from core import amp, cli, evaluation
 from core import dist as distu
-from core.checkpoint import save_atomic
+from core.checkpoint import make_output_dir, save_atomic
 from core.evaluation import extract_dataset_features, knn_classifier
 from core.logger import bool_flag
-from data import build_dataset, dataset_info, eval_transform
+from data import dataset_info, eval_transform
 from models import is_vit
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Evaluation with weighted k-NN",
-                                     parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Evaluation with weighted k-NN",
+                                parents=[evaluation.get_args_parser()])
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", default=None, nargs="+", type=int,
                        help="Number of NN to use. 20 is usually working the best. Default: "
@@ -137,8 +136,8 @@ def extract_train_test(args, info):
     if not args.use_cls and not is_vit(model):
         print("Note: --use_cls false only changes ViT features; a ResNet's are pooled already.")
     transform = eval_transform(args.image_size, info.mean, info.std)
-    train = build_dataset(args.dataset, args.data_path, "train", transform)
-    test = build_dataset(args.dataset, args.data_path, "test", transform)
+    train = evaluation.eval_split(args, "train", transform)  # --data_backend tensor or pil
+    test = evaluation.eval_split(args, "test", transform)
     print(f"Data loaded with {len(train)} train and {len(test)} val imgs.")
     fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
     features = []
@@ -157,6 +156,9 @@ def run_knn(args):
     check_args(args)
     amp.resolve_precision(args, args.device)
     info = dataset_info(args.dataset, args.data_path)
+    for folder in (args.output_dir, args.dump_features):
+        if folder and distu.is_main_process():
+            make_output_dir(folder)  # writable, before any feature is extracted
     if args.load_features:
         feats = torch.load(os.path.join(args.load_features, "features.pth"), map_location="cpu")
         train_f, test_f = feats["train_features"], feats["test_features"]

@@ -15,7 +15,6 @@ snapshot after training, as facebookresearch/moco-v3 main_lincls.py's sanity_che
 Without --pretrained_weights the probe runs on the random init (the baseline). The run resumes
 from <output_dir>/checkpoint.pth.tar only if that file was written with the same flags.
 """
-import argparse
 import copy
 import json
 import os
@@ -26,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, evaluation
+from core import amp, cli, evaluation, preempt
 from core import dist as distu
-from core.checkpoint import load_file, save_atomic
+from core.checkpoint import load_file, make_output_dir, remove_stale_tmp, save_atomic
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -38,8 +37,8 @@ from models import feature_dim, is_vit, layerwise_features
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Evaluation with linear classification",
-                                     parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Evaluation with linear classification",
+                                parents=[evaluation.get_args_parser()])
     parser.set_defaults(n_last_blocks=4)  # DINO: 4 for ViT-Small, 1 for ViT-Base
 
     group = parser.add_argument_group("The probe and its training")
@@ -80,6 +79,7 @@ def get_args_parser():
     group.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
     group.add_argument("--tensorboard", default=True, type=bool_flag,
                        help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
+    preempt.add_args(group)
     return parser
 
 
@@ -172,11 +172,11 @@ class FeatureBatches:
 
     def __init__(self, features, labels, batch_size, seed=0):
         self.features, self.labels = features, labels.to(features.device)
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.batch_size, self.seed, self.epoch, self.start_iter = batch_size, seed, 0, 0
         self.world, self.rank = distu.get_world_size(), distu.get_rank()
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start_iter=0):
+        self.epoch, self.start_iter = epoch, start_iter
 
     def __len__(self):
         n = len(self.features) // self.world
@@ -186,7 +186,7 @@ class FeatureBatches:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(len(self.features), generator=g)
         perm = perm[:len(perm) - len(perm) % self.world][self.rank::self.world].to(self.features.device)
-        for i in range(0, len(perm), self.batch_size):
+        for i in range(self.start_iter * self.batch_size, len(perm), self.batch_size):
             idx = perm[i:i + self.batch_size]
             yield self.features[idx], self.labels[idx]
 
@@ -229,10 +229,13 @@ def build_datasets(args, info):
     split (test None). Fills --num_labels from the data."""
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     train_tf = val_tf if args.cached_features else SingleViewTransform(args.image_size, info.mean, info.std)
-    split = dict(val_split=args.val_split, seed=args.seed)
-    dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf, **split)
-    dataset_val = build_dataset(args.dataset, args.data_path, "val", val_tf, **split)
-    dataset_test = build_dataset(args.dataset, args.data_path, "test", val_tf) if args.val_split else None
+    if args.cached_features:  # images read once, through --data_backend tensor or pil
+        dataset_train = evaluation.eval_split(args, "train", val_tf, val_split=args.val_split)
+    else:  # (training_batches builds the augmented loader)
+        dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf,
+                                      val_split=args.val_split, seed=args.seed)
+    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)
+    dataset_test = evaluation.eval_split(args, "test", val_tf) if args.val_split else None
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -259,19 +262,19 @@ def cached(model, dataset, feats_fn, args):
             torch.as_tensor(dataset.targets))
 
 
-def training_batches(model, feats_fn, dataset_train, args):
+def training_batches(model, feats_fn, dataset_train, info, args):
     """What train_one_epoch iterates, and encode(batch) -> features: cached features with the
-    identity (--cached_features), or augmented images through the frozen backbone."""
+    identity (--cached_features), or augmented images (data/loaders.py, --data_backend) through
+    the frozen backbone. Both have set_epoch(epoch)."""
     if args.cached_features:
         print("Extracting features once, without augmentation (--cached_features)...")
         features, labels = cached(model, dataset_train, feats_fn, args)
         return FeatureBatches(features, labels, args.batch_size_per_gpu, args.seed), lambda x: x
-    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size,
-                                                 rank=args.rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, pin_memory=args.device.type == "cuda",
-        drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size)
+    loader = evaluation.train_loader(
+        args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
+        drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size,
+        val_split=args.val_split)
+    print(f"Augmented training images: {loader.describe}.")
 
     def encode(x):
         with torch.no_grad(), amp.autocast(args.precision, args.device):
@@ -281,17 +284,32 @@ def training_batches(model, feats_fn, dataset_train, args):
 
 # ============ training and validation ... ============
 
-def train_one_epoch(model, probe, optimizer, scaler, batches, epoch, encode, args):
-    """encode(images) -> features under no_grad; identity for cached features."""
+def train_one_epoch(model, probe, optimizer, scaler, batches, epoch, encode, args, stopper=None,
+                    save_checkpoint=None, start_iter=0, rank_states=None):
+    """encode(images) -> features under no_grad; identity for cached features. From iteration
+    start_iter (a resumed epoch, with its rank_states); returns None when a signal stopped the
+    ranks mid-epoch (after save_checkpoint(epoch, iteration, logger))."""
     probe.train()
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq)
-    for x, target in logger.log_every(batches):
+    n = len(batches)
+    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
+        it_batches = iter(batches)
+    if rank_states is not None:
+        preempt.restore_rank_state(rank_states, logger)
+    for i, (x, target) in enumerate(logger.log_every(it_batches, n, start_iter), start=start_iter):
         x = x.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
         outputs = probe(encode(x))  # the probe itself runs in float32, as DINO's
         loss = sum(F.cross_entropy(o, target) for o in outputs)
         amp.backward_step(loss, optimizer, scaler)
         logger.update(loss=loss.detach() / len(outputs), lr=optimizer.param_groups[0]["lr"])
+        if stopper is not None and (i % args.print_freq == 0 or stopper.sync_due(n * epoch + i)) \
+                and i < n - 1:  # (the epoch's last step: run_linear saves the epoch)
+            flags = stopper.agree(it=n * epoch + i)
+            if flags.save:
+                save_checkpoint(epoch, i + 1, logger)
+                if flags.stop:
+                    return None
     return logger.global_averages()
 
 
@@ -333,17 +351,23 @@ def keep_best(stats, best, best_state, probe):
 
 def restart_probe(path, probe, optimizer, scheduler, args):
     """Resume from `path` if it exists and was written by this same run (else a one-line
-    error). Returns (start_epoch, best accuracy per head, best-on-validation probe state)."""
+    error), at the epoch and iteration it was written. Returns (start_epoch, start_iter, every
+    rank's generators or None, best accuracy per head, best-on-validation probe state)."""
     if not os.path.isfile(path):
-        return 0, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
+        return 0, 0, None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
     ckpt = load_file(path)
     evaluation.check_resume(path, ckpt, args)
+    preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
     load_probe(probe, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    print(f"Found checkpoint at {path}: resuming from epoch {ckpt['epoch']}.")
+    start_iter = ckpt.get("iteration", 0)
+    print(f"Found checkpoint at {path}: resuming from epoch {ckpt['epoch']}"
+          + (f", iteration {start_iter}." if start_iter else "."))
     best_state = probe_state(ckpt.get("best_state_dict", ckpt["state_dict"]), len(probe.heads))
-    return ckpt["epoch"], ckpt.get("best_accs", [ckpt["best_acc"]]), best_state
+    ranks = ckpt.get("ranks") if len(ckpt.get("ranks") or ()) == args.world_size else None
+    return (ckpt["epoch"], start_iter, ranks, ckpt.get("best_accs", [ckpt["best_acc"]]),
+            best_state)
 
 
 def evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args):
@@ -431,11 +455,12 @@ def run_linear(args):
     probe = build_probe(dims, names, args)
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)
     print(f"Output folder: {args.output_dir}")
+    make_output_dir(args.output_dir)  # writable, before any feature is extracted
     if args.evaluate:
         return evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args)
 
     # ============ preparing data ... ============
-    batches, encode = training_batches(model, feats_fn, dataset_train, args)
+    batches, encode = training_batches(model, feats_fn, dataset_train, info, args)
     if args.cached_features:
         val_data, test_data = cached(model, dataset_val, feats_fn, args), cached(model, dataset_test, feats_fn, args)
     else:
@@ -453,16 +478,42 @@ def run_linear(args):
 
     # ============ optionally resume training ... ============
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if distu.is_main_process():
+        remove_stale_tmp(args.output_dir)  # the unfinished writes of a killed run
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
-    start_epoch, best, best_state = restart_probe(ckpt_path, probe, optimizer, scheduler, args)
+    start_epoch, start_iter, rank_states, best, best_state = restart_probe(
+        ckpt_path, probe, optimizer, scheduler, args)
+
+    def save_checkpoint(epoch, iteration, logger=None):
+        """checkpoint.pth.tar at `iteration` of `epoch` (0: the start of it); all ranks call."""
+        ranks = preempt.gather_rank_states(logger)
+        if distu.is_main_process():
+            save_atomic({"epoch": epoch, "iteration": iteration,
+                         "state_dict": saved_state(probe.state_dict(), len(dims)),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "best_acc": best[-1], "best_accs": best,
+                         "best_state_dict": saved_state(best_state, len(dims)),
+                         "sampler": {"seed": args.seed, "epoch": epoch,
+                                     "world_size": args.world_size,
+                                     "batch_size": args.batch_size_per_gpu},
+                         "ranks": ranks, "args": evaluation.run_args(args)}, ckpt_path)
+        stopper.saved()
+
     writer = None
     if args.tensorboard and distu.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
+    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and stop (exit 0)
+    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
+                                 args.device)
     for epoch in range(start_epoch, args.epochs):
-        (batches if args.cached_features else batches.sampler).set_epoch(epoch)
-        train_stats = train_one_epoch(model, ddp_probe, optimizer, scaler, batches, epoch, encode, args)
+        batches.set_epoch(epoch, start_iter)
+        train_stats = train_one_epoch(model, ddp_probe, optimizer, scaler, batches, epoch, encode,
+                                      args, stopper, save_checkpoint, start_iter, rank_states)
+        start_iter, rank_states = 0, None
+        if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
+            break
         scheduler.step()
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
@@ -482,17 +533,19 @@ def run_linear(args):
         if writer is not None:
             writer.add_scalar("train/loss", train_stats["loss"], epoch)
             writer.add_scalar("train/lr", train_stats["lr"], epoch)
+        save_checkpoint(epoch + 1, 0)
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             save_curves(args.output_dir)
-            save_atomic({"epoch": epoch + 1, "state_dict": saved_state(probe.state_dict(), len(dims)),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_acc": best[-1], "best_accs": best,
-                         "best_state_dict": saved_state(best_state, len(dims)),
-                         "args": evaluation.run_args(args)}, ckpt_path)
+        if stopper.agree().stop:  # a signal in the epoch's last step or its validation
+            break
+    stopper.close()
     if writer is not None:
         writer.close()
+    if stopper.stop:
+        stopper.finish()
+        return None
 
     sanity_check(model, snapshot)  # the backbone must not have moved, in every training run
     return report(model, probe, best, best_state, test_data, feats_fn, names, dims, args)
@@ -502,7 +555,7 @@ def eval_linear(args):
     check_args(args)  # bad flags fail before any process group exists
     distu.init_distributed_mode(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    results = run_linear(args)
+    results = run_linear(args)  # None when a signal stopped it (checkpoint written)
     distu.cleanup()
     return results
 

@@ -19,11 +19,9 @@ out/finetune/<weights>_<dataset>; it resumes from <output_dir>/checkpoint.pth on
 was written with the same flags. The shared flags (model, features, data, run, --precision) are
 in core/evaluation.py.
 """
-import argparse
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, evaluation
+from core import amp, cli, evaluation, preempt
 from core import dist as distu
-from core.checkpoint import load_file, save_atomic
+from core.checkpoint import load_file, make_output_dir, remove_stale_tmp, save_atomic
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -44,7 +42,7 @@ from models import extract_features, feature_dim, is_vit
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()])
     group = parser.add_argument_group("What trains")
     group.add_argument("--drop_path", default=0.1, type=float,
                        help="ViT stochastic depth rate (iBOT ViT-S: 0.1); ResNets have none.")
@@ -101,6 +99,7 @@ def get_args_parser():
     group.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
     group.add_argument("--tensorboard", default=True, type=bool_flag,
                        help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
+    preempt.add_args(group)
     return parser
 
 
@@ -243,13 +242,21 @@ def mix_batch(images, targets, num_classes, args):
 
 # ============ training, validation, test report ... ============
 
-def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, epoch, args):
+def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, epoch, args,
+                    stopper=None, save_checkpoint=None, start_iter=0, rank_states=None):
+    """One epoch from iteration start_iter (a resumed epoch, with its rank_states); returns None
+    when a signal stopped the ranks mid-epoch (after save_checkpoint(epoch, iteration, logger))."""
     train_mode(ddp_model)
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
                           batch_size=args.batch_size_per_gpu)
     clip = (lambda: nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)) if args.clip_grad else None
-    for i, (images, targets) in enumerate(logger.log_every(loader)):
-        it = len(loader) * epoch + i
+    n = len(loader)  # iterations of the whole epoch, wherever it starts
+    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
+        batches = iter(loader)
+    if rank_states is not None:
+        preempt.restore_rank_state(rank_states, logger)
+    for i, (images, targets) in enumerate(logger.log_every(batches, n, start_iter), start=start_iter):
+        it = n * epoch + i
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * float(lr_schedule[it])  # a numpy float would not pass weights_only
         images = images.to(args.device, non_blocking=True)
@@ -260,6 +267,13 @@ def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, ep
         loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         amp.backward_step(loss, optimizer, scaler, after_unscale=clip)
         logger.update(loss=loss.detach(), lr=optimizer.param_groups[-1]["lr"])
+        if stopper is not None and (i % args.print_freq == 0 or stopper.sync_due(it)) \
+                and i < n - 1:  # (the epoch's last step: run_finetune saves the epoch)
+            flags = stopper.agree(it=it)
+            if flags.save:
+                save_checkpoint(epoch, i + 1, logger)
+                if flags.stop:
+                    return None
     stats = logger.global_averages()
     if not math.isfinite(stats["loss"]):
         raise ValueError(f"loss is not finite at epoch {epoch}; lower --lr / --backbone_lr or turn "
@@ -314,6 +328,8 @@ def test_report(model, dataset_test, info, args, writer=None):
 
 def check_args(args):
     evaluation.check_common_args(args)
+    if args.epochs < 1 and not args.evaluate:
+        raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
     if args.epochs <= args.warmup_epochs and not args.evaluate:
         raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
                          f"({args.epochs}); lower --warmup_epochs")
@@ -332,8 +348,8 @@ def build_datasets(args, info):
     split = dict(val_split=args.val_split, seed=args.seed)
     dataset_train = build_dataset(args.dataset, args.data_path, "train",
                                   SingleViewTransform(args.image_size, info.mean, info.std), **split)
-    dataset_val = build_dataset(args.dataset, args.data_path, "val", val_tf, **split)
-    dataset_test = build_dataset(args.dataset, args.data_path, "test", val_tf)
+    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)  # tensor / pil
+    dataset_test = evaluation.eval_split(args, "test", val_tf)
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -368,7 +384,7 @@ def run_finetune(args):
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
     print(f"Output folder: {args.output_dir}")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir)  # writable, before any training
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     best_path = os.path.join(args.output_dir, "checkpoint_best.pth")
 
@@ -385,11 +401,10 @@ def run_finetune(args):
     if len(dataset_train) < global_batch:
         raise ValueError(f"the train split has {len(dataset_train)} images, fewer than one global "
                          f"batch ({global_batch}); lower --batch_size_per_gpu")
-    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=args.world_size,
-                                                 rank=args.rank, shuffle=True, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, drop_last=True,
-                                         pin_memory=args.device.type == "cuda")
+    # each rank's DistributedSampler(shuffle=True) order with drop_last, as train_ssl.py
+    loader = evaluation.train_loader(args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
+                                     val_split=args.val_split)
+    print(f"Training images: {loader.describe}.")
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
                                         else None) if args.distributed else model
 
@@ -408,41 +423,63 @@ def run_finetune(args):
           f"precision {args.precision}")
 
     # ============ optionally resume training ... ============
-    start_epoch, best_acc = 0, -1.0
+    if distu.is_main_process():
+        remove_stale_tmp(args.output_dir)  # the unfinished writes of a killed run
+    start_epoch, start_iter, rank_states, best_acc = 0, 0, None, -1.0
     if os.path.isfile(ckpt_path):
         ckpt = load_file(ckpt_path)
         evaluation.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
+        preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and "fp16_scaler" in ckpt:
             scaler.load_state_dict(ckpt["fp16_scaler"])
-        start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
-        print(f"Found checkpoint at {ckpt_path}: resuming from epoch {start_epoch}.")
+        start_epoch, start_iter, best_acc = ckpt["epoch"], ckpt.get("iteration", 0), ckpt["best_acc"]
+        if len(ckpt.get("ranks") or ()) == args.world_size:
+            rank_states = ckpt["ranks"]
+        print(f"Found checkpoint at {ckpt_path}: resuming from epoch {start_epoch}"
+              + (f", iteration {start_iter}." if start_iter else "."))
+
+    def save_checkpoint(epoch, iteration, logger=None, val_acc=None):
+        """checkpoint.pth at `iteration` of `epoch` (0: the start of it); all ranks call."""
+        ranks = preempt.gather_rank_states(logger)
+        if distu.is_main_process():
+            save_dict = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch, "iteration": iteration, "best_acc": best_acc,
+                         "val_acc": val_acc, "sampler": {"seed": args.seed, "epoch": epoch,
+                                                         "world_size": args.world_size,
+                                                         "batch_size": args.batch_size_per_gpu},
+                         "ranks": ranks, "args": evaluation.run_args(args)}
+            if scaler.is_enabled():
+                save_dict["fp16_scaler"] = scaler.state_dict()
+            save_atomic(save_dict, ckpt_path)
+        stopper.saved()
 
     writer = None
     if args.tensorboard and distu.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
+    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and stop (exit 0)
+    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
+                                 args.device)
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+        loader.set_epoch(epoch, start_iter)
         train_stats = train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule,
-                                      epoch, args)
+                                      epoch, args, stopper, save_checkpoint, start_iter, rank_states)
+        start_iter, rank_states = 0, None
+        if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
+            break
         logits = predict(model, dataset_val, args)
         val_acc = (logits.argmax(1).cpu() == torch.as_tensor(dataset_val.targets)).float().mean().item() * 100
         is_best = val_acc > best_acc
         best_acc = max(best_acc, val_acc)
         print(f"Validation accuracy at epoch {epoch}: {val_acc:.2f}%  best: {best_acc:.2f}%")
+        if is_best and distu.is_main_process():  # before checkpoint.pth, which records best_acc
+            save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc,
+                         "args": evaluation.run_args(args)}, best_path)
+        save_checkpoint(epoch + 1, 0, val_acc=val_acc)
         if distu.is_main_process():
-            save_dict = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch + 1, "best_acc": best_acc, "val_acc": val_acc,
-                         "args": evaluation.run_args(args)}
-            if scaler.is_enabled():
-                save_dict["fp16_scaler"] = scaler.state_dict()
-            save_atomic(save_dict, ckpt_path)
-            if is_best:
-                save_atomic({"model": save_dict["model"], "epoch": epoch + 1, "val_acc": val_acc,
-                             "args": save_dict["args"]}, best_path)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in train_stats.items()},
                                     "val_acc1": val_acc, "epoch": epoch}) + "\n")
@@ -451,6 +488,14 @@ def run_finetune(args):
                 writer.add_scalar("train/loss", train_stats["loss"], epoch)
                 writer.add_scalar("train/lr_head", train_stats["lr"], epoch)
                 writer.add_scalar("val/top1", val_acc, epoch)
+        if stopper.agree().stop:  # a signal in the epoch's last step or its validation
+            break
+    stopper.close()
+    if stopper.stop:
+        stopper.finish()
+        if writer is not None:
+            writer.close()
+        return None
 
     # ============ the best-on-validation model on the test set ... ============
     if distu.get_world_size() > 1:

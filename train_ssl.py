@@ -14,9 +14,9 @@ The file reads top to bottom like facebookresearch/dino's main_dino.py: argument
 init, data, networks, optimizer, schedules, resume, the epoch loop, and one training epoch.
 Everything method-specific lives in methods/<name>.py.
 """
-import argparse
 import copy
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -27,9 +27,11 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli
+from core import amp, cli, preempt
 from core import dist as distu
-from core.checkpoint import restart_from_checkpoint, save_atomic
+from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_resume,
+                             make_output_dir, remove_stale_tmp, restart_from_checkpoint,
+                             save_atomic)
 from core.curves import save_curves
 from core.diagnostics import check_collapse
 from core.evaluation import KNNEvaluator
@@ -37,9 +39,10 @@ from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
-from data import DATASETS, build_dataset, dataset_info, resolve_dataset
+from data import DATASETS, dataset_info, resolve_dataset
+from data.loaders import add_data_args, build_train_loader
 from methods import METHODS
-from models import ARCHS, build_backbone, is_vit
+from models import ARCHS, ResNet, VisionTransformer, build_backbone, check_patch_size, is_vit
 
 # Generic flags whose default is the method's RECIPE (every methods/<name>.py sets them all).
 RECIPE_FLAGS = ("arch", "optimizer", "lr", "min_lr", "weight_decay", "weight_decay_end",
@@ -54,8 +57,8 @@ class HelpFormatter(cli.HelpFormatter):
 def get_args_parser(method, add_help=True):
     """All flags of `method` (None: the generic ones only, for `--help` without --method), with
     the method's RECIPE as the defaults of the generic flags."""
-    parser = argparse.ArgumentParser("minissl pre-training", add_help=add_help,
-                                     formatter_class=HelpFormatter)
+    parser = cli.ArgumentParser("minissl pre-training", add_help=add_help,
+                                formatter_class=HelpFormatter)
     parser.add_argument("--method", default=method, type=str, choices=sorted(METHODS),
                         help="Self-supervised method (required); `--method <name> --help` lists "
                              "its flags and recipe.")
@@ -71,6 +74,13 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--cifar_stem", default=None, type=bool_flag,
                         help="ResNet 3x3 stride-1 first conv without max-pool; default: on when "
                              "the input is 64px or smaller.")
+    parser.add_argument("--compile", default=False, type=bool_flag,
+                        help="torch.compile the backbone(s) the step runs (student and teacher; "
+                             "one graph per crop size, mask and train/eval mode), compiled "
+                             "during the first steps. Off by default: on a 2-core CPU it took "
+                             "1.5-5 min to compile, then saved 5-9%% of a ViT step and cost "
+                             "22%% of a ResNet-18 step; on GPUs it is not measured yet "
+                             "(bench/gpu_suite.py measures it).")
 
     # Training/Optimization parameters
     amp.add_precision_args(parser)
@@ -108,6 +118,11 @@ def get_args_parser(method, add_help=True):
                         help="Dataset root (none for digits).")
     parser.add_argument("--download", default=False, type=bool_flag,
                         help="Let torchvision download CIFAR/STL-10 if missing.")
+    parser.add_argument("--skip_bad_images", default=False, type=bool_flag,
+                        help="Image folders: train on, in place of an image file that cannot be "
+                             "decoded, the next one, naming and counting each on stderr; false "
+                             "stops at the first with one line naming the file.")
+    add_data_args(parser)  # --data_backend {tensor,pil}, --data_memory_gb (data/loaders.py)
 
     # Misc
     parser.add_argument("--output_dir", default="out", type=str,
@@ -115,6 +130,12 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--saveckp_freq", default=None, type=int,
                         help="Keep a numbered snapshot checkpoint{epoch:04}.pth every this many "
                              "epochs (0: never).")
+    preempt.add_args(parser)
+    parser.add_argument("--resume_from", default="", type=str,
+                        help="Resume from this checkpoint (e.g. a snapshot <output_dir>/"
+                             "checkpoint0040.pth) instead of <output_dir>/checkpoint.pth; once "
+                             "this run has written its own checkpoint.pth, the same command "
+                             "continues from that. Never used unless given.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int,
                         help="Data loading workers per process.")
@@ -146,7 +167,7 @@ def parse_args(argv=None, make_parser=None):
     make_parser(method) builds the full parser (default: get_args_parser; bench/ extends it).
     Then every check that needs no data: the method's check_args, --dataset from --data_path,
     the precision. Raises ValueError (the script's entry point prints it as one line)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = cli.ArgumentParser(add_help=False)
     pre.add_argument("--method")
     pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)
@@ -157,17 +178,68 @@ def parse_args(argv=None, make_parser=None):
     if known.method is not None and known.method not in METHODS:
         raise ValueError(f"unknown --method '{known.method}'; choose one of: {choices}")
     args = (make_parser or get_args_parser)(known.method).parse_args(argv)
-    if args.warmup_epochs >= args.epochs and args.epochs > 0:
-        raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be below --epochs "
-                         f"({args.epochs}); lower --warmup_epochs")
+    check_args(args)
     METHODS[args.method].check_args(args)
+    preempt.check_args(args)
     args.dataset = resolve_dataset(args.dataset, args.data_path)
     amp.resolve_precision(args, "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     return args
 
 
+def check_args(args):
+    """The generic flags: values that cannot work fail here, before anything starts."""
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be >= 0 and below --epochs "
+                         f"({args.epochs})")
+    for name, low in (("batch_size_per_gpu", 1), ("num_workers", 0), ("print_freq", 1),
+                      ("saveckp_freq", 0), ("knn_k", 1), ("patch_size", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= {low}")
+    for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= 0")
+    if not 0 <= args.drop_path_rate < 1:
+        raise ValueError(f"--drop_path_rate {args.drop_path_rate} must be in [0, 1)")
+
+
+# Flags a resumed run may change: how long or how it runs, not what it computes (DINO extends
+# runs with a larger --epochs). Every other flag stored in checkpoint.pth defines the run:
+# method, model, head, data, crops, optimisation, batch size, seed.
+RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
+             "tensorboard", "knn_eval", "knn_k", "saveckp_freq", "skip_bad_images",
+             "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
+             "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
+             "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
+FIRST = ("method", "arch", "patch_size", "dataset", "data_path")  # named first when several differ
+
+
+def check_output_dir(args):
+    """Before any data is read: --output_dir is a folder this process can write in, and the
+    checkpoint.pth there (and the --resume_from file), if any, was written by this same run
+    (core/checkpoint.check_same_run), not by a run of another method, model or dataset that
+    would crash the resume or, worse, be continued silently. Flags left unset (None) are
+    derived from the compared ones."""
+    make_output_dir(args.output_dir)
+    paths = [p for p in [os.path.join(args.output_dir, "checkpoint.pth")] if os.path.isfile(p)]
+    if args.resume_from:
+        paths.append(args.resume_from)  # a missing one is reported here, before any data
+    current = {k: os.path.abspath(v) if k == "data_path" and v else v
+               for k, v in vars_plain(args).items() if v is not None}
+    for path in paths:
+        try:
+            stored = checkpoint_args(load_file(path, mmap=True))
+        except ValueError:
+            continue  # an unreadable checkpoint is the resume's to report
+        if stored.get("data_path"):
+            stored = {**stored, "data_path": os.path.abspath(stored["data_path"])}
+        check_same_run(path, stored, current, RESUMABLE, FIRST)
+
+
 def train_ssl(args):
     distu.init_distributed_mode(args)
+    check_output_dir(args)
     distu.fix_random_seeds(args.seed)
     method = METHODS[args.method]
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
@@ -178,31 +250,34 @@ def train_ssl(args):
     # ============ preparing data ... ============
     info = dataset_info(args.dataset, args.data_path)
     args.input_size = method.input_size(args, info)
+    check_patch_size(args.arch, args.patch_size, args.input_size, "the dataset's image size")
     transform = method.build_transform(args, info)
-    dataset = build_dataset(args.dataset, args.data_path, "train", transform, download=args.download)
+    # tensor: views made in batches on the device from a resident uint8 copy of the split (or
+    # JPEGs decoded there); pil: the method's PIL transform per image in DataLoader workers.
+    # Both visit each rank's DistributedSampler order with drop_last (data/loaders.py).
+    data_loader = build_train_loader(
+        args.data_backend, args.dataset, args.data_path, transform, args.batch_size_per_gpu,
+        device=args.device, seed=args.seed, rank=args.rank, world_size=args.world_size,
+        num_workers=args.num_workers, memory_gb=args.data_memory_gb, download=args.download,
+        skip_bad_images=args.skip_bad_images)
     global_batch = args.batch_size_per_gpu * args.world_size
-    if len(dataset) < global_batch:
-        raise ValueError(f"the train split has {len(dataset)} images, fewer than one global "
-                         f"batch ({global_batch}); lower --batch_size_per_gpu")
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=args.seed)
-    data_loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers, pin_memory=args.device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0)
-    print(f"Data loaded: there are {len(dataset)} images.")
+    if data_loader.num_images < global_batch:
+        raise ValueError(f"the train split has {data_loader.num_images} images, fewer than one "
+                         f"global batch ({global_batch}); lower --batch_size_per_gpu")
+    print(f"Data loaded: there are {data_loader.num_images} images ({data_loader.describe}).")
 
     # ============ building the networks ... ============
     model, backbone, init_backbone = build_networks(args, len(data_loader))
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     # DDP averages the gradients of the parameters that require them (the student); the EMA
-    # teacher gets none and stays identical on every rank because the student does. With
-    # broadcast_buffers=True every forward also copies rank 0's buffers to the other ranks:
-    # BatchNorm running statistics (different per rank without SyncBN, and the teacher's are
-    # never averaged) and the loss buffers (DINO's centre, already equal through its
-    # all-reduce). So every rank holds the network rank 0 checkpoints, at the cost of one small
-    # broadcast per step.
+    # teacher gets none and stays identical on every rank because the student does. The buffers
+    # stay identical too: BatchNorm running statistics move with the global batch statistics on
+    # every backend (core/syncbn.py) and the loss buffers (DINO's centre) are all-reduced, so
+    # re-broadcasting rank 0's buffers before every forward would be a wasted collective.
+    # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets (one copy
+    # and one gradient-sized buffer less); clipping and zero_grad(set_to_none=True) work on them.
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
-                                        else None, broadcast_buffers=True) \
+                                        else None, **ddp_kwargs(buffers_in_sync=True)) \
         if args.distributed else model
     print(f"Backbone {args.arch} ({backbone.embed_dim}-d features, "
           f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters) and "
@@ -224,12 +299,32 @@ def train_ssl(args):
 
     # ============ optionally resume training ... ============
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    to_restore = {"epoch": 0}
-    restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"),
-                            run_variables=to_restore, optimizer=optimizer,
-                            fp16_scaler=scaler if scaler.is_enabled() else None,
-                            **model.checkpoint_modules())
-    start_epoch = to_restore["epoch"]
+    if distu.is_main_process():
+        remove_stale_tmp(args.output_dir)  # the unfinished writes of a killed run
+    ckpt_path, ckpt = load_resume(os.path.join(args.output_dir, "checkpoint.pth"), args.resume_from)
+    to_restore = {"epoch": 0, "iteration": 0, "ranks": None}
+    if ckpt is not None:
+        preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+        restart_from_checkpoint(ckpt_path, run_variables=to_restore, ckpt=ckpt,
+                                optimizer=optimizer,
+                                fp16_scaler=scaler if scaler.is_enabled() else None,
+                                **model.checkpoint_modules())
+        del ckpt
+    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
+    # every rank's random generators and running sums, restored once the epoch's data iterator
+    # exists (None from a checkpoint of another world size: the run goes on, not bit-exact)
+    rank_states = to_restore["ranks"] if len(to_restore["ranks"] or ()) == args.world_size else None
+
+    def save_checkpoint(epoch, iteration, logger=None):
+        """checkpoint.pth (rank 0) at `iteration` of `epoch` (0: the epoch starts there); a
+        collective: every rank's generators and running sums are gathered."""
+        ranks = preempt.gather_rank_states(logger)
+        save_dict = checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks)
+        if distu.is_main_process():
+            save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+            if iteration == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+        stopper.saved()
 
     writer = None
     if args.tensorboard and distu.is_main_process():
@@ -238,18 +333,26 @@ def train_ssl(args):
 
     knn = None  # the labelled splits, built once for every k-NN evaluation
     if (args.knn_eval or args.knn_freq) and info.num_classes != 0:
-        knn = KNNEvaluator(args.dataset, args.data_path, args.input_size, args.knn_k,
-                           args.batch_size_per_gpu, args.num_workers, args.device)
+        knn = KNNEvaluator.for_run(args, info)
 
     knn_top1 = None  # the k-NN top-1 after the last epoch, when --knn_freq evaluated it
+    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and exit 0
+    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
+                                 args.device)
     start_time = time.time()
-    print(f"Starting {args.method} training from epoch {start_epoch}!")
+    print(f"Starting {args.method} training from epoch {start_epoch}"
+          + (f", iteration {start_iter}" if start_iter else "") + "!")
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+        data_loader.set_epoch(epoch, start_iter)  # start_iter > 0: a resumed epoch
 
         # ============ training one epoch ... ============
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
-                                      wd_schedule, epoch, scaler, args)
+                                      wd_schedule, epoch, scaler, args, stopper=stopper,
+                                      save_checkpoint=save_checkpoint, start_iter=start_iter,
+                                      rank_states=rank_states)
+        start_iter, rank_states = 0, None
+        if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
+            break
         # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
         check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
         knn_top1 = None
@@ -257,14 +360,8 @@ def train_ssl(args):
             knn_top1 = knn_during_training(knn, model.eval_backbone(), epoch, args)
 
         # ============ writing logs and checkpoint ... ============
-        save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
-        save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch + 1, args=vars_plain(args))
-        if scaler.is_enabled():
-            save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+        save_checkpoint(epoch + 1, 0)
         if distu.is_main_process():
-            save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             if knn_top1 is not None:
                 log_stats["knn_top1"] = knn_top1
@@ -277,17 +374,37 @@ def train_ssl(args):
                 if knn_top1 is not None:
                     writer.add_scalar("knn/top1", knn_top1, epoch)
                 writer.flush()
+        if stopper.stop:  # the signal came in the epoch's last step
+            break
         left = (time.time() - start_time) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
         print(f"Epoch {epoch + 1}/{args.epochs} done; eta of the training "
               f"{datetime.timedelta(seconds=int(left))}", flush=True)
+    stopper.agree()  # a signal after the last step: the ranks skip the final k-NN check together
+    stopper.close()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    if stopper.stop:
+        stopper.finish()
+        if writer is not None:
+            writer.close()
+        distu.cleanup()
+        return
 
     if args.knn_eval and knn is not None:
         final_knn_check(knn, model.eval_backbone(), init_backbone, args, writer, knn_top1)
     if writer is not None:
         writer.close()
     distu.cleanup()
+
+
+def ddp_kwargs(buffers_in_sync):
+    """DDP flags: gradients as views of the buckets, and rank 0's buffers re-broadcast before
+    every forward only if the ranks' buffers can drift apart. torch 2.14 renamed that flag from
+    broadcast_buffers to forward_sync_buffers (the old name warns there); under either name
+    the buffers are still broadcast once, when DDP wraps the model."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {name: not buffers_in_sync, "gradient_as_bucket_view": True}
 
 
 def build_networks(args, niter_per_ep):
@@ -304,23 +421,63 @@ def build_networks(args, niter_per_ep):
     model = method.build(args, backbone, embed_dim, niter_per_ep).to(args.device)
     if not is_vit(backbone) and args.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions
+    if args.compile:
+        compile_backbones(model)
     return model, backbone, init_backbone
 
 
+def checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks):
+    """What checkpoint.pth holds: DINO's keys (the networks and loss buffers under the method's
+    names, "optimizer", "fp16_scaler", "epoch" = finished epochs, "args") and what an exact
+    resume at `iteration` of `epoch` needs: the data order ("sampler") and every rank's random
+    generators and running sums ("ranks", core/preempt.py). The schedules are indexed by
+    (epoch, iteration), so they need nothing more."""
+    save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
+    save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch, iteration=iteration,
+                     sampler={"seed": args.seed, "epoch": epoch, "world_size": args.world_size,
+                              "batch_size": args.batch_size_per_gpu},
+                     ranks=ranks, args=vars_plain(args))
+    if scaler.is_enabled():
+        save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
+    return save_dict
+
+
+def compile_backbones(model, backend="inductor"):
+    """torch.compile every backbone inside the method's module, in place (nn.Module.compile):
+    the state_dict keys, the checkpoints and the method code stay as they are. Each backbone is
+    traced lazily at its first call, with static shapes, once per input signature (DINO's two
+    crop sizes, iBOT's masked and unmasked calls, train and eval mode: 2-4 graphs, within
+    dynamo's recompile limit of 8). Heads and losses stay eager: little compute, and their
+    schedules are indexed by epoch on the host."""
+    for module in model.modules():
+        if isinstance(module, (VisionTransformer, ResNet)):
+            module.compile(backend=backend, dynamic=False)
+
+
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
-                    scaler, args):
+                    scaler, args, stopper=None, save_checkpoint=None, start_iter=0,
+                    rank_states=None):
+    """One epoch from iteration start_iter. stopper (core.preempt.Preemption) and
+    save_checkpoint(epoch, iteration, logger): mid-epoch checkpoints and stopping on a signal;
+    rank_states: the generators and running sums a resumed epoch starts with. Returns the
+    epoch's averaged stats, or None when the ranks stopped mid-epoch (checkpoint written)."""
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
                           batch_size=args.batch_size_per_gpu)
     ddp_model.train()
     nonfinite = torch.zeros((), device=args.device)
+    niter = len(data_loader)  # iterations of the whole epoch, wherever it starts
 
     def edit_gradients():  # between backward and step, on the unscaled gradients
         if args.clip_grad:
             clip_gradients(model, args.clip_grad)
         model.after_backward(epoch)  # e.g. DINO's frozen last layer
 
-    for i, (views, _) in enumerate(logger.log_every(data_loader)):
-        it = len(data_loader) * epoch + i  # global training iteration
+    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
+        batches = iter(data_loader)
+    if rank_states is not None:  # resumed: the generators and sums of the checkpoint
+        preempt.restore_rank_state(rank_states, logger)
+    for i, (views, _) in enumerate(logger.log_every(batches, niter, start_iter), start=start_iter):
+        it = niter * epoch + i  # global training iteration
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(lr_schedule[it])
             if j == 0:  # only the first group is regularized
@@ -336,8 +493,17 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
         model.after_step(it)
 
         logger.update(loss=loss.detach(), **stats)
-        if i % args.print_freq == 0 or i == len(data_loader) - 1:
-            check_finite(nonfinite, epoch, i)
+        if stopper is None:
+            if i % args.print_freq == 0 or i == niter - 1:
+                check_finite(nonfinite, epoch, i)
+        elif i % args.print_freq == 0 or i == niter - 1 or stopper.sync_due(it):
+            # one all-reduce: non-finite losses, a signal on any rank, a checkpoint due
+            flags = stopper.agree(nonfinite, it)
+            check_finite(flags.nonfinite, epoch, i)
+            if flags.save and i < niter - 1:  # (after the last step, train_ssl saves the epoch)
+                save_checkpoint(epoch, i + 1, logger)
+                if flags.stop:
+                    return None
     stats = logger.global_averages()
     stats.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
@@ -345,10 +511,14 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
 
 
 def check_finite(nonfinite, epoch, i):
-    n = nonfinite.clone()
-    if distu.get_world_size() > 1:
-        torch.distributed.all_reduce(n)
-    if n.item() > 0:
+    """nonfinite: the count of non-finite losses, all ranks together (an int), or this rank's
+    (a tensor, all-reduced here)."""
+    if torch.is_tensor(nonfinite):
+        n = nonfinite.clone()
+        if distu.get_world_size() > 1:
+            torch.distributed.all_reduce(n)
+        nonfinite = n.item()
+    if nonfinite > 0:
         print(f"error: loss is not finite (nan/inf) at epoch {epoch}, iteration {i}; stopping "
               "without saving. Lower --lr, raise --warmup_epochs, keep --clip_grad on, or train "
               "in --precision bf16 or fp32 if this was fp16.", file=sys.stderr, force=True)

@@ -20,7 +20,6 @@ with official DINO/iBOT checkpoints. Default --output_dir:
 out/visualize_attention/<weights folder>_<weights file>_<image name or dataset_index>.
 With --tensorboard true, attention.png also goes to TensorBoard under <output_dir>/tb.
 """
-import argparse
 import math
 import os
 
@@ -38,7 +37,7 @@ from models import is_vit
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Visualize Self-Attention maps", parents=[
+    parser = cli.ArgumentParser("Visualize Self-Attention maps", parents=[
         evaluation.model_parser(image_size=False), evaluation.data_parser()])
     group = parser.add_argument_group("Image and maps")
     group.add_argument("--image_path", default=None, type=str,

@@ -18,15 +18,28 @@ PIL images and collated as the DataLoader does (multi-crop, masks, ...). Data lo
 timed. Every train_ssl.py flag of the method is accepted (--method <name> --help lists them),
 --precision / --use_fp16 included (train_ssl.py's default: bf16 on CUDA, fp32 on CPU).
 
+--mode data / end2end compare the data backends (data/loaders.py) on the real train split:
+    python bench/throughput.py --mode data --method simclr --arch resnet18 --batch_size 256 \
+        --num_workers 2 --backends tensor pil
+    python bench/throughput.py --mode end2end --method dino --arch vit_tiny --patch_size 4 \
+        --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 --batch_size 64 \
+        --dataset imagefolder --data_path ../shared/data/cifar10-jpeg --num_workers 2
+data: images/s of the loader alone (reading, decoding, augmenting, on the device); end2end:
+images/s of the loader feeding train_ssl.train_one_epoch, the two in one loop as in training.
+One line per backend and batch size (and repeat), then the tensor / pil ratio of the best
+of --repeats. setup_s (building the loader: decoding a resident split) is reported apart and
+not timed. bench/resized_crop.py and bench/ibot_masks.py time two design choices of the
+tensor backend.
+
 peak_mem_MB: on CUDA, torch.cuda.max_memory_allocated over the timed steps; on CPU, the peak
 resident set size of the whole process so far (includes Python and torch, ~0.3-0.5 GB, and
 never goes down, so list batch sizes in increasing order).
 Run it as one plain process (not torchrun): it builds a world-size-1 process group, as
 train_ssl.py does, for the methods that all-reduce.
 """
-import argparse
 import contextlib
 import io
+import itertools
 import resource
 import sys
 import time
@@ -48,7 +61,7 @@ from methods import METHODS  # noqa: E402
 
 def get_args_parser(method):
     """train_ssl.py's parser for `method` (all its flags and defaults) plus the bench's own."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         "minissl training throughput", allow_abbrev=False, formatter_class=train_ssl.HelpFormatter,
         parents=[train_ssl.get_args_parser(method, add_help=False)])
     group = parser.add_argument_group("Benchmark")
@@ -59,6 +72,16 @@ def get_args_parser(method):
     group.add_argument("--steps", default=20, type=int, help="Timed training steps.")
     group.add_argument("--warmup", default=5, type=int,
                        help="Untimed steps first (cudnn autotuning, allocator, lazy init).")
+    group.add_argument("--mode", default="step", choices=["step", "data", "end2end"],
+                       help="step (default): the training step on one synthetic batch; data: "
+                            "the train loader alone; end2end: loader + training step.")
+    group.add_argument("--backends", default=["tensor", "pil"], nargs="+",
+                       choices=["tensor", "pil"],
+                       help="Data backends compared by --mode data / end2end (--num_workers "
+                            "workers for pil).")
+    group.add_argument("--repeats", default=1, type=int,
+                       help="--mode data / end2end: measure the backends this many times, "
+                            "interleaved, and report the best of each (shared machines).")
     return parser
 
 
@@ -75,7 +98,9 @@ def parse_args(argv=None):
                          "fix the values")
     args.cpu = args.device_name == "cpu"  # read by init_distributed_mode
     amp.resolve_precision(args, args.device_name)  # again: --device may differ from the default
-    args.knn_eval, args.tensorboard, args.num_workers = False, False, 0
+    args.knn_eval, args.tensorboard = False, False
+    if args.mode == "step":
+        args.num_workers = 0
     return args
 
 
@@ -136,6 +161,66 @@ def measure(args, info, transform, batch_size):
     return batch_size * args.steps / elapsed, 1000 * elapsed / args.steps, peak
 
 
+class _Batches:
+    """The next n batches of an endless batch iterator, with the __len__ train_one_epoch reads."""
+
+    def __init__(self, batches, n):
+        self.batches, self.n = batches, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.batches, self.n)
+
+
+def _endless(loader):
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def measure_loader(args, transform, batch_size, backend, train):
+    """(images/s, setup s) of `backend`'s train loader alone (train=False) or feeding the
+    training step (train=True), over args.steps batches after args.warmup."""
+    from data.loaders import build_train_loader
+
+    args.batch_size_per_gpu = batch_size
+    cuda = args.device.type == "cuda"
+    start = time.perf_counter()
+    loader = build_train_loader(backend, args.dataset, args.data_path or None, transform,
+                                batch_size, device=args.device, seed=args.seed, rank=0,
+                                world_size=1, num_workers=args.num_workers,
+                                memory_gb=args.data_memory_gb, download=args.download)
+    batches = _endless(loader)
+    setup = time.perf_counter() - start
+    if train:
+        niter = args.warmup + args.steps
+        torch.manual_seed(args.seed)
+        model, optimizer, scaler = build_training(args, niter)
+        lr = np.full(args.epochs * niter, lr_for_batch(args.lr, batch_size))
+        wd = np.full(args.epochs * niter, args.weight_decay)
+
+        def run(n):
+            with contextlib.redirect_stdout(io.StringIO()):
+                train_ssl.train_one_epoch(model, model, _Batches(batches, n), optimizer, lr, wd,
+                                          args.epochs - 1, scaler, args)
+    else:
+        def run(n):
+            for views, _ in itertools.islice(batches, n):
+                train_ssl.to_device(views, args.device)  # the pil batches still have to move
+
+    if args.warmup:
+        run(args.warmup)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(args.steps)
+    if cuda:
+        torch.cuda.synchronize()
+    return batch_size * args.steps / (time.perf_counter() - start), setup
+
+
 def main(argv=None):
     args = parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -148,6 +233,23 @@ def main(argv=None):
     args.input_size = METHODS[args.method].input_size(args, info)
     transform = METHODS[args.method].build_transform(args, info)
     arch = f"{args.arch}/{args.patch_size}" if args.arch.startswith(("vit", "deit")) else args.arch
+    if args.mode != "step":
+        for batch_size in args.batch_size:
+            rates = {}
+            for _ in range(args.repeats):
+                for backend in args.backends:
+                    rate, setup = measure_loader(args, transform, batch_size, backend,
+                                                 train=args.mode == "end2end")
+                    rates[backend] = max(rate, rates.get(backend, 0))
+                    print(f"mode={args.mode} backend={backend} method={args.method} arch={arch} "
+                          f"dataset={args.dataset} input={args.input_size} batch={batch_size} "
+                          f"device={args.device_name} workers={args.num_workers} "
+                          f"img/s={rate:.1f} setup_s={setup:.1f}", flush=True)
+            if len(rates) == 2:
+                print(f"mode={args.mode} method={args.method} batch={batch_size} "
+                      f"tensor/pil={rates['tensor'] / rates['pil']:.2f}", flush=True)
+        distu.cleanup()
+        return
     for batch_size in args.batch_size:
         img_s, step_ms, peak = measure(args, info, transform, batch_size)
         print(f"method={args.method} arch={arch} input={args.input_size} batch={batch_size} "

@@ -1,13 +1,21 @@
-"""Checkpoints: atomic saves, resume, and loading pretrained weights into a bare backbone.
+"""Checkpoints: atomic saves, resume, and loading pretrained weights into a bare backbone; the
+output folder made and checked writable before a run starts (make_output_dir), and the resume
+guard every script shares (check_same_run: never resume another run's checkpoint).
 
 Training checkpoints are one dict with the official key names (facebookresearch/dino):
 {"student", "teacher", "optimizer", "dino_loss" | "ibot_loss", "fp16_scaler", "epoch", "args"};
 single-network methods (SimCLR, rotation) store their network under "model". "args" is a
 plain dict so `torch.load(weights_only=True)` reads it; official DINO/iBOT checkpoints hold an
-argparse.Namespace there, and `checkpoint_args` reads either.
+argparse.Namespace there, and `checkpoint_args` reads either. A checkpoint written mid-epoch
+(core/preempt.py) also holds "iteration" (the next step of "epoch"), "sampler" and "ranks" (every
+rank's random generators); "epoch" always counts the finished epochs, as DINO's.
 """
 import argparse
 import os
+import re
+import tempfile
+import time
+import zipfile
 
 import numpy as np
 import torch
@@ -20,30 +28,101 @@ _SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash (or a SLURM
-    preemption) mid-write never leaves a truncated checkpoint behind."""
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
+    `path`, and the folder's entry flushed too: a crash, a SIGKILL or a power cut mid-write
+    leaves either the old file or the new one, never a truncated one. A killed write leaves its
+    `<path>.tmp.<pid>` behind; remove_stale_tmp clears those when the next run starts."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        pause = float(os.environ.get("MINISSL_TEST_SAVE_PAUSE", 0))
+        if pause:  # tests only: hold the write open so that a test can kill the process in it
+            time.sleep(pause)
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_file(path):
+def _fsync_dir(folder):
+    """Make a rename durable (POSIX: the new directory entry lives in the folder's own data)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems refuse fsync on a folder; the rename itself is atomic
+    finally:
+        os.close(fd)
+
+
+_TMP = re.compile(r".+\.tmp\.(\d+)$")
+
+
+def remove_stale_tmp(folder):
+    """Delete the temporary files of save_atomic that a killed process left in `folder`
+    (`<name>.tmp.<pid>`, never this process's own). Call it on rank 0 before the first save.
+    Returns the names removed."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        m = _TMP.match(name)
+        if m and int(m.group(1)) != os.getpid() and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    if removed:
+        print(f"Removed {len(removed)} unfinished checkpoint write(s) of a killed run: "
+              f"{', '.join(removed)}")
+    return removed
+
+
+def make_output_dir(path):
+    """Create the output folder and check that this process can write in it, before any data is
+    read: otherwise a read-only folder fails only at the first checkpoint, an epoch later. A
+    real write, not os.access (which root and network file systems answer wrongly)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--output_dir {path} is not a writable folder ({e.strerror or e}); "
+                              "pass a folder you can write to") from None
+
+
+def load_file(path, mmap=False):
     """torch.load on CPU. Official DINO/iBOT training checkpoints pickle an argparse.Namespace,
     and numpy scalars (their optimizer state holds numpy floats), which weights_only=True
-    refuses; allow exactly those classes."""
+    refuses; allow exactly those classes. mmap=True maps the tensors instead of reading them
+    (cheap when only "args" is needed). Every unreadable file is one ValueError naming it."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint '{path}' is a folder; pass the path of a .pth file "
+                                "in it (e.g. checkpoint.pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass the path of a .pth "
                          "file written by train_ssl.py or an official DINO/iBOT release")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint '{path}' is empty (0 bytes), e.g. a copy or download that "
+                         "did not finish; copy it again or pass another file")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
-        raise ValueError(f"could not read checkpoint '{path}' ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); is it a PyTorch .pth file?")
+        if mmap:  # files of the legacy (pre-zip) format cannot be mapped: read them
+            return load_file(path)
+        # torch's weights-only refusal is a page of advice; its one fact is the unpickler's error
+        refusal = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(e), re.S)
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # one sentence
+        reason = refusal.group(1) if refusal else first
+        raise ValueError(f"could not read checkpoint '{path}' ({type(e).__name__}"
+                         f"{': ' + reason if reason else ''}); is it a complete PyTorch .pth "
+                         "file?") from None
 
 
 def checkpoint_args(ckpt):
@@ -55,12 +134,48 @@ def checkpoint_args(ckpt):
     return dict(args) if isinstance(args, dict) else {}
 
 
-def restart_from_checkpoint(path, run_variables=None, **modules):
+def _plain(v):
+    """A flag value as compared by check_same_run: lists and tuples alike (a recipe's tuple
+    default and the list argparse makes of the same numbers are one value)."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _show(v):
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v))
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "''" if v == "" else str(v)
+
+
+def check_same_run(path, stored, current, resumable=(), first=()):
+    """The resume guard: refuse to resume `path` when the run that wrote it had other flags
+    than this command. stored: the flags kept in the checkpoint (checkpoint_args; None or {}
+    when it kept none); current: this command's flags as a dict. Every flag in both defines
+    the run except those in `resumable` (how long or how it runs: --epochs, --num_workers ...).
+    Raises a one-line ValueError naming the first flag that differs (those in `first`, then
+    alphabetical) and the way out; otherwise a second run in one folder would continue, or
+    report, the first one's."""
+    if not stored:
+        raise ValueError(f"{path} holds no record of the flags of the run that wrote it, so it "
+                         f"cannot be resumed safely; pass another --output_dir or delete that folder")
+    order = [k for k in first if k in current] + sorted(k for k in current if k not in first)
+    for k in order:
+        if k in resumable or k not in stored or _plain(stored[k]) == _plain(current[k]):
+            continue
+        raise ValueError(f"{path} was written by a run with --{k} {_show(stored[k])}, this command "
+                         f"has --{k} {_show(current[k])}; pass another --output_dir or delete that "
+                         "folder")
+
+
+def restart_from_checkpoint(path, run_variables=None, ckpt=None, **modules):
     """Resume: load each named entry of the checkpoint into the given object (module,
-    optimizer, scaler) and copy plain values (e.g. epoch) into run_variables."""
-    if not os.path.isfile(path):
-        return False
-    ckpt = load_file(path)
+    optimizer, scaler) and copy plain values (e.g. epoch) into run_variables. ckpt: the file
+    already loaded (load_resume), else it is read from `path`."""
+    if ckpt is None:
+        if not path or not os.path.isfile(path):
+            return False
+        ckpt = load_file(path)
     print(f"Found checkpoint at {path}")
     for key, obj in modules.items():
         if obj is None:
@@ -79,6 +194,54 @@ def restart_from_checkpoint(path, run_variables=None, **modules):
             if key in ckpt:
                 run_variables[key] = ckpt[key]
     return True
+
+
+def newest_snapshot(folder):
+    """The numbered snapshot (checkpoint{epoch:04}.pth, --saveckp_freq) of the highest epoch in
+    `folder` that is at least a complete zip archive, or None."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r"checkpoint(\d+)\.pth", name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(folder, name)))
+    for _, path in sorted(found, reverse=True):
+        if zipfile.is_zipfile(path):  # reads only the end of the file
+            return path
+    return None
+
+
+def load_resume(own, resume_from=""):
+    """The checkpoint a run resumes from: (path, loaded dict), or (None, None) to start afresh.
+
+    `own` is the run's checkpoint.pth, read first. If it cannot be read, the run stops with one
+    line naming the file, why, and the newest snapshot to pass as --resume_from: it never falls
+    back silently. With resume_from (a snapshot the user picked), that file is loaded instead,
+    unless `own` was written by a run that had this same resume_from: then the same command,
+    requeued, continues its own progress rather than going back to the snapshot."""
+    ckpt = error = None
+    if os.path.isfile(own):
+        try:
+            ckpt = load_file(own)
+        except ValueError as e:
+            error = e
+    if not resume_from:
+        if error is not None:
+            snap = newest_snapshot(os.path.dirname(own) or ".")
+            hint = (f"resume from the newest snapshot with --resume_from {snap}, or delete {own} "
+                    f"to start over" if snap else f"delete {own} to start over")
+            text = str(error)
+            raise ValueError(f"{text} To go on, {hint}" if text.endswith("?")
+                             else f"{text}; to go on, {hint}") from None
+        return (own, ckpt) if ckpt is not None else (None, None)
+    same = os.path.abspath(str(checkpoint_args(ckpt).get("resume_from") or ""))
+    if ckpt is not None and same == os.path.abspath(resume_from):
+        return own, ckpt  # this command resumed from resume_from before and went on since
+    if error is not None:
+        print(f"{own} cannot be read ({error}); resuming from --resume_from {resume_from} as asked")
+    elif ckpt is not None:
+        print(f"Resuming from --resume_from {resume_from}, not from {own} (written before that "
+              "flag was given)")
+    return resume_from, load_file(resume_from)
 
 
 def strip_prefixes(state_dict, prefixes=("module.", "backbone.")):

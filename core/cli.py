@@ -6,10 +6,12 @@ message; the script's entry point turns them into one `error: ...` line and exit
 
 Set MINISSL_TRACEBACK=1 to see the full traceback instead.
 
+ArgumentParser prints argparse's own error line without the usage block before it;
 HelpFormatter makes `--help` end every flag's help with its effective default.
 """
 import argparse
 import os
+import re
 import sys
 
 # What a user can cause (a bad flag value, a missing or unreadable file): reported in one line.
@@ -19,6 +21,10 @@ USER_ERRORS = (ValueError, OSError)
 
 def error_message(exc):
     text = str(exc) if not isinstance(exc, KeyError) else exc.args[0]
+    if "Original Traceback" in str(text):
+        # raised in a DataLoader worker: torch re-raises it with the worker's whole traceback
+        # as the message, whose last line is "<type>: <the message>"
+        text = re.sub(r"^[\w.]+: ", "", str(text).strip().splitlines()[-1])
     text = " ".join(str(text).split())  # one line
     return text if text.startswith("error:") else f"error: {text}"
 
@@ -32,6 +38,15 @@ def run(main):
             raise
         print(error_message(exc), file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's error line (`prog: error: argument --arch: invalid choice: ...`), exit code
+    2, without the usage block argparse prints before it (27 lines for train_ssl.py), which
+    hides the line that matters; --help still prints it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def format_value(value):

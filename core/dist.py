@@ -5,10 +5,13 @@ gloo on CPU (the official code refuses to run without a GPU) and a single proces
 (world size 1) process group, so code that all-reduces (DINO's centre) runs unchanged.
 """
 import builtins
+import ctypes
 import datetime
 import os
 import random
+import signal
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -21,9 +24,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def exit_with_launcher():
+    """Under torchrun, die with the launcher: a launcher killed with SIGKILL cannot stop its
+    workers, which would train on as orphans and write checkpoints while a restarted job
+    trains the same epochs. Linux's prctl(PR_SET_PDEATHSIG) has the kernel send SIGKILL to this
+    process when its parent (torchrun's agent) dies. Elsewhere a no-op. (A launcher that died
+    while this process was still importing leaves it no agent store to join: init fails.)"""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the launcher died just before the call
+        os._exit(1)
+
+
 def init_distributed_mode(args):
     """Sets args.rank, args.world_size, args.gpu, args.device, args.distributed."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        exit_with_launcher()
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))

@@ -8,6 +8,8 @@ visualize_attention.py), so that no script imports another:
                              from it (resolve_model_flags), build the backbone, load the weights
     default_output_dir(script, args)   out/<script>/<weights>_<dataset>
     run_args(args), check_resume(path, ckpt, args)   never resume another run's checkpoint
+    eval_split(args, split, transform), train_loader(args, split, transform)
+                             the images through --data_backend tensor or pil (data/loaders.py)
     extract_dataset_features(model, dataset, ...)    features (N, F) of a whole dataset
     knn_classifier(...), KNNEvaluator, knn_eval_backbone(...)   DINO's weighted k-NN
 
@@ -23,11 +25,12 @@ import torch.nn.functional as F
 
 from core import amp
 from core import dist as distu
-from core.checkpoint import (checkpoint_args, extract_backbone_state, load_file,
+from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_state, load_file,
                              load_pretrained_weights)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
-from models import ARCHS, build_backbone, extract_features, feature_dim, is_vit
+from data.loaders import add_data_args, build_train_loader, epoch_indices
+from models import ARCHS, build_backbone, check_patch_size, extract_features, feature_dim, is_vit
 
 
 # ============ the shared flags ... ============
@@ -101,7 +104,8 @@ def data_parser():
 
 
 def run_parser():
-    """--batch_size_per_gpu --num_workers --seed --precision --use_fp16 --dist_url --cpu."""
+    """--batch_size_per_gpu --num_workers --seed --precision --use_fp16 --dist_url --cpu
+    --data_backend --data_memory_gb."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Run")
     group.add_argument("--batch_size_per_gpu", default=128, type=int, help="Per-GPU batch-size.")
@@ -112,6 +116,7 @@ def run_parser():
     group.add_argument("--dist_url", default="env://", type=str,
                        help="url used to set up distributed training (torchrun sets the rest).")
     group.add_argument("--cpu", action="store_true", help="Run on CPU even if CUDA is there.")
+    add_data_args(parser)  # --data_backend {tensor,pil}, --data_memory_gb, as train_ssl.py
     return parser
 
 
@@ -125,6 +130,9 @@ def check_common_args(args):
     """Before anything starts: --dataset as given or inferred from --data_path (a given path is
     never ignored), and --precision / --use_fp16 not contradicting each other."""
     args.dataset = resolve_dataset(args.dataset, args.data_path)
+    for name, low in (("num_workers", 0), ("batch_size_per_gpu", 1)):
+        if getattr(args, name, low) < low:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= {low}")
     if getattr(args, "precision", None) is not None and getattr(args, "use_fp16", None) is not None:
         # the device is not known yet; resolve_precision sets the final value after dist init
         amp.resolve_precision(argparse.Namespace(precision=args.precision, use_fp16=args.use_fp16), "cuda")
@@ -186,6 +194,7 @@ def load_backbone(args, default_image_size=None, **build_kwargs):
     out/checkpoint.pth` needs no model flags. Returns (backbone, embed_dim)."""
     ckpt = load_file(args.pretrained_weights) if args.pretrained_weights else None
     build_size = resolve_model_flags(args, ckpt, default_image_size)
+    check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size")
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size, img_size=[build_size],
                                          cifar_stem=args.cifar_stem, **build_kwargs)
     load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
@@ -212,7 +221,8 @@ def default_output_dir(script, args, subject=None):
 # flag defines the run (weights, data, model, features, head, optimisation, seed).
 RESUMABLE = {"epochs", "output_dir", "evaluate", "linear_weights", "finetuned_weights",
              "save_predictions", "num_workers", "print_freq", "val_freq", "tensorboard",
-             "precision", "use_fp16", "dist_url", "cpu",
+             "precision", "use_fp16", "dist_url", "cpu", "data_backend", "data_memory_gb",
+             "checkpoint_every_iters", "checkpoint_every_minutes",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 # named first when several differ: the usual reason two runs meet in one folder
 FIRST = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "dataset", "data_path")
@@ -231,32 +241,55 @@ def run_args(args):
     return out
 
 
-def _show(v):
-    if isinstance(v, (list, tuple)):
-        return " ".join(map(str, v))
-    if isinstance(v, bool):
-        return str(v).lower()
-    return "''" if v == "" else str(v)
-
-
 def check_resume(path, ckpt, args):
     """Refuse to resume (or evaluate) `path` when the run that wrote it had other weights, data
-    or flags than this command: a ValueError naming the first flag that differs and the way out.
-    Otherwise a second run in one folder would report the first one's accuracy."""
-    stored = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(stored, argparse.Namespace):
-        stored = vars(stored)
-    if not isinstance(stored, dict):
-        raise ValueError(f"{path} holds no record of the flags of the run that wrote it, so it "
-                         f"cannot be resumed safely; pass another --output_dir or delete that folder")
-    current = run_args(args)
-    order = [k for k in FIRST if k in current] + sorted(k for k in current if k not in FIRST)
-    for k in order:
-        if k in RESUMABLE or k not in stored or stored[k] == current[k]:
-            continue
-        raise ValueError(f"{path} was written by a run with --{k} {_show(stored[k])}, this command "
-                         f"has --{k} {_show(current[k])}; pass another --output_dir or delete that "
-                         "folder")
+    or flags than this command: a ValueError naming the first flag that differs and the way out
+    (core/checkpoint.check_same_run, shared with train_ssl.py). Otherwise a second run in one
+    folder would report the first one's accuracy."""
+    check_same_run(path, checkpoint_args(ckpt), run_args(args), RESUMABLE, FIRST)
+
+
+# ============ the images: --data_backend tensor or pil ... ============
+
+def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset_kwargs):
+    """data/loaders.py's build_train_loader for `split` with the run's flags (--data_backend,
+    --data_memory_gb, batch size, workers, seed, rank): (images, labels) batches of each rank's
+    DistributedSampler order, as train_ssl.py reads its data. dataset_kwargs: val_split."""
+    return build_train_loader(args.data_backend, args.dataset, args.data_path, transform,
+                              args.batch_size_per_gpu, device=args.device, seed=args.seed,
+                              rank=args.rank, world_size=args.world_size,
+                              num_workers=args.num_workers, memory_gb=args.data_memory_gb,
+                              split=split, shuffle=shuffle, drop_last=drop_last, **dataset_kwargs)
+
+
+class LoadedSplit(torch.utils.data.Dataset):
+    """A dataset with a loader of the same images (data/loaders.py, shuffle=False,
+    drop_last=False): its length, items, targets and num_classes are the dataset's (and its
+    classes, through .dataset as for a held-out subset), while extract_dataset_features reads
+    its images from the loader (--data_backend tensor)."""
+
+    def __init__(self, dataset, loader):
+        self.dataset, self.loader = dataset, loader
+        self.targets, self.num_classes = dataset.targets, dataset.num_classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def eval_split(args, split, transform, **dataset_kwargs):
+    """`split` of --dataset with the (deterministic) eval `transform`, as extract_dataset_features
+    reads it: with --data_backend pil the dataset itself (PIL transforms in DataLoader workers),
+    with tensor a LoadedSplit (the split kept as uint8 on the device, Resize + CenterCrop done
+    in batches there). dataset_kwargs: val_split."""
+    dataset = build_dataset(args.dataset, args.data_path, split, transform, seed=args.seed,
+                            **dataset_kwargs)
+    if args.data_backend == "pil":
+        return dataset
+    return LoadedSplit(dataset, train_loader(args, split, transform, shuffle=False,
+                                             drop_last=False, **dataset_kwargs))
 
 
 # ============ features of a whole dataset ... ============
@@ -290,24 +323,42 @@ def feature_function(n_last_blocks=1, avgpool_patchtokens=0, use_cls=True):
     return patch_means
 
 
-@torch.no_grad()
-def extract_dataset_features(model, dataset, batch_size, num_workers, device, feature_fn=None,
-                             normalize=True, precision="bf16"):
-    """Features (N, F) of every image of `dataset`, in dataset order, on every rank: each rank
-    runs its shard; shards are all-gathered. L2-normalised unless normalize=False.
-    feature_fn(model, images (B, 3, H, W)) -> (B, F), default models.extract_features (the CLS
-    token / pooled map); also e.g. a classifier's logits. Forward under autocast(precision)."""
-    feature_fn = feature_fn or feature_function()
+def indexed_batches(dataset, batch_size, num_workers, device):
+    """(images, their indices in `dataset`) on `device`, this rank's shard in the order of
+    DistributedSampler(shuffle=False), whose shards are padded to one length with the first
+    indices again (harmless: the same image's features land twice in the same row).
+    A LoadedSplit's batches come from its loader, which visits that very order; its index
+    lists are recomputed here (data.loaders.epoch_indices)."""
+    if isinstance(dataset, LoadedSplit):
+        loader = dataset.loader
+        order = torch.tensor(epoch_indices(len(dataset), 0, loader.seed, loader.rank,
+                                           loader.world_size, shuffle=False))
+        loader.set_epoch(0)
+        for i, (images, _) in enumerate(loader):
+            yield images, order[i * loader.batch_size:(i + 1) * loader.batch_size].to(device)
+        return
     indexed = IndexedDataset(dataset)
     sampler = torch.utils.data.DistributedSampler(indexed, shuffle=False) \
         if distu.get_world_size() > 1 else None
     loader = torch.utils.data.DataLoader(indexed, sampler=sampler, batch_size=batch_size,
                                          num_workers=num_workers, pin_memory=device.type == "cuda",
                                          drop_last=False)
+    for images, index in loader:
+        yield images.to(device, non_blocking=True), index.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def extract_dataset_features(model, dataset, batch_size, num_workers, device, feature_fn=None,
+                             normalize=True, precision="bf16"):
+    """Features (N, F) of every image of `dataset` (a dataset, or a LoadedSplit of eval_split),
+    in dataset order, on every rank: each rank runs its shard; shards are all-gathered.
+    L2-normalised unless normalize=False.
+    feature_fn(model, images (B, 3, H, W)) -> (B, F), default models.extract_features (the CLS
+    token / pooled map); also e.g. a classifier's logits. Forward under autocast(precision)."""
+    feature_fn = feature_fn or feature_function()
     model.eval()
     features = None
-    for images, index in loader:
-        images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
+    for images, index in indexed_batches(dataset, batch_size, num_workers, device):
         with amp.autocast(precision, device):
             feats = feature_fn(model, images).float()
         if features is None:
@@ -351,23 +402,29 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
 
 
 class KNNEvaluator:
-    """Weighted k-NN top-1/top-5 of a backbone on a labelled dataset: the train split is the
-    memory bank, the test split the queries, both through the deterministic eval transform.
-    The datasets are built once, so train_ssl.py can call it every --knn_freq epochs and for
-    its final check; each call extracts the features of both splits once (all ranks take part,
-    as in extract_dataset_features) and prints a line before it starts."""
+    """Weighted k-NN top-1/top-5 of a backbone on a labelled dataset: `train` (a dataset or a
+    LoadedSplit) is the memory bank, `test` the queries, both through the deterministic eval
+    transform. Built once, so train_ssl.py calls it every --knn_freq epochs and for its final
+    check; each call extracts the features of both splits once (all ranks take part, as in
+    extract_dataset_features) and prints a line before it starts."""
 
-    def __init__(self, dataset_name, data_path, image_size, k, batch_size, num_workers, device,
-                 temperature=0.07, precision="bf16"):
-        info = dataset_info(dataset_name, data_path)
-        transform = eval_transform(image_size, info.mean, info.std)
-        self.train = build_dataset(dataset_name, data_path, "train", transform)
-        self.test = build_dataset(dataset_name, data_path, "test", transform)
-        self.train_labels = torch.as_tensor(self.train.targets)
-        self.test_labels = torch.as_tensor(self.test.targets)
-        self.name, self.k, self.temperature = dataset_name, k, temperature
+    def __init__(self, train, test, k, batch_size, num_workers, device, temperature=0.07,
+                 precision="bf16", name=""):
+        self.train, self.test = train, test
+        self.train_labels = torch.as_tensor(train.targets)
+        self.test_labels = torch.as_tensor(test.targets)
+        self.k, self.temperature, self.name = k, temperature, name
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device, self.precision = device, precision
+
+    @classmethod
+    def for_run(cls, args, info):
+        """train_ssl.py's: --dataset's train/test splits at the training resolution, read
+        through --data_backend as the evaluation scripts read them (eval_split)."""
+        transform = eval_transform(args.input_size, info.mean, info.std)
+        return cls(eval_split(args, "train", transform), eval_split(args, "test", transform),
+                   args.knn_k, args.batch_size_per_gpu, args.num_workers, args.device,
+                   precision=args.precision, name=args.dataset)
 
     def __call__(self, model, what=""):
         """(top1, top5) in percent of `model` (left in eval mode)."""
@@ -384,6 +441,10 @@ class KNNEvaluator:
 def knn_eval_backbone(model, dataset_name, data_path, image_size, k, batch_size, num_workers,
                       device, temperature=0.07, precision="bf16"):
     """k-NN top-1/top-5 of `model` on a labelled dataset (train split as memory bank, test split
-    as queries), once; KNNEvaluator when the same splits are evaluated again."""
-    return KNNEvaluator(dataset_name, data_path, image_size, k, batch_size, num_workers, device,
-                        temperature, precision)(model)
+    as queries, PIL eval transform), once; KNNEvaluator when the same splits are evaluated again."""
+    info = dataset_info(dataset_name, data_path)
+    transform = eval_transform(image_size, info.mean, info.std)
+    train, test = (build_dataset(dataset_name, data_path, split, transform)
+                   for split in ("train", "test"))
+    return KNNEvaluator(train, test, k, batch_size, num_workers, device, temperature,
+                        precision, dataset_name)(model)

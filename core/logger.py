@@ -40,6 +40,15 @@ class MetricLogger:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
 
+    def state_dict(self):
+        """The running sums and count on the host (for a mid-epoch checkpoint)."""
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state, device=None):
+        self.sums = {k: v.to(device) if device is not None else v for k, v in state["sums"].items()}
+        self.last = dict(self.sums)
+        self.count = state["count"]
+
     def _fmt(self):
         if not self.sums:
             return ""
@@ -50,11 +59,12 @@ class MetricLogger:
         return "  ".join(f"{k}: {host[i]:.4g} ({host[n + i] / max(self.count, 1):.4g})"
                          for i, k in enumerate(keys))
 
-    def log_every(self, iterable, n=None):
+    def log_every(self, iterable, n=None, start_iter=0):
+        """Yields the items of `iterable`, numbered from start_iter (a resumed epoch) of n."""
         n = len(iterable) if n is None else n
         start = end = last_line = time.time()
         data_time = 0.0
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(iterable, start=start_iter):
             data_time += time.time() - end
             yield obj
             now = time.time()
@@ -63,7 +73,7 @@ class MetricLogger:
             if i % self.print_freq == 0 or i == n - 1 or late:
                 last_line = now
                 elapsed = time.time() - start
-                its = (i + 1) / max(elapsed, 1e-9)
+                its = (i + 1 - start_iter) / max(elapsed, 1e-9)
                 eta = datetime.timedelta(seconds=int((n - i - 1) / its))
                 mem = ""
                 if torch.cuda.is_available():
@@ -72,7 +82,7 @@ class MetricLogger:
                 if self.batch_size:
                     imgs = f"  img/s: {its * self.batch_size * get_world_size():.1f}"
                 print(f"{self.header} [{i}/{n}]  eta: {eta}  it/s: {its:.2f}{imgs}  "
-                      f"data: {data_time / (i + 1):.3f}s  {self._fmt()}{mem}", flush=True)
+                      f"data: {data_time / (i + 1 - start_iter):.3f}s  {self._fmt()}{mem}", flush=True)
             end = time.time()
         self.total_time = time.time() - start
 

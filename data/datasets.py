@@ -11,14 +11,20 @@ attributes, so that pretraining, k-NN and linear evaluation treat them all alike
 
 The datasets are plain picklable objects (no lambdas, no open file handles) so DataLoader
 workers can receive them under both the fork and the spawn start methods.
+
+Image files are decoded by decode_image: a file that cannot be decoded is a BadImageError
+naming it; with skip_bad_images=True the folder datasets train on the next file instead and
+count the skips (first_decodable, reusable by any dataset that reads files).
 """
 import os
+import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 
@@ -81,7 +87,8 @@ def resolve_dataset(name, root):
         return "digits"
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data_path {root} does not exist; pass an existing folder "
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"--data_path {root} {what}; pass an existing folder "
                                 f"(or no --data_path to use the embedded digits)")
     found = [dataset for folder, dataset in (
         ("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),
@@ -122,7 +129,8 @@ def dataset_info(name, root=None):
     return info
 
 
-def build_dataset(name, root, split, transform=None, val_split=0, seed=0, download=False):
+def build_dataset(name, root, split, transform=None, val_split=0, seed=0, download=False,
+                  skip_bad_images=False):
     """Dataset `name` stored under `root` (the --data_path), split `split`.
 
     split: "train", "val" or "test" (stl10 also "unlabeled" and "train+unlabeled").
@@ -130,6 +138,9 @@ def build_dataset(name, root, split, transform=None, val_split=0, seed=0, downlo
         out as "val", class-stratified and fixed by `seed`; "train" is then the remainder.
         With val_split == 0, "val" is the official validation/test split, same as "test".
     download: let torchvision fetch cifar10/cifar100/stl10 when they are missing.
+    skip_bad_images: imagefolder / tiny-imagenet replace an image file that cannot be decoded
+        by the next one, named on stderr and counted in the dataset's .skipped (else: one
+        BadImageError naming it).
     """
     _check_name(name)
     valid = STL10_SPLITS if name == "stl10" else SPLITS
@@ -138,6 +149,8 @@ def build_dataset(name, root, split, transform=None, val_split=0, seed=0, downlo
     if name != "digits" and not root:
         raise ValueError(f"dataset {name} needs its location; pass --data_path")
     build = _BUILDERS[name]
+    if name in ("imagefolder", "tiny-imagenet"):  # the datasets that decode image files
+        build = partial(build, skip_bad_images=skip_bad_images)
     if not val_split or split in ("test", "unlabeled"):
         return build(root, "test" if split == "val" else split, transform, download)
 
@@ -239,11 +252,70 @@ def _build_stl10(root, split, transform, download):
     return ds
 
 
+# ============ image files: decoding, bad files ============
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded. `path` and `reason` are None when the error was
+    re-raised from a DataLoader worker (which rebuilds it from its message alone)."""
+
+    def __init__(self, message, path=None, reason=None):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+def decode_image(path):
+    """The image file at `path` as an RGB PIL image, or a BadImageError naming the file: empty,
+    truncated, not an image, or unreadable (PIL raises OSError, SyntaxError or ValueError)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = ("not an image file PIL can identify" if isinstance(e, UnidentifiedImageError)
+                  else " ".join(str(e).split()) or type(e).__name__)
+        raise BadImageError(f"cannot decode image {path} ({reason}); replace or delete that file "
+                            "(train_ssl.py --skip_bad_images true trains on without it)",
+                            str(path), reason) from None
+
+
+MAX_CONSECUTIVE_BAD = 100
+
+
+def first_decodable(getitem, i, n, skipped=None):
+    """getitem(i), where getitem decodes with decode_image. skipped None: a bad file raises its
+    BadImageError. skipped a shared int64 counter (torch.zeros(()).share_memory_(), so that
+    every DataLoader worker adds to the same one): a bad file is named on stderr with the count
+    so far, and the next decodable item (i + 1, i + 2, ... of the n) is returned instead, so
+    batches keep their size."""
+    for j in range(min(n, MAX_CONSECUTIVE_BAD)):
+        try:
+            return getitem((i + j) % n)
+        except BadImageError as e:
+            if skipped is None:
+                raise
+            skipped += 1
+            print(f"warning: skipped {e.path} ({e.reason}), {int(skipped)} bad image(s) skipped "
+                  "so far by this process (--skip_bad_images)", file=sys.stderr, flush=True)
+    raise BadImageError(f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row from item {i} cannot be "
+                        "decoded; check that --data_path holds image files")
+
+
+class ImageFolder(tv_datasets.ImageFolder):
+    """torchvision's ImageFolder, decoding with decode_image; with skip_bad_images=True a file
+    that cannot be decoded is replaced by the next one and counted in .skipped."""
+
+    def __init__(self, root, transform=None, skip_bad_images=False):
+        super().__init__(root, transform=transform, loader=decode_image)
+        self.skipped = torch.zeros((), dtype=torch.int64).share_memory_() if skip_bad_images else None
+
+    def __getitem__(self, i):
+        return first_decodable(super().__getitem__, i, len(self), self.skipped)
+
+
 # ============ class-folder datasets: imagefolder, tiny-imagenet ============
 
-def _image_folder(folder, transform, train_folder, layout):
+def _image_folder(folder, transform, train_folder, layout, skip_bad_images=False):
     try:
-        ds = tv_datasets.ImageFolder(str(folder), transform=transform)
+        ds = ImageFolder(str(folder), transform=transform, skip_bad_images=skip_bad_images)
     except (FileNotFoundError, OSError) as e:
         raise FileNotFoundError(f"no images found in {folder} ({e}); pass --data_path pointing to {layout}") from None
     # class indices come from sorted folder names, so train and val agree only if they hold
@@ -257,7 +329,7 @@ def _image_folder(folder, transform, train_folder, layout):
     return ds
 
 
-def _build_imagefolder(root, split, transform, download):
+def _build_imagefolder(root, split, transform, download, skip_bad_images=False):
     root = Path(root)
     layout = "a folder with train/ and val/ (or test/) holding one sub-folder per class"
     if not root.is_dir():
@@ -269,7 +341,7 @@ def _build_imagefolder(root, split, transform, download):
     if not folder.is_dir():
         want = "train/" if split == "train" else "val/ or test/"
         raise FileNotFoundError(f"{root} has no {want} folder; pass --data_path pointing to {layout}")
-    return _image_folder(folder, transform, root / "train", layout)
+    return _image_folder(folder, transform, root / "train", layout, skip_bad_images)
 
 
 def _prepare_tiny_imagenet_val(val_dir):
@@ -300,7 +372,7 @@ def _prepare_tiny_imagenet_val(val_dir):
     images.rmdir()
 
 
-def _build_tiny_imagenet(root, split, transform, download):
+def _build_tiny_imagenet(root, split, transform, download, skip_bad_images=False):
     root = Path(root)
     if (root / "tiny-imagenet-200").is_dir():
         root = root / "tiny-imagenet-200"
@@ -309,10 +381,10 @@ def _build_tiny_imagenet(root, split, transform, download):
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise FileNotFoundError(f"Tiny ImageNet not found under {root}; pass --data_path pointing to {layout}")
     if split == "train":
-        return _image_folder(root / "train", transform, root / "train", layout)
+        return _image_folder(root / "train", transform, root / "train", layout, skip_bad_images)
     # the official test split has no labels, so "test" and "val" both mean val/
     _prepare_tiny_imagenet_val(root / "val")
-    return _image_folder(root / "val", transform, root / "train", layout)
+    return _image_folder(root / "val", transform, root / "train", layout, skip_bad_images)
 
 
 # ============ uint8 image arrays: npy, digits ============

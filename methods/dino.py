@@ -36,7 +36,7 @@ from core.diagnostics import teacher_stats
 from core.logger import bool_flag
 from core.optim import cancel_gradients_last_layer, cosine_scheduler
 from data import MultiCropTransform
-from models import build_backbone
+from models import build_backbone, check_patch_size
 
 # main_dino.py's defaults (ViT-S/16, ImageNet) for train_ssl.py's generic flags; --lr is for a
 # global batch of 256 and scaled linearly.
@@ -123,10 +123,24 @@ def check_multicrop_args(args):
             raise ValueError(f"--{name} {getattr(args, name)} is smaller than "
                              f"--patch_size {args.patch_size}; lower the patch size (4 for "
                              "32px images) or raise the crop size")
+        check_patch_size(args.arch, args.patch_size, getattr(args, name), f"--{name}")
+
+
+def check_head_args(args):
+    """Head and teacher flags shared with iBOT: values that would train silently on nonsense."""
+    if args.out_dim < 1:
+        raise ValueError(f"--out_dim {args.out_dim} must be >= 1 (4096-65536 as DINO)")
+    if not 0 <= args.momentum_teacher <= 1:
+        raise ValueError(f"--momentum_teacher {args.momentum_teacher} must be in [0, 1] "
+                         "(0.996 as DINO)")
+    for name in ("warmup_teacher_temp", "teacher_temp"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} {getattr(args, name)} must be positive (0.04 as DINO)")
 
 
 def check_args(args):
     check_multicrop_args(args)
+    check_head_args(args)
 
 
 def input_size(args, info):

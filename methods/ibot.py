@@ -30,9 +30,9 @@ from core.logger import bool_flag
 from data import MultiCropTransform
 from methods import dino
 from methods.dino import (MultiCropWrapper, TeacherStudent, WeightNormLinear, add_head_args,
-                          add_multicrop_args, add_teacher_temp_args, check_multicrop_args,
-                          ema_center_, init_head_weights, init_teacher, teacher_momentum_schedule,
-                          teacher_temp_schedule)
+                          add_multicrop_args, add_teacher_temp_args, check_head_args,
+                          check_multicrop_args, ema_center_, init_head_weights, init_teacher,
+                          teacher_momentum_schedule, teacher_temp_schedule)
 from models import build_backbone
 
 # main_ibot.py's defaults for train_ssl.py's generic flags: DINO's, with 128 images per GPU and
@@ -97,6 +97,11 @@ def add_args(parser):
 def check_args(args):
     """Raises ValueError for flags iBOT cannot run with; normalises --norm_in_head none."""
     check_multicrop_args(args)
+    check_head_args(args)
+    if args.patch_out_dim < 1 or min(args.warmup_teacher_patch_temp, args.teacher_patch_temp) <= 0:
+        raise ValueError(f"--patch_out_dim {args.patch_out_dim} / --warmup_teacher_patch_temp "
+                         f"{args.warmup_teacher_patch_temp} / --teacher_patch_temp "
+                         f"{args.teacher_patch_temp}: need a width >= 1 and positive temperatures")
     if args.arch.startswith("resnet"):
         raise ValueError(f"iBOT predicts patch tokens, which --arch {args.arch} does not "
                          "have; use a ViT (vit_tiny, vit_small, vit_base) or --method dino")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from core.diagnostics import EffectiveRankEvery, embedding_stats
 from data import SingleViewTransform
+from models import check_patch_size
 
 NUM_ROTATIONS = 4
 
@@ -46,6 +47,8 @@ def check_args(args):
         raise ValueError(f"--crop_size {args.crop_size} / --min_crop_scale {args.min_crop_scale} "
                          f"/ --rot_hidden_dim {args.rot_hidden_dim}: need a size >= 0 (0: the "
                          "dataset's), a scale in (0, 1] and a width >= 0")
+    if args.crop_size:  # 0: the dataset's size, checked by train_ssl.py once it is known
+        check_patch_size(args.arch, args.patch_size, args.crop_size, "--crop_size")
 
 
 def input_size(args, info):

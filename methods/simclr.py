@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from core.diagnostics import EffectiveRankEvery, embedding_stats
 from core.dist import all_gather_with_grad, get_rank
 from data import TwoViewTransform
+from models import check_patch_size
 
 # google-research/simclr's optimisation: LARS, lr 0.3 per 256 images, weight decay 1e-6 held
 # constant, no gradient clipping; a ResNet-18, 10 warmup epochs of 100. (adamw_betas: only
@@ -43,6 +44,11 @@ def check_args(args):
     if args.crop_size < 0 or not 0 < args.min_crop_scale <= 1:
         raise ValueError(f"--crop_size {args.crop_size} / --min_crop_scale {args.min_crop_scale}: "
                          "need a size >= 0 (0: the dataset's) and a scale in (0, 1]")
+    if args.proj_hidden_dim < 1 or args.proj_output_dim < 1:
+        raise ValueError(f"--proj_hidden_dim {args.proj_hidden_dim} / --proj_output_dim "
+                         f"{args.proj_output_dim} must be >= 1 (2048 / 128 as solo-learn)")
+    if args.crop_size:  # 0: the dataset's size, checked by train_ssl.py once it is known
+        check_patch_size(args.arch, args.patch_size, args.crop_size, "--crop_size")
 
 
 def input_size(args, info):

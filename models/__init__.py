@@ -35,6 +35,19 @@ def build_backbone(arch, patch_size=16, img_size=224, drop_path_rate=0.0, cifar_
     return model, model.embed_dim
 
 
+def check_patch_size(arch, patch_size, size, what):
+    """A ViT cuts its input into patch_size x patch_size patches and silently drops the pixels
+    left over at the right and bottom edges: refuse a size (`what`: the flag or description
+    named in the message) that the patch size does not divide. ResNets take any size."""
+    if ALIASES.get(arch, arch) not in _VITS or size % patch_size == 0:
+        return
+    fits = [p for p in (4, 8, 14, 16) if size % p == 0]
+    hint = f", e.g. {' or '.join(map(str, fits))}" if fits else ""
+    raise ValueError(f"--patch_size {patch_size} does not divide {what} {size}: the ViT would drop "
+                     f"the last {size % patch_size} pixel rows and columns; use a patch size that "
+                     f"divides it{hint}")
+
+
 def is_vit(model):
     return isinstance(model, VisionTransformer)
 
@@ -86,5 +99,5 @@ def layerwise_features(model, x):
     return model.forward_stages(x)
 
 
-__all__ = ["ARCHS", "ALIASES", "build_backbone", "is_vit", "extract_features", "feature_dim",
+__all__ = ["ARCHS", "ALIASES", "build_backbone", "check_patch_size", "is_vit", "extract_features", "feature_dim",
            "layerwise_features", "VisionTransformer", "ResNet"]

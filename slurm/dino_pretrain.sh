@@ -22,9 +22,10 @@
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=USR1@120
 DATA="${DATA:?set DATA to the ImageNet folder that holds train/ (e.g. DATA=/datasets/imagenet)}"
 OUT="${OUT:-out/dino_vit_small16}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" train_ssl.py --method dino --arch vit_small \
     --patch_size 16 --dataset imagefolder --data_path "$DATA" --output_dir "$OUT" \
-    --epochs 100 --batch_size_per_gpu 64 --num_workers "${SLURM_CPUS_PER_TASK:-10}" "$@"
+    --epochs 100 --batch_size_per_gpu 64 --num_workers "${SLURM_CPUS_PER_TASK:-10}" \
+    --checkpoint_every_minutes 20 "$@"

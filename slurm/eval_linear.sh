@@ -14,10 +14,11 @@
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=USR1@120
 DATA="${DATA:-../shared/data/cifar10-jpeg}"
 WEIGHTS="${WEIGHTS:?set WEIGHTS=path/to/checkpoint.pth}"
 OUT="${OUT:-out/linear}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" eval_linear.py --pretrained_weights "$WEIGHTS" \
     --dataset imagefolder --data_path "$DATA" --output_dir "$OUT" \
-    --num_workers "${SLURM_CPUS_PER_TASK:-10}" "$@"
+    --num_workers "${SLURM_CPUS_PER_TASK:-10}" \
+    --checkpoint_every_minutes 20 "$@"

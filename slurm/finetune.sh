@@ -15,9 +15,10 @@
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=USR1@120
 DATA="${DATA:-../shared/data/cifar10-jpeg}"
 OUT="${OUT:-out/finetune}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" finetune.py --pretrained_weights "${WEIGHTS:-}" \
     --dataset imagefolder --data_path "$DATA" --output_dir "$OUT" \
-    --num_workers "${SLURM_CPUS_PER_TASK:-10}" "$@"
+    --num_workers "${SLURM_CPUS_PER_TASK:-10}" \
+    --checkpoint_every_minutes 20 "$@"

@@ -17,7 +17,7 @@
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=USR1@120
 DATA="${DATA:?set DATA to the ImageNet folder that holds train/ (e.g. DATA=/datasets/imagenet)}"
 OUT="${OUT:-out/ibot_vit_small16}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" train_ssl.py --method ibot --arch vit_small \
@@ -25,4 +25,5 @@ source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" train_ssl.py --method ibot --arc
     --teacher_temp 0.07 --warmup_teacher_temp_epochs 30 --norm_last_layer false --epochs 800 \
     --batch_size_per_gpu 64 --shared_head true --out_dim 8192 --local_crops_number 10 \
     --global_crops_scale 0.25 1 --local_crops_scale 0.05 0.25 --pred_ratio 0 0.3 \
-    --pred_ratio_var 0 0.2 --num_workers "${SLURM_CPUS_PER_TASK:-10}" "$@"
+    --pred_ratio_var 0 0.2 --num_workers "${SLURM_CPUS_PER_TASK:-10}" \
+    --checkpoint_every_minutes 20 "$@"

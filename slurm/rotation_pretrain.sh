@@ -11,9 +11,10 @@
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=USR1@120
 DATA="${DATA:?set DATA=path/to/imagenet (an ImageFolder root with train/)}"
 OUT="${OUT:-out/rotation_vits16}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" train_ssl.py --method rotation --arch vit_small \
     --patch_size 16 --crop_size 160 --dataset imagefolder --data_path "$DATA" --output_dir "$OUT" \
-    --epochs 100 --batch_size_per_gpu 128 --num_workers "${SLURM_CPUS_PER_TASK:-10}" "$@"
+    --epochs 100 --batch_size_per_gpu 128 --num_workers "${SLURM_CPUS_PER_TASK:-10}" \
+    --checkpoint_every_minutes 20 "$@"

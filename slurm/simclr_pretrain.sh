@@ -12,10 +12,11 @@
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=USR1@120
 DATA="${DATA:-../shared/data/cifar10-jpeg}"
 OUT="${OUT:-out/simclr_resnet18_cifar10}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" train_ssl.py --method simclr --arch resnet18 \
     --dataset imagefolder --data_path "$DATA" --crop_size 32 --output_dir "$OUT" \
     --epochs 500 --warmup_epochs 10 --batch_size_per_gpu 64 --temperature 0.2 \
-    --num_workers "${SLURM_CPUS_PER_TASK:-10}" "$@"
+    --num_workers "${SLURM_CPUS_PER_TASK:-10}" \
+    --checkpoint_every_minutes 20 "$@"

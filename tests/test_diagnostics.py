@@ -216,7 +216,8 @@ def test_method_stats_have_diagnostics(method, monkeypatch):
     build = tiny_backbone(monkeypatch, mod) if method in ("dino", "ibot") else tiny_backbone()
     args = tiny_args(method, arch="vit_tiny", patch_size=8, out_dim=64, patch_out_dim=64,
                      local_crops_number=1, proj_hidden_dim=32, proj_output_dim=16, print_freq=3)
-    backbone, dim = build(patch_size=8, img_size=(16,))
+    kwargs = mod.backbone_kwargs(args)  # iBOT: the masked_embed token
+    backbone, dim = build(patch_size=8, img_size=(16,), **kwargs)
     model = mod.build(args, backbone, dim, niter_per_ep=2)
     x = torch.randn(4, 3, 16, 16)
     if method == "dino":

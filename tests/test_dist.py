@@ -30,6 +30,7 @@ from core.syncbn import AllReduceBatchNorm, _allreduce_copy, convert_batchnorm, 
 from methods import dino, ibot, simclr
 from models import build_backbone
 from test_dino_ibot import method_args
+from train_ssl import ddp_kwargs
 
 REL = 1e-4
 REL_MOVED = 1e-2
@@ -224,7 +225,9 @@ def _method_worker(rank, world_size, build, batches, syncs, ref):
         if sync:
             model = sync_batchnorm(model, "cpu")
         local = [rank_batch(views, rank, world_size) for views in batches()]
-        run = train_steps(model, DistributedDataParallel(model), local)
+        # train_ssl.py's DDP flags: buffers not re-broadcast (each rank's own BatchNorm
+        # statistics and centres are compared below), gradients as bucket views
+        run = train_steps(model, DistributedDataParallel(model, **ddp_kwargs(True)), local)
         results.append({"losses": run["losses"], **errors_against(run, ref)})
     return results
 

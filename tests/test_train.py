@@ -103,6 +103,26 @@ def test_two_process_training_resumes_and_logs(trained):
         assert s["train_wd"] == pytest.approx(1e-6)  # SimCLR's constant weight decay
 
 
+def test_resume_guard_reads_the_real_checkpoint(trained, capsys):
+    """The 2-process SimCLR run's checkpoint.pth: the same command resumes (more epochs are
+    fine); a DINO run or another --arch in that folder stops with one line before any data."""
+    import train_ssl
+    from core import cli
+
+    data, out, _ = trained
+    argv = train_cmd(data, out, 5)[train_cmd(data, out, 5).index("train_ssl.py") + 1:]
+    train_ssl.check_output_dir(train_ssl.parse_args(argv))
+    dino = ["--method", "dino", "--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size",
+            "16", "--local_crops_size", "8", "--data_path", str(data), "--output_dir", str(out)]
+    for bad, words in ((dino, "--method simclr, this command has --method dino"),
+                       (argv + ["--arch", "resnet34"], "--arch resnet18, this command has --arch resnet34")):
+        args = train_ssl.parse_args(bad)
+        with pytest.raises(SystemExit) as e:
+            cli.run(lambda: train_ssl.check_output_dir(args))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
 def test_eval_knn_on_the_checkpoint(trained):
     data, out, _ = trained
     rc, stdout, stderr = _run(["eval_knn.py", "--pretrained_weights", str(out / "checkpoint.pth"),
@@ -196,11 +216,11 @@ def test_bad_command_line_gives_exit_2_and_one_line(argv, words, tmp_path, capsy
 def test_argparse_errors_keep_argparse_format(capsys):
     import train_ssl
 
-    with pytest.raises(SystemExit) as e:  # argparse: usage block, then one error line
+    with pytest.raises(SystemExit) as e:  # argparse's error line, without the usage block
         train_ssl.parse_args(["--method", "simclr", "--arch", "resnet999"])
     assert e.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "error: argument --arch: invalid choice: 'resnet999'" in last
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error: argument --arch: invalid choice: 'resnet999'" in lines[0]
 
 
 # ============ recipes and --help ============

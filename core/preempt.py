@@ -1,0 +1,260 @@
+"""Preemption: mid-epoch checkpoints, SIGTERM / SIGUSR1, SLURM requeue, and an exact resume.
+
+Shared clusters preempt jobs and lose nodes. A run killed at any moment and started again with
+the same command continues from its last checkpoint and ends with the weights an uninterrupted
+run gives: bit-identical on CPU with a fixed seed and num_workers 0 (tests/test_preempt.py).
+
+    add_args(parser)                 --checkpoint_every_iters, --checkpoint_every_minutes
+    preempt = Preemption(args)       SIGTERM and SIGUSR1 only set a flag: the step in flight ends
+    preempt.sync_due(it)             where the loop must call agree() (besides its print_freq)
+    flags = preempt.agree(nonfinite, it)   flags.nonfinite, flags.stop, flags.save
+    preempt.saved()                  restart the --checkpoint_every_minutes clock
+    preempt.finish()                 after the last checkpoint: SLURM requeue on SIGUSR1
+    gather_rank_states(logger)       every rank's random generators and running sums, on rank 0
+    restore_rank_state(state, logger)
+    keep_rng()                       a block that leaves the random generators as it found them
+    ResumableSampler                 DistributedSampler starting `start_iter` batches in
+
+What an exact resume needs, and where it is kept: the weights, the optimizer, the scaler and the
+methods' loss buffers (DINO's centre) are state dicts; the schedules are arrays indexed by the
+global iteration, so (epoch, iteration) is their step; the data order is DistributedSampler's
+(seed, epoch) permutation, skipped to the iteration (the loader's set_epoch(epoch, start_iter));
+stochastic depth, and the PIL path's augmentations, draw from the global generators (torch CPU
+and CUDA, numpy, python), saved per rank. The tensor data path seeds each batch's views from
+(seed, epoch, iteration, rank), so it is exact with any num_workers. The PIL path is exact with
+num_workers 0; with DataLoader workers each worker has its own generator, seeded when the
+workers start, so after a resume it draws other augmentations than the uninterrupted run (the
+weights then differ as with another seed).
+
+How the ranks agree to stop without a collective per step: a signal only sets a Python flag,
+and the ranks compare their flags where the loop already reads the host: the non-finite-loss
+check every print_freq steps (and at checkpoint iterations), which becomes one all-reduce of
+three numbers instead of one. A per-step all-reduce would cost a host-device sync every step
+(NCCL's result must be read on the host to decide). So with several ranks a stop takes effect
+at most print_freq steps after the signal (10 by default, seconds of training), well inside
+SLURM's warning time; one process stops at the end of the step in flight.
+"""
+import contextlib
+import itertools
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from core import dist as distu
+
+SIGNALS = {"SIGTERM": signal.SIGTERM}
+if hasattr(signal, "SIGUSR1"):  # not on Windows
+    SIGNALS["SIGUSR1"] = signal.SIGUSR1
+
+
+def add_args(parser):
+    """--checkpoint_every_iters and --checkpoint_every_minutes (train_ssl.py, eval_linear.py,
+    finetune.py)."""
+    parser.add_argument("--checkpoint_every_iters", default=0, type=int,
+                        help="Also write checkpoint.pth every this many training iterations, "
+                             "mid-epoch, so a preempted run loses at most that much (0: only at "
+                             "the end of each epoch). Whichever of this and "
+                             "--checkpoint_every_minutes comes first.")
+    parser.add_argument("--checkpoint_every_minutes", default=0.0, type=float,
+                        help="Also write checkpoint.pth mid-epoch every this many minutes (e.g. "
+                             "20 on a cluster that preempts; 0: off). Checked every "
+                             "--print_freq iterations.")
+
+
+def check_args(args):
+    if args.checkpoint_every_iters < 0 or args.checkpoint_every_minutes < 0:
+        raise ValueError("--checkpoint_every_iters and --checkpoint_every_minutes must be >= 0 "
+                         "(0 turns them off)")
+
+
+# ============ signals and the agreement to stop ... ============
+
+class Preemption:
+    """Catches SIGTERM and SIGUSR1 for the life of the training loop and decides, with the other
+    ranks, when to write a mid-epoch checkpoint and when to stop. close() puts the previous
+    signal handlers back."""
+
+    def __init__(self, every_iters=0, every_minutes=0.0, device="cpu"):
+        self.every_iters, self.every_minutes = every_iters, every_minutes
+        self.device = torch.device(device)
+        self.world_size = distu.get_world_size()
+        self.signal = None  # the name of the signal this rank received
+        self.stop = False   # the ranks agreed to stop (after the checkpoint)
+        self.where = None   # the global iteration after which they stopped
+        self.agreed_signal = None  # SIGUSR1 if any rank got it, else SIGTERM (once stopped)
+        self.last_save = time.monotonic()
+        self._previous = {}
+        for name, signum in SIGNALS.items():
+            try:
+                self._previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread (e.g. a test calling train_one_epoch)
+                pass
+
+    def _handler(self, signum, frame):  # noqa: ARG002 - a Python signal handler's signature
+        # only a flag: the step in flight finishes, and printing here could re-enter print()
+        self.signal = signal.Signals(signum).name
+
+    def close(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _minutes_due(self):
+        return bool(self.every_minutes) and \
+            time.monotonic() - self.last_save >= 60 * self.every_minutes
+
+    def _iters_due(self, it):
+        return bool(self.every_iters) and (it + 1) % self.every_iters == 0
+
+    def sync_due(self, it):
+        """True after global iteration `it` if agree() must be called there: every rank computes
+        the same answer without communicating (a checkpoint iteration), and a single process
+        also stops or saves by the clock at the end of any step."""
+        return self._iters_due(it) or (self.world_size == 1 and
+                                       (self.signal is not None or self._minutes_due()))
+
+    def agree(self, nonfinite=None, it=None):
+        """Every rank at the same iteration: one all-reduce of (non-finite losses so far, ranks
+        that got SIGTERM, ranks that got SIGUSR1, ranks whose checkpoint clock ran out), read on
+        the host. Returns flags.nonfinite (count), flags.stop and flags.save (stop implies
+        save); after a stop, self.agreed_signal is SIGUSR1 if any rank got it, else SIGTERM."""
+        local = torch.tensor([0.0, float(self.signal == "SIGTERM"),
+                              float(self.signal == "SIGUSR1"), float(self._minutes_due())],
+                             device=nonfinite.device if nonfinite is not None else self.device)
+        if nonfinite is not None:
+            local[0] += nonfinite.float()
+        if self.world_size > 1:
+            dist.all_reduce(local)
+        n, term, usr1, due = local.tolist()
+        if term + usr1 > 0 and not self.stop:
+            self.stop, self.where = True, it
+            self.agreed_signal = "SIGUSR1" if usr1 > 0 else "SIGTERM"
+        save = self.stop or due > 0 or (it is not None and self._iters_due(it))
+        return SimpleNamespace(nonfinite=int(n), stop=self.stop, save=save)
+
+    def saved(self):
+        self.last_save = time.monotonic()
+
+    def finish(self):
+        """Once the ranks stopped and rank 0 wrote the checkpoint: say so and, after SIGUSR1
+        under SLURM (the warning `#SBATCH --signal=USR1@120` sends before the time limit),
+        requeue the job so the same command continues. The caller then exits with code 0."""
+        name = self.agreed_signal + ("" if self.signal else " on another rank")
+        at = "at the end of an epoch" if self.where is None else f"after iteration {self.where}"
+        print(f"Stopped by {name} {at}; checkpoint saved. Start the same command again to "
+              "continue.", flush=True)
+        if distu.get_world_size() > 1:
+            dist.barrier()  # every rank is done before the job is requeued (which kills it)
+        if not distu.is_main_process() or self.agreed_signal != "SIGUSR1":
+            return
+        job = os.environ.get("SLURM_JOB_ID")
+        scontrol = shutil.which("scontrol")
+        if job and scontrol:
+            result = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
+            print(f"scontrol requeue {job}: " + ("done" if result.returncode == 0 else
+                  f"failed ({result.stderr.strip() or result.returncode})"), flush=True)
+        elif job:
+            print("SLURM job but no scontrol on PATH: not requeued", flush=True)
+
+
+# ============ random generators and running sums of every rank ... ============
+
+def rng_state():
+    """The global random generators of this process, in types torch.load(weights_only=True)
+    reads: torch CPU (and CUDA of the current device), numpy's legacy MT19937, python's."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def keep_rng():
+    """Run a block without consuming the global random generators. Creating a DataLoader's
+    iterator draws its workers' base seed from torch's generator; wrapped in keep_rng, it does
+    so the same way whether the epoch starts afresh or from a checkpoint, so the generators the
+    training steps see are those the checkpoint saved."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def gather_rank_states(logger=None):
+    """[{"rng": rng_state(), "meters": logger.state_dict()}] of every rank, in rank order (a
+    collective: every rank calls it; they are all gathered so any rank could write them)."""
+    state = {"rng": rng_state(), "meters": logger.state_dict() if logger is not None else None}
+    if distu.get_world_size() == 1:
+        return [state]
+    states = [None] * distu.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rank_state(states, logger=None):
+    """This rank's entry of gather_rank_states: its generators, and its running sums into
+    `logger` (so the epoch's logged averages are those of an uninterrupted epoch)."""
+    state = states[distu.get_rank()]
+    set_rng_state(state["rng"])
+    if logger is not None and state.get("meters") is not None:
+        logger.load_state_dict(state["meters"])
+
+
+def check_position(ckpt, world_size, batch_size, what="--batch_size_per_gpu"):
+    """A checkpoint written mid-epoch resumes exactly only with the same processes and batch
+    (the epoch's data order is dealt per rank); raises a ValueError naming the way out."""
+    sampler = ckpt.get("sampler") or {}
+    if not ckpt.get("iteration"):
+        return
+    old = (sampler.get("world_size"), sampler.get("batch_size"))
+    if old != (world_size, batch_size):
+        raise ValueError(f"the checkpoint was written mid-epoch (epoch {ckpt['epoch']}, iteration "
+                         f"{ckpt['iteration']}) by {old[0]} processes x {what} {old[1]}; this run "
+                         f"has {world_size} x {batch_size}: resume with the same number of "
+                         "processes and batch size, or from a snapshot written at the end of an "
+                         "epoch (--resume_from)")
+
+
+# ============ the data order of a resumed epoch ... ============
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start `start_iter` batches in: the same permutation of
+    (seed, epoch), its first start_iter * batch_size indices skipped. len() stays the whole
+    epoch's, so the DataLoader's len() is the epoch's number of iterations."""
+
+    def __init__(self, dataset, batch_size, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batch_size, self.start_iter = batch_size, 0
+
+    def set_epoch(self, epoch, start_iter=0):
+        super().set_epoch(epoch)
+        self.start_iter = start_iter
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start_iter * self.batch_size, None)

@@ -1,0 +1,269 @@
+"""Bad or unlucky inputs (issue 12): each one is refused before anything starts, or ends in one
+`error: ...` line naming the problem and the fix (exit code 2), and nothing wrong is computed
+silently. In this process through core.cli.run, as every script's `__main__`; only the torchrun
+launcher test needs subprocesses."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+import train_ssl
+from core import cli
+from core.checkpoint import load_file, make_output_dir
+from data import BadImageError, build_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def exits_with_one_line(fn, capsys, *words):
+    """cli.run(fn) ends the process with exit code 2 and one stderr line holding `words`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(fn)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+# ============ train_ssl.py: never resume another run ... ============
+
+SIMCLR = ["--method", "simclr", "--arch", "resnet18", "--crop_size", "16", "--epochs", "2",
+          "--warmup_epochs", "0", "--num_workers", "0", "--proj_hidden_dim", "32"]
+
+
+def _write_checkpoint(out, argv):
+    """checkpoint.pth as train_ssl.py leaves it: the args after training (init_distributed_mode
+    and the data section add rank, device, input_size, cifar_stem ...)."""
+    args = train_ssl.parse_args(argv + ["--output_dir", str(out)])
+    args.rank, args.world_size, args.gpu, args.distributed = 0, 2, 0, True
+    args.device, args.input_size, args.cifar_stem = torch.device("cpu"), 16, True
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {}, "epoch": 1, "args": train_ssl.vars_plain(args)}, out / "checkpoint.pth")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--method", "dino", "--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "16",
+      "--local_crops_size", "8"], ["--method simclr, this command has --method dino"]),
+    (SIMCLR + ["--arch", "resnet34"], ["--arch resnet18, this command has --arch resnet34"]),
+    (SIMCLR + ["--proj_hidden_dim", "64"], ["--proj_hidden_dim 32, this command has --proj_hidden_dim 64"]),
+    (SIMCLR + ["--lr", "0.1"], ["--lr 0.3, this command has --lr 0.1"]),
+    (SIMCLR + ["--data_path", "{npy}"], ["--dataset digits, this command has --dataset npy"]),
+    (SIMCLR + ["--batch_size_per_gpu", "32"], ["--batch_size_per_gpu 64, this command has"]),
+], ids=["method", "arch", "head", "lr", "dataset", "batch"])
+def test_train_ssl_refuses_another_runs_checkpoint(argv, words, tmp_path, capsys):
+    """A DINO run (or another model, head, lr, dataset, batch) in a SimCLR run's folder stops
+    before any data is read, naming the first flag that differs, instead of a raw optimizer
+    ValueError / state-dict RuntimeError or, worse, silently training on from the other run."""
+    (tmp_path / "npy" / "train").mkdir(parents=True)
+    for name in ("images", "labels"):
+        np.save(tmp_path / "npy" / "train" / f"{name}.npy", np.zeros(4, np.uint8))
+    out = tmp_path / "out"
+    _write_checkpoint(out, SIMCLR)
+    args = train_ssl.parse_args([a.format(npy=tmp_path / "npy") for a in argv]
+                                + ["--output_dir", str(out)])
+    exits_with_one_line(lambda: train_ssl.check_output_dir(args), capsys, *words,
+                        f"{out / 'checkpoint.pth'} was written by a run with",
+                        "pass another --output_dir or delete that folder")
+
+
+def test_train_ssl_resumes_its_own_run(tmp_path):
+    """What a resumed run may change (--epochs to extend it, workers, logging, precision) and
+    what it derives (input size, stem, ranks) do not block the resume; neither do a tuple and
+    the list argparse makes of the same numbers, nor a relative and an absolute --data_path."""
+    out = tmp_path / "out"
+    _write_checkpoint(out, SIMCLR)
+    same = ["--epochs", "5", "--num_workers", "3", "--print_freq", "1", "--tensorboard", "false",
+            "--knn_eval", "false", "--adamw_betas", "0.9", "0.999", "--precision", "fp32"]
+    train_ssl.check_output_dir(train_ssl.parse_args(SIMCLR + same + ["--output_dir", str(out)]))
+
+
+def test_train_ssl_refuses_a_checkpoint_without_args(tmp_path, capsys):
+    torch.save({"model": {}}, tmp_path / "checkpoint.pth")
+    args = train_ssl.parse_args(SIMCLR + ["--output_dir", str(tmp_path)])
+    exits_with_one_line(lambda: train_ssl.check_output_dir(args), capsys, "no record of the flags")
+
+
+# ============ flags that cannot work ... ============
+
+BAD_FLAGS = [
+    (["--method", "simclr", "--epochs", "-3"], ["--epochs -3 trains nothing", "--epochs >= 1"]),
+    (["--method", "simclr", "--epochs", "0", "--warmup_epochs", "0"], ["--epochs 0 trains nothing"]),
+    (["--method", "simclr", "--warmup_epochs", "-1"], ["--warmup_epochs (-1) must be >= 0"]),
+    (["--method", "simclr", "--num_workers", "-1"], ["--num_workers -1 must be >= 0"]),
+    (["--method", "simclr", "--batch_size_per_gpu", "0"], ["--batch_size_per_gpu 0 must be >= 1"]),
+    (["--method", "simclr", "--print_freq", "0"], ["--print_freq 0 must be >= 1"]),
+    (["--method", "simclr", "--lr", "-0.1"], ["--lr -0.1 must be >= 0"]),
+    # heads and temperatures that trained on silently (or stopped with a misleading NaN line)
+    (["--method", "dino", "--out_dim", "0"], ["--out_dim 0 must be >= 1"]),
+    (["--method", "dino", "--teacher_temp", "0"], ["--teacher_temp 0.0 must be positive"]),
+    (["--method", "ibot", "--momentum_teacher", "1.5"], ["--momentum_teacher 1.5 must be in [0, 1]"]),
+    (["--method", "ibot", "--teacher_patch_temp", "-1"], ["--teacher_patch_temp -1.0", "positive"]),
+    (["--method", "simclr", "--proj_output_dim", "0"], ["--proj_output_dim 0 must be >= 1"]),
+    (["--method", "simclr", "--data_path", __file__], ["is a file, not a folder"]),
+    # the ViT would silently drop the pixels the patches do not cover
+    (["--method", "simclr", "--arch", "vit_tiny", "--patch_size", "5", "--crop_size", "16"],
+     ["--patch_size 5 does not divide --crop_size 16", "last 1 pixel", "e.g. 4 or 8 or 16"]),
+    (["--method", "rotation", "--arch", "vit_tiny", "--patch_size", "3", "--crop_size", "32"],
+     ["--patch_size 3 does not divide --crop_size 32"]),
+    (["--method", "dino", "--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "30",
+      "--local_crops_size", "16"], ["--patch_size 4 does not divide --global_crops_size 30"]),
+    (["--method", "ibot", "--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32",
+      "--local_crops_size", "12", "--local_crops_number", "2"],
+     ["--patch_size 8 does not divide --local_crops_size 12"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD_FLAGS, ids=lambda v: " ".join(v)[9:50])
+def test_bad_flag_values_are_refused_at_parse_time(argv, words, capsys):
+    exits_with_one_line(lambda: train_ssl.parse_args(argv), capsys, *words)
+
+
+def test_patch_size_is_free_for_a_resnet_and_checked_for_eval_sizes(capsys):
+    train_ssl.parse_args(["--method", "simclr", "--arch", "resnet18", "--patch_size", "5",
+                          "--crop_size", "16"])  # a ResNet has no patches
+    from core import evaluation
+    import eval_knn
+    args = eval_knn.get_args_parser().parse_args(["--arch", "vit_tiny", "--patch_size", "16",
+                                                  "--image_size", "40", "--num_workers", "0"])
+    exits_with_one_line(lambda: evaluation.load_backbone(args), capsys,
+                        "--patch_size 16 does not divide --image_size 40")
+    args = eval_knn.get_args_parser().parse_args(["--num_workers", "-1"])
+    exits_with_one_line(lambda: eval_knn.check_args(args), capsys, "--num_workers -1 must be >= 0")
+
+
+def test_argparse_errors_are_one_line_without_the_usage_block(capsys):
+    import eval_linear
+    for parse in (lambda: train_ssl.parse_args(["--method", "simclr", "--arch", "resnet99"]),
+                  lambda: eval_linear.get_args_parser().parse_args(["--arch", "resnet99"])):
+        with pytest.raises(SystemExit) as e:
+            parse()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "usage:" not in err, err
+        assert "error: argument --arch: invalid choice: 'resnet99'" in err and "--help" in err
+
+
+# ============ files ... ============
+
+def test_empty_garbage_or_folder_weights_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty.pth").touch()
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    for path, words in ((tmp_path / "empty.pth", ["is empty (0 bytes)"]),
+                        (tmp_path / "text.pth", ["could not read checkpoint", "Unsupported operand",
+                                                 "complete PyTorch .pth"]),
+                        (tmp_path, ["is a folder", "checkpoint.pth"])):
+        exits_with_one_line(lambda: load_file(str(path)), capsys, str(path), *words)
+
+
+def test_unwritable_output_dir_is_refused_before_training(tmp_path, capsys):
+    """Checked by a real write before any data is read (os.access says yes to root)."""
+    (tmp_path / "file").write_text("")
+    args = train_ssl.parse_args(SIMCLR + ["--output_dir", str(tmp_path / "file" / "out")])
+    exits_with_one_line(lambda: train_ssl.check_output_dir(args), capsys,
+                        "--output_dir", "is not a writable folder", "pass a folder you can write to")
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o500)
+        exits_with_one_line(lambda: make_output_dir(str(tmp_path / "ro")), capsys, "Permission denied")
+
+
+def _image_folder(root, bad):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
+    for name in bad:
+        (root / "train" / name).write_bytes(b"\x89PNG but not really")
+    return root
+
+
+def test_bad_image_names_the_file_even_from_a_loader_worker(tmp_path, capsys):
+    root = _image_folder(tmp_path, ["a/3_bad.png"])
+    ds = build_dataset("imagefolder", str(root), "train", T.ToTensor())
+    bad = str(root / "train" / "a" / "3_bad.png")
+    with pytest.raises(BadImageError):
+        ds[3]
+    # through a DataLoader worker, which re-raises it with its traceback as the message
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1))
+    exits_with_one_line(lambda: list(batches), capsys, f"cannot decode image {bad}",
+                        "--skip_bad_images true")
+    batches._shutdown_workers()  # now: left to the garbage collector it takes 5 s
+
+
+def test_skip_bad_images_trains_on_and_counts_them(tmp_path, capfd):
+    """Two bad files, met by two DataLoader workers: both named, counted once each in the
+    dataset's shared counter, and replaced by the next image so batches keep their size."""
+    root = _image_folder(tmp_path, ["a/3_bad.png", "b/3_bad.png"])
+    ds = build_dataset("imagefolder", str(root), "train", T.ToTensor(), skip_bad_images=True)
+    assert len(ds) == 8
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
+    labels = [int(y) for _, y in loader]
+    assert labels == [0, 0, 0, 1, 1, 1, 1, 0]  # a/3_bad -> b/0, b/3_bad -> a/0 (wrapping around)
+    assert int(ds.skipped) == 2
+    err = capfd.readouterr().err
+    for name in ("a/3_bad.png", "b/3_bad.png"):
+        assert f"warning: skipped {root / 'train' / name} (not an image file PIL can identify)" in err
+
+
+# ============ torchrun ... ============
+
+def _children(pid):
+    """Pids of the live processes whose parent is `pid` (from /proc)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(d))
+    return kids
+
+
+def _alive(pid):
+    try:  # a killed child not yet reaped by its new parent is a zombie ("Z"): gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_exit_when_torchrun_is_killed(tmp_path):
+    """kill -9 of the launcher: its worker must not train on as an orphan (core/dist.py
+    exit_with_launcher). Without it the worker was still alive 10 s later."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         "train_ssl.py", *SIMCLR, "--epochs", "1000", "--output_dir", str(tmp_path),
+         "--tensorboard", "false", "--knn_eval", "false"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = []
+    try:
+        for line in launcher.stdout:  # the worker has set up its death signal by then
+            if line.startswith("| distributed init"):
+                break
+        workers = _children(launcher.pid)
+        assert workers, "no worker found"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=10)
+        deadline = time.time() + 5
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers)), "a worker outlived its launcher"
+    finally:
+        launcher.kill()
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
