@@ -194,7 +194,7 @@ def check_args(args):
         raise ValueError(f"--warmup_epochs ({args.warmup_epochs}) must be >= 0 and below --epochs "
                          f"({args.epochs})")
     for name, low in (("batch_size_per_gpu", 1), ("num_workers", 0), ("print_freq", 1),
-                      ("saveckp_freq", 0), ("knn_k", 1), ("patch_size", 1)):
+                      ("saveckp_freq", 0), ("knn_k", 1), ("knn_freq", 0), ("patch_size", 1)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= {low}")
     for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
@@ -208,7 +208,7 @@ def check_args(args):
 # runs with a larger --epochs). Every other flag stored in checkpoint.pth defines the run:
 # method, model, head, data, crops, optimisation, batch size, seed.
 RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
-             "tensorboard", "knn_eval", "knn_k", "saveckp_freq", "skip_bad_images",
+             "tensorboard", "knn_eval", "knn_k", "knn_freq", "saveckp_freq", "skip_bad_images",
              "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
              "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode

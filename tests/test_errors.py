@@ -84,7 +84,8 @@ def test_train_ssl_resumes_its_own_run(tmp_path):
     out = tmp_path / "out"
     _write_checkpoint(out, SIMCLR)
     same = ["--epochs", "5", "--num_workers", "3", "--print_freq", "1", "--tensorboard", "false",
-            "--knn_eval", "false", "--adamw_betas", "0.9", "0.999", "--precision", "fp32"]
+            "--knn_eval", "false", "--knn_freq", "2", "--adamw_betas", "0.9", "0.999",
+            "--precision", "fp32"]
     train_ssl.check_output_dir(train_ssl.parse_args(SIMCLR + same + ["--output_dir", str(out)]))
 
 
@@ -103,6 +104,7 @@ BAD_FLAGS = [
     (["--method", "simclr", "--num_workers", "-1"], ["--num_workers -1 must be >= 0"]),
     (["--method", "simclr", "--batch_size_per_gpu", "0"], ["--batch_size_per_gpu 0 must be >= 1"]),
     (["--method", "simclr", "--print_freq", "0"], ["--print_freq 0 must be >= 1"]),
+    (["--method", "simclr", "--knn_freq", "-1"], ["--knn_freq -1 must be >= 0"]),
     (["--method", "simclr", "--lr", "-0.1"], ["--lr -0.1 must be >= 0"]),
     # heads and temperatures that trained on silently (or stopped with a misleading NaN line)
     (["--method", "dino", "--out_dim", "0"], ["--out_dim 0 must be >= 1"]),
