@@ -137,7 +137,8 @@ def attention_figure(image, attentions, masks=None, threshold=None, title=""):
     nh = len(attentions)
     cols = nh + 1
     rows = 1 if masks is None else 2
-    fig = new_figure(2.1 * cols + 0.4, 2.1 * rows + 0.5)
+    from matplotlib.ticker import MaxNLocator
+    fig = new_figure(2.3 * cols + 0.4, 2.1 * rows + 0.5)
     ax = fig.add_subplot(rows, cols, 1)
     ax.imshow(image, interpolation="nearest")
     ax.set_title("image", fontsize=9)
@@ -145,7 +146,10 @@ def attention_figure(image, attentions, masks=None, threshold=None, title=""):
     for j in range(nh):
         ax = fig.add_subplot(rows, cols, j + 2)
         im = ax.imshow(attentions[j].numpy(), cmap="viridis", interpolation="nearest")
-        fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+        bar = fig.colorbar(im, ax=ax, shrink=0.9, fraction=0.08)
+        bar.locator = MaxNLocator(4)  # four readable ticks rather than eight tiny ones
+        bar.update_ticks()
+        bar.ax.tick_params(labelsize=8)
         ax.set_title(f"head {j}", fontsize=9)
         ax.set_axis_off()
     if masks is not None:

@@ -9,7 +9,11 @@ numeric metric, one panel each, against the epoch.
 
 Lines without an "epoch" (e.g. train_ssl's final k-NN line) are not curves and are skipped; when
 a resumed run logged an epoch twice the last line wins. A metric that is a list of numbers
-(eval_linear's test_acc1_layers) gets one line per entry.
+(eval_linear's test_acc1_layers) gets one line per entry, named by the record's
+"<metric>_labels" list when it has one. The x-axis counts epochs as the console does: the
+average of "epoch": 0 in log.txt is drawn at 1, the end of the first epoch. Where the run also
+wrote log_steps.txt (core.logger.StepLog: one line per printed step), that metric is drawn per
+step, with the epoch averages as dots on it.
 """
 import argparse
 import json
@@ -80,50 +84,137 @@ def _plot(ax, epochs, values, label=None):
 
 
 def _epoch_ticks(ax):
-    """Up to 10 epochs: a tick at each (the integer locator gives up on a single epoch)."""
-    epochs = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
+    """Up to 10 epochs: a tick at each whole epoch (the integer locator gives up on one)."""
+    epochs = sorted({x for line in ax.get_lines() for x in line.get_xdata()
+                     if float(x).is_integer()})
     if 0 < len(epochs) <= 10:
         ax.set_xticks(epochs)
+
+
+def _distinct_ticks(ax):
+    """y tick labels with as many significant digits as it takes to tell them apart (a flat lr
+    of 1e-3 would otherwise read 0.001 on every tick), and no offset text over the title."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator
+    ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    for digits in range(3, 10):
+        labels = [f"{t:.{digits}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            break
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FixedFormatter(labels))
+
+
+# what a log key means: (panel title, y-axis label); keys not listed read as their words
+_MEANING = {
+    "loss": ("loss", "loss"), "lr": ("learning rate", "lr"), "wd": ("weight decay", "wd"),
+    "acc1": ("top-1 (%)", "%"), "acc5": ("top-5 (%)", "%"), "acc1_layers": ("top-1 per layer (%)", "%"),
+    "knn_top1": ("k-NN top-1 (%)", "%"), "teacher_entropy": ("teacher entropy", "nats"),
+    "batch_entropy": ("batch-mean entropy", "nats"), "kl": ("KL(teacher || mean)", "nats"),
+    "emb_std": ("embedding std", "std"), "erank": ("effective rank", "rank"),
+    "loss_cls": ("CLS loss", "loss"), "loss_patch": ("patch loss", "loss"),
+}
+_SPLITS = {"train": "training", "val": "val", "test": "test"}
+
+
+def describe(name):
+    """A log key -> (panel title, y-axis label): train_loss -> ('training loss', 'loss'),
+    test_acc1 -> ('test top-1 (%)', '%'), train_lr -> ('learning rate', 'lr')."""
+    split, _, rest = name.partition("_")
+    if split not in _SPLITS or not rest:
+        split, rest = "", name
+    title, ylabel = _MEANING.get(rest, (rest.replace("_", " "), rest.replace("_", " ")))
+    if split and rest not in ("lr", "wd") and (split != "train" or "loss" in rest or "acc" in rest):
+        title = f"{_SPLITS[split]} {title}"
+    return title, ylabel
+
+
+def read_steps(run_dir):
+    """run_dir/log_steps.txt (core.logger.StepLog) -> {metric: (x, values)}, x in epochs as
+    the console counts them (the end of epoch 1 is 1.0); {} without the file. A step logged
+    twice (a resumed run) keeps its last value."""
+    path = os.path.join(run_dir, "log_steps.txt")
+    if not os.path.isfile(path):
+        return {}
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                by_step[r["step"]] = r
+    series = {}
+    for step in sorted(by_step):
+        r = by_step[step]
+        x = r["epoch"] + (r["iter"] + 1) / r["niter"]
+        for k, v in r.items():
+            if k not in ("epoch", "iter", "niter", "step") and _numeric(v):
+                xs, vs = series.setdefault(k, ([], []))
+                xs.append(x)
+                vs.append(v)
+    return series
 
 
 def _new_panels(names, width=3.3, height=2.4, bottom=0.0):
     """A grid of panels of width x height inches (plus `bottom` inches for a legend), laid out
     by hand: this figure is redrawn after every epoch, and constrained layout would double the
     cost."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import MaxNLocator
     rows, cols = _grid(len(names))
     w, h = cols * width, rows * height + 0.3 + bottom  # 0.3 in for the title
     fig = new_figure(w, h, layout=None)
-    fig.subplots_adjust(left=0.55 / w, right=1 - 0.15 / w, top=1 - 0.55 / h,
-                        bottom=(0.45 + bottom) / h, wspace=0.3, hspace=0.6)
+    fig.subplots_adjust(left=0.6 / w, right=1 - 0.15 / w, top=1 - 0.55 / h,
+                        bottom=(0.45 + bottom) / h, wspace=0.38, hspace=0.6)
     axes = []
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.set_title(name, fontsize=9)
+        title, ylabel = describe(name)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8, labelpad=2)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.5
-        # 6.1e-05 on the tick itself: no '1e-5' offset text over the title
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
         ax.grid(alpha=0.3)
         axes.append(ax)
     return fig, axes
 
 
+def _label_lines_at_end(ax, labels):
+    """Names at the right end of each line of a list-valued panel, in a margin of their own,
+    instead of a legend box over the lines."""
+    lines = ax.get_lines()
+    x0, x1 = ax.get_xlim()
+    ax.set_xlim(x0, x1 + 0.25 * (x1 - x0 or 1))
+    for line, label in zip(lines, labels):
+        xs, ys = line.get_xdata(), line.get_ydata()
+        if len(xs):
+            ax.annotate(label, (xs[-1], ys[-1]), xytext=(3, 0), textcoords="offset points",
+                        fontsize=6, color=line.get_color(), va="center")
+
+
 def save_curves(run_dir, path=None):
-    """Plot every metric of run_dir/log.txt against the epoch, one panel each, into `path`
-    (default run_dir/curves.png, written atomically). Returns the panel names, in order."""
+    """Plot every metric of run_dir/log.txt, one panel each, into `path` (default
+    run_dir/curves.png, written atomically). The x-axis counts epochs as the console does (the
+    first epoch's average sits at 1); a metric that log_steps.txt also has is drawn per step
+    (thin line) under its epoch averages (dots). Returns the panel names, in order."""
     records = read_log(run_dir)
+    steps = read_steps(run_dir)
     names = metric_names(records)
     if not names:
         raise ValueError(f"{run_dir} has no per-epoch metrics in its log.txt yet")
     fig, axes = _new_panels(names)
     for ax, name in zip(axes, names):
         epochs, values = _series(records, name)
-        _plot(ax, epochs, values)
+        if name in steps:
+            ax.plot(*steps[name], linewidth=0.8, alpha=0.6, color="tab:blue", label="per step")
+            ax.plot([e + 1 for e in epochs], values, "o", markersize=3, color="tab:blue",
+                    label="epoch average")
+        else:
+            _plot(ax, [e + 1 for e in epochs], values)
         _epoch_ticks(ax)
-        if values and isinstance(values[0], list) and len(values[0]) <= 12:
-            ax.legend(fontsize=6, ncol=2)
+        _distinct_ticks(ax)
+        if values and isinstance(values[0], list):
+            labels = next((r[f"{name}_labels"] for r in reversed(records)
+                           if isinstance(r.get(f"{name}_labels"), list)), None)
+            _label_lines_at_end(ax, labels or [f"[{j}]" for j in range(len(values[-1]))])
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)), fontsize=10)
     save_figure(fig, path or os.path.join(run_dir, "curves.png"))
     return names
@@ -151,8 +242,9 @@ def compare_runs(run_dirs, path, labels=None, metrics=None):
         for records, label in zip(runs, labels):
             epochs, values = _series(records, name)
             if epochs:
-                _plot(ax, epochs, values, label)
+                _plot(ax, [e + 1 for e in epochs], values, label)
         _epoch_ticks(ax)
+        _distinct_ticks(ax)
     # one legend for the figure: every panel has the same runs in the same colours
     handles, texts = max((ax.get_legend_handles_labels() for ax in axes), key=lambda h: len(h[0]))
     fig.legend(handles, texts, loc="lower center", ncol=min(len(texts), 4), fontsize=8)

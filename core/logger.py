@@ -5,6 +5,8 @@ would leave the user `print_secs` without news (slow CPU runs); and at the end o
 all-reduced over ranks. Reading the clock costs no device sync."""
 import argparse
 import datetime
+import json
+import os
 import time
 
 import torch
@@ -27,9 +29,11 @@ class MetricLogger:
     'epoch [it/n] eta it/s img/s metric: last (avg) ... max mem' every print_freq steps, and
     also before a step that would end more than print_secs (None: never) after the last line."""
 
-    def __init__(self, header="", print_freq=10, batch_size=None, print_secs=10.0):
+    def __init__(self, header="", print_freq=10, batch_size=None, print_secs=10.0,
+                 on_print=None):
         self.header, self.print_freq, self.batch_size = header, print_freq, batch_size
         self.print_secs = print_secs
+        self.on_print = on_print  # on_print(i, {name: this step's value}) at each printed line
         self.sums, self.last, self.count = {}, {}, 0
 
     def update(self, **metrics):
@@ -49,13 +53,15 @@ class MetricLogger:
         self.last = dict(self.sums)
         self.count = state["count"]
 
-    def _fmt(self):
+    def _fmt(self, i):
         if not self.sums:
             return ""
         keys = list(self.sums)
         host = torch.stack([self.last[k].to(self.sums[k].device) for k in keys]
                            + [self.sums[k] for k in keys]).tolist()  # one sync
         n = len(keys)
+        if self.on_print is not None:  # the values are on the host now: no extra sync
+            self.on_print(i, dict(zip(keys, host[:n])))
         return "  ".join(f"{k}: {host[i]:.4g} ({host[n + i] / max(self.count, 1):.4g})"
                          for i, k in enumerate(keys))
 
@@ -82,7 +88,7 @@ class MetricLogger:
                 if self.batch_size:
                     imgs = f"  img/s: {its * self.batch_size * get_world_size():.1f}"
                 print(f"{self.header} [{i}/{n}]  eta: {eta}  it/s: {its:.2f}{imgs}  "
-                      f"data: {data_time / (i + 1 - start_iter):.3f}s  {self._fmt()}{mem}", flush=True)
+                      f"data: {data_time / (i + 1 - start_iter):.3f}s  {self._fmt(i)}{mem}", flush=True)
             end = time.time()
         self.total_time = time.time() - start
 
@@ -96,3 +102,34 @@ class MetricLogger:
             dist.all_reduce(t)
             t /= get_world_size()
         return dict(zip(keys, t.tolist()))
+
+
+class StepLog:
+    """The per-step curves of a run: each line a MetricLogger prints also goes to TensorBoard
+    (`writer`, tag prefix/<name>, the global step on the x-axis) and, as one JSON line, to
+    <output_dir>/log_steps.txt (core/curves.py plots it under the per-epoch averages of
+    log.txt). Rank 0 only; the values arrive on the host, so this adds no device sync.
+
+        steps = StepLog(args.output_dir, writer, prefix="train")
+        MetricLogger(..., on_print=steps.for_epoch(epoch, niter))"""
+
+    FILE = "log_steps.txt"
+
+    def __init__(self, output_dir, writer=None, prefix="train", main_process=True):
+        self.path = os.path.join(output_dir, self.FILE) if main_process else None
+        self.writer, self.prefix = writer, prefix
+
+    def for_epoch(self, epoch, niter):
+        """The on_print callback of one epoch of niter steps (epoch counted from 0)."""
+        def log(i, values):
+            self.log(epoch, i, niter, values)
+        return log if self.path is not None else None
+
+    def log(self, epoch, i, niter, values):
+        step = epoch * niter + i
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "iter": i, "niter": niter, "step": step,
+                                **{f"{self.prefix}_{k}": v for k, v in values.items()}}) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{self.prefix}/{k}", v, step)

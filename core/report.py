@@ -13,6 +13,7 @@ window and no global state to close: savefig renders them with Agg. Each save_* 
 figure, which figure_to_array turns into an image for TensorBoard's add_image.
 """
 import os
+import textwrap
 
 import numpy as np
 import torch
@@ -175,7 +176,8 @@ def save_bar_chart(labels, values, path, title, width=None, height=320, ylabel="
     ax.set_xticks(range(n), [str(x) for x in labels], rotation=45 if n > 8 else 0, fontsize=8)
     ax.set_ylim(0, 105)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    # wrapped to the figure's width (about 9 px a character at 10 pt, the axes narrower than the figure), never cut off
+    ax.set_title(textwrap.fill(title, max(20, int(width / 9))), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
     return fig

@@ -100,6 +100,58 @@ def test_curves_from_log_one_panel_per_metric(tmp_path):
     assert metric_names([{"epoch": 0, "b": 1, "lr": 2, "a_loss": 3}]) == ["a_loss", "lr", "b"]
 
 
+def test_curves_read_as_the_console_counts(tmp_path):
+    """Titles in words with a y-axis label, epochs from 1 as printed ("Epoch 1/2"), tick labels
+    that differ on a flat learning rate, per-step lines from log_steps.txt (core.logger.StepLog)
+    and list metrics named at the ends of their lines instead of by a legend box."""
+    from core.curves import describe
+    from core.logger import MetricLogger, StepLog
+    assert describe("train_loss") == ("training loss", "loss")
+    assert describe("train_lr") == ("learning rate", "lr")
+    assert describe("test_acc1") == ("test top-1 (%)", "%")
+    assert describe("knn_top1") == ("k-NN top-1 (%)", "%")
+    assert describe("train_teacher_entropy") == ("teacher entropy", "nats")
+    run = tmp_path / "run"
+    run.mkdir()
+    steps = StepLog(run, prefix="train")
+    for epoch in range(2):  # what a MetricLogger with print_freq 2 sends over 2 epochs of 4 steps
+        logger = MetricLogger(print_freq=2, print_secs=None, on_print=steps.for_epoch(epoch, 4))
+        for i in logger.log_every(range(4)):
+            logger.update(loss=torch.tensor(4.0 - epoch - i / 4), lr=1e-3)
+    with open(run / "log.txt", "w") as f:
+        for e in range(2):
+            f.write(json.dumps({"train_loss": 3.5 - e, "train_lr": 1e-3, "test_acc1_layers":
+                                [10 + e, 20 + e], "test_acc1_layers_labels": ["block1", "block2"],
+                                "epoch": e}) + "\n")
+    lines = [json.loads(x) for x in (run / "log_steps.txt").read_text().splitlines()]
+    assert [(r["epoch"], r["iter"], r["step"]) for r in lines] == \
+        [(0, 0, 0), (0, 2, 2), (0, 3, 3), (1, 0, 4), (1, 2, 6), (1, 3, 7)]
+    assert lines[1]["train_loss"] == pytest.approx(3.5)  # that step's value, not a running mean
+    import matplotlib
+    from matplotlib.figure import Figure
+    captured = {}
+    real_savefig = Figure.savefig
+
+    def savefig(fig, *a, **kw):
+        captured["fig"] = fig
+        return real_savefig(fig, *a, **kw)
+    matplotlib.figure.Figure.savefig = savefig
+    try:
+        names = save_curves(run)
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig
+    assert names == ["train_loss", "train_lr", "test_acc1_layers"]
+    loss_ax, lr_ax, layers_ax = captured["fig"].axes
+    assert loss_ax.get_title() == "training loss" and loss_ax.get_ylabel() == "loss"
+    per_step, averages = loss_ax.get_lines()
+    assert list(per_step.get_xdata()) == [0.25, 0.75, 1.0, 1.25, 1.75, 2.0]
+    assert list(averages.get_xdata()) == [1, 2]  # the first epoch's average sits at epoch 1
+    labels = [t.get_text() for t in lr_ax.get_yticklabels()]
+    assert len(labels) > 1 and len(set(labels)) == len(labels)  # a flat lr, still distinct ticks
+    assert layers_ax.get_legend() is None
+    assert [t.get_text() for t in layers_ax.texts] == ["block1", "block2"]
+
+
 def test_curves_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="log.txt"):
         save_curves(tmp_path)
