@@ -396,7 +396,8 @@ class ImageFolder(tv_datasets.ImageFolder):
         self.skipped = torch.zeros((), dtype=torch.int64).share_memory_() if skip_bad_images else None
 
     def find_classes(self, directory):
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _hidden(e.name))
+        classes = sorted(e.name for e in os.scandir(directory)
+                         if e.is_dir() and not _hidden(e.name))
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {name: i for i, name in enumerate(classes)}
@@ -404,6 +405,9 @@ class ImageFolder(tv_datasets.ImageFolder):
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
                      allow_empty=False):
+        directory = os.path.expanduser(directory)
+        extensions = extensions or tv_datasets.folder.IMG_EXTENSIONS
+
         def visible_image(path):
             inside = Path(path).relative_to(directory).parts
             return (not any(_hidden(part) for part in inside)

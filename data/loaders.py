@@ -278,6 +278,9 @@ class ImageFiles:
     def path(self, i):
         return self.samples[self.base_index(i)][0]
 
+    def label(self, i):
+        return int(self.samples[self.base_index(i)][1])
+
     def read(self, i):
         """The bytes of item i's file, as a uint8 tensor (a BadImageError if it cannot be read)."""
         return _read_bytes(self.path(i))
@@ -327,13 +330,17 @@ class _HeaderChunks(Dataset):
         return self.files.path(i)
 
 
+def _as_is(batch):
+    return batch
+
+
 def header_sizes(files, budget_bytes, num_workers=0):
     """The (height, width) of every item of ImageFiles read from the file headers (None: not
     identified, skipped), and whether all were read: it stops as soon as the images padded to
     the largest size so far would take more than budget_bytes (they will not be resident).
     Reads in `num_workers` processes when there are many files."""
     chunks = _HeaderChunks(files)
-    loader = DataLoader(chunks, batch_size=None, collate_fn=lambda x: x,
+    loader = DataLoader(chunks, batch_size=None, collate_fn=_as_is,
                         num_workers=num_workers if len(files) > 4096 else 0)
     sizes, h_max, w_max = [], 1, 1
     for chunk in loader:
@@ -416,7 +423,7 @@ def decode_files(files, height, width, num_workers=0, store_size=None):
     padding."""
     n = len(files)
     loader = DataLoader(_Decoded(files, store_size), batch_size=64, num_workers=num_workers,
-                        collate_fn=list)
+                        collate_fn=_as_is)
     images = torch.zeros((n, 3, height, width), dtype=torch.uint8)
     sizes = torch.empty((n, 2), dtype=torch.int64)
     labels = torch.empty(n, dtype=torch.int64)
@@ -550,7 +557,7 @@ class EncodedImages(Dataset):
             data = self.files.read(i)
         except BadImageError:
             data = torch.empty(0, dtype=torch.uint8)
-        return data, int(self.files.samples[self.files.base_index(i)][1]), i
+        return data, self.files.label(i), i
 
 
 def pad_batch(images, device=None):
@@ -597,7 +604,8 @@ class StreamingLoader(_Loader):
                                  collate_fn=_collate_encoded if cuda else _collate_decoded,
                                  persistent_workers=num_workers > 0, generator=_quiet_generator())
         where = "decoded on the GPU (nvJPEG)" if cuda else "decoded in the workers"
-        self.describe = f"JPEG bytes read by {num_workers} workers, {where}"
+        self.describe = (f"JPEG bytes read by {num_workers} workers, {where}, images over "
+                         f"{max_side} px on a side shrunk to it")
         self.describe += f"; {note}" if note else ""
         self.describe += self._init_masks(transform, mask_workers, self.device)
 

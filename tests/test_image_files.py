@@ -22,7 +22,8 @@ from core.evaluation import extract_dataset_features
 from data import BadImageError, build_dataset, dataset_info, eval_transform, resolve_dataset
 from data.datasets import decode_image
 from data.gpu_transforms import BatchedView, make_generator
-from data.loaders import ResidentLoader, StreamingLoader, build_train_loader, decode_bytes
+from data.loaders import (ResidentLoader, StreamingLoader, _jpeg_components, build_train_loader,
+                          decode_bytes)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -98,7 +99,8 @@ def test_resident_mixed_sizes_are_kept_and_said(mixed):
 def test_random_crops_of_mixed_sizes_are_pils_with_the_same_parameters(mixed):
     """RandomResizedCrop + flip drawn in batches on the resident copy: each box lies inside its
     image's own size, and cropping the original file with PIL at that box gives the same view."""
-    recipe = T.Compose([T.RandomResizedCrop(16, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
+    bicubic = InterpolationMode.BICUBIC
+    recipe = T.Compose([T.RandomResizedCrop(16, scale=(0.08, 1.0), interpolation=bicubic),
                         T.RandomHorizontalFlip(), T.ToTensor()])
     loader = build_train_loader("tensor", "imagefolder", str(mixed), recipe, 4, device="cpu",
                                 num_workers=0)
@@ -110,8 +112,7 @@ def test_random_crops_of_mixed_sizes_are_pils_with_the_same_parameters(mixed):
     for i in range(16):
         top, left, h, w = (int(v) for v in params["box"][i])
         assert top + h <= heights[i] and left + w <= widths[i]
-        want = F.resized_crop(decode_image(files[i][0]), top, left, h, w, [16, 16],
-                              InterpolationMode.BICUBIC)
+        want = F.resized_crop(decode_image(files[i][0]), top, left, h, w, [16, 16], bicubic)
         if params["flip"][i]:
             want = F.hflip(want)
         assert (got[i] - F.to_tensor(want)).abs().mean() < 0.005, i
@@ -227,6 +228,12 @@ def test_every_mode_decodes_to_the_same_8bit_rgb_on_both_backends(tmp_path):
         for image in got:
             assert image.dtype == np.uint8 and image.shape == want.shape, name
             assert np.abs(image.astype(int) - want).max() <= tolerance, name
+        # which files the GPU path sends to nvJPEG: JPEGs of 1 or 3 components, no CMYK
+        assert _jpeg_components(data) == {"L.jpg": 1, "RGB.jpg": 3, "CMYK.jpg": 4}.get(name, 0)
+    buf = io.BytesIO()  # progressive, after an EXIF segment
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buf, "JPEG", progressive=True,
+                                                         exif=Image.Exif().tobytes())
+    assert _jpeg_components(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)) == 3
 
 
 # ============ bad files ============
