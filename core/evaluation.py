@@ -254,7 +254,9 @@ def check_resume(path, ckpt, args):
 def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset_kwargs):
     """data/loaders.py's build_train_loader for `split` with the run's flags (--data_backend,
     --data_memory_gb, batch size, workers, seed, rank): (images, labels) batches of each rank's
-    DistributedSampler order, as train_ssl.py reads its data. dataset_kwargs: val_split."""
+    DistributedSampler order, as train_ssl.py reads its data. dataset_kwargs: val_split
+    (skip_bad_images: --skip_bad_images where the script has it)."""
+    dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
     return build_train_loader(args.data_backend, args.dataset, args.data_path, transform,
                               args.batch_size_per_gpu, device=args.device, seed=args.seed,
                               rank=args.rank, world_size=args.world_size,
@@ -283,7 +285,9 @@ def eval_split(args, split, transform, **dataset_kwargs):
     """`split` of --dataset with the (deterministic) eval `transform`, as extract_dataset_features
     reads it: with --data_backend pil the dataset itself (PIL transforms in DataLoader workers),
     with tensor a LoadedSplit (the split kept as uint8 on the device, Resize + CenterCrop done
-    in batches there). dataset_kwargs: val_split."""
+    in batches there). dataset_kwargs: val_split (skip_bad_images: --skip_bad_images where the
+    script has it, train_ssl.py's k-NN check)."""
+    dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
     dataset = build_dataset(args.dataset, args.data_path, split, transform, seed=args.seed,
                             **dataset_kwargs)
     if args.data_backend == "pil":

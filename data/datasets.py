@@ -14,7 +14,10 @@ workers can receive them under both the fork and the spawn start methods.
 
 Image files are decoded by decode_image: a file that cannot be decoded is a BadImageError
 naming it; with skip_bad_images=True the folder datasets train on the next file instead and
-count the skips (first_decodable, reusable by any dataset that reads files).
+count the skips (first_decodable, reusable by any dataset that reads files). Every decoded
+image goes through to_rgb8, the one conversion to 8-bit RGB of both data backends (16-bit
+images keep their top 8 bits, alpha is dropped). ImageFolder skips hidden entries (names
+starting with '.': .ipynb_checkpoints/, .DS_Store, macOS ._* files) as classes and as files.
 """
 import os
 import sys
@@ -82,6 +85,9 @@ def resolve_dataset(name, root):
                              f"with --dataset")
         if name != "digits" and not root:
             raise ValueError(f"dataset {name} needs its location; pass --data_path")
+        if Path(root).exists() and not Path(root).is_dir():
+            raise NotADirectoryError(f"--data_path {root} is a file, not a folder; pass the "
+                                     f"folder that holds the {name} dataset")
         return name
     if not root:
         return "digits"
@@ -119,7 +125,8 @@ def dataset_info(name, root=None):
     if not root:
         return info
     if name == "imagefolder" and (Path(root) / "train").is_dir():
-        classes = [e.name for e in os.scandir(Path(root) / "train") if e.is_dir()]
+        classes = [e.name for e in os.scandir(Path(root) / "train")
+                   if e.is_dir() and not _hidden(e.name)]
         return DatasetInfo(len(classes), info.image_size, info.mean, info.std)
     if name == "npy" and _npy_paths(root, "train") is not None:
         images_path, labels_path = _npy_paths(root, "train")
@@ -225,9 +232,33 @@ def _torchvision(cls, title, folder, root, download, **kwargs):
     try:
         return cls(str(root), download=download, **kwargs)
     except (RuntimeError, OSError) as e:  # RuntimeError: files missing; OSError/URLError: offline
+        damage = _damaged_file(cls, root / folder)
+        if damage:
+            raise FileNotFoundError(
+                f"{title} under {root / folder} is damaged or incomplete: {damage}; delete "
+                f"{root / folder} and run again with --download true, or extract "
+                f"{cls.filename} there again") from None
         how = f"and it could not be downloaded ({e})" if download else "(downloading is off)"
         raise FileNotFoundError(f"{title} not found under {root} {how}; pass --data_path pointing to "
                          f"the folder that holds {folder}/") from None
+
+
+def _damaged_file(cls, folder):
+    """When `folder` (torchvision's extracted folder) exists: which of its files is missing or
+    has another checksum than torchvision's list, e.g. "data_batch_3 is missing"; else None."""
+    from torchvision.datasets.utils import check_integrity
+
+    if not folder.is_dir():
+        return None
+    files = list(cls.train_list) + list(cls.test_list)
+    if getattr(cls, "meta", None):
+        files.append((cls.meta["filename"], cls.meta["md5"]))
+    for name, md5 in files:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if not check_integrity(str(folder / name), md5):
+            return f"{name} is truncated or altered (its MD5 differs from the published one)"
+    return "its files are there but could not be read"
 
 
 def _build_cifar10(root, split, transform, download):
@@ -263,18 +294,69 @@ class BadImageError(ValueError):
         self.path, self.reason = path, reason
 
 
-def decode_image(path):
-    """The image file at `path` as an RGB PIL image, or a BadImageError naming the file: empty,
-    truncated, not an image, or unreadable (PIL raises OSError, SyntaxError or ValueError)."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(img):
+    """A decoded PIL image of any mode as 8-bit RGB: the one conversion of both data backends
+    (data/loaders.py decode_bytes gives the same pixels from torchvision's decoders).
+        RGB                          as it is
+        L, 1, P, CMYK, YCbCr, ...    PIL's convert("RGB"): grey replicated, palette looked up,
+                                     CMYK converted as PIL converts it
+        RGBA, LA, PA, P with a transparent colour   convert("RGB"): the alpha channel is
+                                     dropped (not blended onto a background), as PIL does
+        I;16, I;16B, I (16-bit grey, e.g. a 16-bit PNG)   the top 8 bits (value >> 8), as PIL
+                                     itself reads 16-bit RGB(A) PNGs (convert("RGB") would clip
+                                     every value above 255 to white); I is clipped to 0..65535
+        F (32-bit float)             convert("RGB"): values taken as 0..255, clipped"""
+    if img.mode == "RGB":
+        return img
+    if img.mode in SIXTEEN_BIT_MODES:
+        top = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(top.astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # the same colours, without PIL's warning about transparency
+    return img.convert("RGB")
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def bad_image(path, error):
+    """The BadImageError of the file at `path` that PIL (or reading it) failed on with `error`."""
+    reason = ("not an image file PIL can identify" if isinstance(error, UnidentifiedImageError)
+              else " ".join(str(error).split()) or type(error).__name__)
+    return BadImageError(f"cannot decode image {path} ({reason}); replace or delete that file "
+                         "(train_ssl.py --skip_bad_images true trains on without it)",
+                         str(path), reason)
+
+
+def open_rgb8(file, path):
+    """The image in `file` (a path or a binary file object) as to_rgb8 gives it, or a
+    BadImageError naming `path`: empty, truncated, not an image, or unreadable (PIL raises
+    OSError, SyntaxError or ValueError)."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        reason = ("not an image file PIL can identify" if isinstance(e, UnidentifiedImageError)
-                  else " ".join(str(e).split()) or type(e).__name__)
-        raise BadImageError(f"cannot decode image {path} ({reason}); replace or delete that file "
-                            "(train_ssl.py --skip_bad_images true trains on without it)",
-                            str(path), reason) from None
+        with Image.open(file) as img:
+            img.load()  # before the file closes; a truncated file fails here
+            return to_rgb8(img)
+    except DECODE_ERRORS as e:
+        raise bad_image(path, e) from None
+
+
+def image_size(path):
+    """(height, width) of the image file at `path`, read from its header; a BadImageError when
+    PIL cannot identify it."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except DECODE_ERRORS as e:
+        raise bad_image(path, e) from None
+
+
+def decode_image(path):
+    """The image file at `path` as an 8-bit RGB PIL image (to_rgb8), or a BadImageError naming
+    the file."""
+    return open_rgb8(path, path)
 
 
 MAX_CONSECUTIVE_BAD = 100
@@ -299,13 +381,40 @@ def first_decodable(getitem, i, n, skipped=None):
                         "decoded; check that --data_path holds image files")
 
 
+def _hidden(name):
+    return name.startswith(".")
+
+
 class ImageFolder(tv_datasets.ImageFolder):
     """torchvision's ImageFolder, decoding with decode_image; with skip_bad_images=True a file
-    that cannot be decoded is replaced by the next one and counted in .skipped."""
+    that cannot be decoded is replaced by the next one and counted in .skipped. Hidden entries
+    (names starting with '.', e.g. .ipynb_checkpoints/, .DS_Store, macOS ._photo.jpg) are
+    neither classes nor images, at any depth below the class folders."""
 
     def __init__(self, root, transform=None, skip_bad_images=False):
         super().__init__(root, transform=transform, loader=decode_image)
         self.skipped = torch.zeros((), dtype=torch.int64).share_memory_() if skip_bad_images else None
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory)
+                         if e.is_dir() and not _hidden(e.name))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        directory = os.path.expanduser(directory)
+        extensions = extensions or tv_datasets.folder.IMG_EXTENSIONS
+
+        def visible_image(path):
+            inside = Path(path).relative_to(directory).parts
+            return (not any(_hidden(part) for part in inside)
+                    and tv_datasets.folder.has_file_allowed_extension(path, extensions))
+
+        return tv_datasets.folder.make_dataset(directory, class_to_idx, is_valid_file=visible_image,
+                                               allow_empty=allow_empty)
 
     def __getitem__(self, i):
         return first_decodable(super().__getitem__, i, len(self), self.skipped)
@@ -333,7 +442,8 @@ def _build_imagefolder(root, split, transform, download, skip_bad_images=False):
     root = Path(root)
     layout = "a folder with train/ and val/ (or test/) holding one sub-folder per class"
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist; pass --data_path pointing to {layout}")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"{root} {what}; pass --data_path pointing to {layout}")
     if split == "train":
         folder = root / "train"
     else:

@@ -31,23 +31,31 @@ backend "tensor": no PIL in the loop; batches come already on `device`.
   The random parameters of a batch come from batch_seed(seed, epoch, iteration, rank), so the
   views of a run resumed at iteration i are those of an uninterrupted run.
 
-Stored size of a resident ImageFolder: the images keep their size when they all share the first
-one's; any other image is resized (bicubic, antialiased) to cover that size and centre-cropped
-to it; store_size=s stores every image as s x s that way instead.
+Both backends see the same images. Sizes: a resident ImageFolder stores every image unchanged;
+when they differ, each sits in the top-left corner of a zero-padded (N, 3, H_max, W_max) tensor
+with its (h, w) kept beside it, and the batched transforms crop and resize it within its own
+size, as PIL does image by image (the sizes are read from the file headers first; a split whose
+padded tensor would not fit memory_gb streams instead). store_size=s stores every image
+resized (bicubic, antialiased) to cover s x s and centre-cropped instead. Pixels: files are
+decoded to the 8-bit RGB of datasets.to_rgb8 (decode_bytes: torchvision.io for JPEG and PNG,
+16-bit PNGs cut to their top 8 bits; PIL for other formats). A file that cannot be decoded is a
+BadImageError naming it, or with skip_bad_images the next decodable file, as the pil backend.
 """
+import argparse
+import io
 import itertools
 import math
 
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets as tv_datasets
 from torchvision.io import ImageReadMode
 from torchvision.transforms import functional as F
 
-from .datasets import ArrayDataset, _Subset, build_dataset
+from .datasets import (ArrayDataset, BadImageError, _Subset, bad_image, build_dataset,
+                       first_decodable, image_size, open_rgb8)
 from .gpu_transforms import batch_seed, batched_transform
 
 BACKENDS = ("tensor", "pil")
@@ -61,12 +69,24 @@ def add_data_args(parser):
                             "small datasets resident there, JPEGs decoded on the GPU; pil: "
                             "torchvision/PIL transforms image by image in DataLoader workers "
                             "(the reference path). Same recipe, same flags.")
-    group.add_argument("--data_memory_gb", default=4.0, type=float,
+    group.add_argument("--data_memory_gb", default=4.0, type=memory_gb,
                        help="With --data_backend tensor, the most memory (GiB, per process) the "
                             "decoded train split may take to be kept resident on the device "
                             "(CIFAR-10: 0.15, Tiny ImageNet: 1.2). Larger ImageFolders stream "
                             "JPEGs instead; larger arrays stay in host memory.")
     return group
+
+
+def memory_gb(value):
+    """--data_memory_gb: a number of GiB >= 0 (0: nothing resident on the device)."""
+    try:
+        gb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of GiB") from None
+    if not gb >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (GiB per process; 0 keeps "
+                                         "nothing resident on the device)")
+    return gb
 
 
 # ============ the per-rank order of DistributedSampler ============
@@ -213,6 +233,125 @@ def _folder_samples(dataset):
     return base.samples if idx is None else [base.samples[i] for i in idx]
 
 
+_TORCHVISION_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+
+
+def decode_bytes(data, path):
+    """The bytes of an image file (uint8 1-D tensor) -> uint8 (3, h, w): the pixels of
+    datasets.decode_image (its to_rgb8 conversion), decoded by torchvision.io for JPEG and PNG
+    (libjpeg-turbo / libpng, faster than PIL; 16-bit PNGs keep their top 8 bits, palettes are
+    looked up, alpha is dropped, CMYK converted as PIL does), by PIL for the other formats
+    (GIF, WebP, BMP, TIFF, ...). A file neither can read is a BadImageError naming `path`."""
+    if data[:8].numpy().tobytes().startswith(_TORCHVISION_FORMATS):
+        try:
+            img = torchvision.io.decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError:  # truncated, or a variant libjpeg/libpng refuse: PIL names it
+            pass
+        else:
+            if img.dtype != torch.uint8:  # 16 bits per sample
+                img = (img.to(torch.int32) >> 8).to(torch.uint8)
+            return img
+    pil = open_rgb8(io.BytesIO(data.numpy().tobytes()), path)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
+class ImageFiles:
+    """The image files of a folder dataset (ImageFolder, Tiny ImageNet, or a held-out part of
+    one) for the tensor backend. Item i is the base dataset's sample indices[i]; decoded(i) is
+    what the pil backend's dataset[i] gives before its transform: the image (uint8 (3, h, w),
+    decode_bytes) and label of that file, or when it cannot be decoded a BadImageError naming
+    it, or with skip_bad_images (the base dataset's .skipped counter) the next decodable file
+    of the base dataset, named on stderr and counted (datasets.first_decodable)."""
+
+    def __init__(self, dataset):
+        base, idx = _base_and_indices(dataset)
+        self.samples = base.samples
+        self.indices = None if idx is None else [int(i) for i in idx]
+        self.skipped = getattr(base, "skipped", None)
+
+    def __len__(self):
+        return len(self.samples) if self.indices is None else len(self.indices)
+
+    def base_index(self, i):
+        return i if self.indices is None else self.indices[i]
+
+    def path(self, i):
+        return self.samples[self.base_index(i)][0]
+
+    def label(self, i):
+        return int(self.samples[self.base_index(i)][1])
+
+    def read(self, i):
+        """The bytes of item i's file, as a uint8 tensor (a BadImageError if it cannot be read)."""
+        return _read_bytes(self.path(i))
+
+    def decoded(self, i):
+        return first_decodable(self._decode_base, self.base_index(i), len(self.samples),
+                               self.skipped)
+
+    def _decode_base(self, b):
+        path, label = self.samples[b]
+        return decode_bytes(_read_bytes(path), path), int(label)
+
+
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise bad_image(path, e) from None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.empty(0, dtype=torch.uint8)
+
+
+class _HeaderChunks(Dataset):
+    """Chunk k -> the (height, width) of items [k * chunk, (k + 1) * chunk) of ImageFiles, from
+    their headers; None for a file PIL cannot identify when bad images are skipped (else its
+    BadImageError)."""
+
+    def __init__(self, files, chunk=256):
+        self.files, self.chunk = files, chunk
+
+    def __len__(self):
+        return math.ceil(len(self.files) / self.chunk)
+
+    def __getitem__(self, k):
+        sizes = []
+        for i in range(k * self.chunk, min(len(self.files), (k + 1) * self.chunk)):
+            try:
+                sizes.append(image_size(self.path(i)))
+            except BadImageError:
+                if self.files.skipped is None:
+                    raise
+                sizes.append(None)
+        return sizes
+
+    def path(self, i):
+        return self.files.path(i)
+
+
+def _as_is(batch):
+    return batch
+
+
+def header_sizes(files, budget_bytes, num_workers=0):
+    """The (height, width) of every item of ImageFiles read from the file headers (None: not
+    identified, skipped), and whether all were read: it stops as soon as the images padded to
+    the largest size so far would take more than budget_bytes (they will not be resident).
+    Reads in `num_workers` processes when there are many files."""
+    chunks = _HeaderChunks(files)
+    loader = DataLoader(chunks, batch_size=None, collate_fn=_as_is,
+                        num_workers=num_workers if len(files) > 4096 else 0)
+    sizes, h_max, w_max = [], 1, 1
+    for chunk in loader:
+        sizes += chunk
+        h_max = max([h_max] + [s[0] for s in chunk if s is not None])
+        w_max = max([w_max] + [s[1] for s in chunk if s is not None])
+        if len(files) * 3 * h_max * w_max > budget_bytes:
+            break
+    return sizes, len(sizes) == len(files)
+
+
 def _cover_crop(img, height, width):
     """uint8 (3, h, w) -> uint8 (3, height, width): as is when it has that size, else resized
     (bicubic, antialiased) to cover it and centre-cropped."""
@@ -226,82 +365,114 @@ def _cover_crop(img, height, width):
 
 
 class _Decoded(Dataset):
-    """Item i of a dataset as uint8 (3, height, width): files are read and decoded with
-    torchvision.io (libjpeg-turbo, the same pixels as PIL, several times faster), other
-    datasets' PIL images converted."""
+    """Item i of a dataset as (uint8 (3, h, w), label): files are read and decoded as
+    ImageFiles.decoded (torchvision.io for JPEG / PNG, the same pixels as PIL, several times
+    faster), at their own size, or with store_size s resized to cover s x s and centre-cropped."""
 
-    def __init__(self, dataset, height, width):
-        self.dataset, self.height, self.width = dataset, height, width
-        self.samples = _folder_samples(dataset)
+    def __init__(self, files, store_size=None):
+        self.files, self.store_size = files, store_size
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.files)
 
     def __getitem__(self, i):
-        if self.samples is not None:
-            img = _decode_cpu(torchvision.io.read_file(self.samples[i][0]))
-        else:
-            img = F.pil_to_tensor(self.dataset[i][0].convert("RGB"))
-        return _cover_crop(img, self.height, self.width)
-
-
-def _first_size(dataset):
-    """(height, width) of item 0, from the file header alone when it is a file."""
-    samples = _folder_samples(dataset)
-    if samples is not None:
-        with Image.open(samples[0][0]) as img:
-            return img.height, img.width
-    return dataset[0][0].height, dataset[0][0].width
+        img, label = self.files.decoded(i)
+        if self.store_size:
+            img = _cover_crop(img, self.store_size, self.store_size)
+        return img, label
 
 
 def stored_shape(dataset, store_size=None):
-    """(N, 3, H, W) of the resident copy of `dataset` (built with transform=None)."""
-    base, idx = _base_and_indices(dataset)
+    """(N, 3, H, W) of the resident copy of an array dataset (digits, npy, CIFAR, STL-10), or of
+    any dataset stored at store_size; folder datasets keep their own sizes (header_sizes)."""
+    base, _ = _base_and_indices(dataset)
     arr = _array_of(base)
     if store_size:
         h = w = store_size
     elif arr is not None:
         h, w = arr.shape[2:]
     else:
-        h, w = _first_size(dataset)
+        raise ValueError(f"{type(base).__name__} has no resident shape; it is read file by file")
     return len(dataset), 3, int(h), int(w)
 
 
 def decode_dataset(dataset, store_size=None, num_workers=0):
     """A dataset of data.datasets built with transform=None -> (uint8 (N, 3, H, W), int64 (N,))
-    on the host. Arrays (digits, npy, CIFAR, STL-10) are copied as they are; other datasets
-    (ImageFolder, Tiny ImageNet) are decoded once (torchvision.io) in `num_workers` processes,
-    to the size stored_shape() gives."""
+    on the host. Arrays (digits, npy, CIFAR, STL-10) are copied as they are; folder datasets
+    (ImageFolder, Tiny ImageNet) need store_size here (every image resized to cover it, centre-
+    cropped), decoded once in `num_workers` processes; decode_files keeps their own sizes."""
     base, idx = _base_and_indices(dataset)
     arr = _array_of(base)
-    _, _, h, w = stored_shape(dataset, store_size)
     if arr is not None and not store_size:
         arr = arr if idx is None else arr[idx]
         images = torch.from_numpy(np.ascontiguousarray(arr))
-    else:
-        loader = DataLoader(_Decoded(dataset, h, w), batch_size=256, num_workers=num_workers)
-        images = torch.empty((len(dataset), 3, h, w), dtype=torch.uint8)
-        n = 0
-        for batch in loader:
-            images[n:n + len(batch)] = batch
-            n += len(batch)
-    labels = torch.as_tensor(np.asarray(dataset.targets, dtype=np.int64))
+        return images, torch.as_tensor(np.asarray(dataset.targets, dtype=np.int64))
+    if _folder_samples(dataset) is None:
+        raise ValueError(f"store_size is for folder datasets, not {type(base).__name__}")
+    images, _, labels = decode_files(ImageFiles(dataset), store_size, store_size, num_workers,
+                                     store_size)
     return images, labels
+
+
+def decode_files(files, height, width, num_workers=0, store_size=None):
+    """ImageFiles -> (uint8 (N, 3, height, width), int64 sizes (N, 2) or None, int64 labels
+    (N,)) on the host: each image decoded once (in `num_workers` processes) into the top-left
+    corner of its slot, zero-padded; sizes None when every image is height x width. The labels
+    are those of the decoded files (a skipped file's are its replacement's). A replacement
+    larger than height x width (the next file of a split held out of a bigger one) widens the
+    padding."""
+    n = len(files)
+    loader = DataLoader(_Decoded(files, store_size), batch_size=64, num_workers=num_workers,
+                        collate_fn=_as_is)
+    images = torch.zeros((n, 3, height, width), dtype=torch.uint8)
+    sizes = torch.empty((n, 2), dtype=torch.int64)
+    labels = torch.empty(n, dtype=torch.int64)
+    k = 0
+    for batch in loader:
+        for img, label in batch:
+            h, w = img.shape[1:]
+            if h > images.shape[2] or w > images.shape[3]:
+                grown = torch.zeros((n, 3, max(h, images.shape[2]), max(w, images.shape[3])),
+                                    dtype=torch.uint8)
+                grown[:, :, :images.shape[2], :images.shape[3]] = images
+                images = grown
+            images[k, :, :h, :w] = img
+            sizes[k, 0], sizes[k, 1], labels[k] = h, w, label
+            k += 1
+    same = bool((sizes[:, 0] == images.shape[2]).all() and (sizes[:, 1] == images.shape[3]).all())
+    return images, None if same else sizes, labels
+
+
+def _size_note(images, sizes):
+    """How a resident folder keeps its images, for the loader's describe."""
+    h, w = images.shape[2:]
+    if sizes is None:
+        return f"every image {h}x{w} as decoded"
+    distinct = sorted({tuple(s) for s in sizes.tolist()}, key=lambda s: (s[0] * s[1], s))
+    (h0, w0), (h1, w1) = distinct[0], distinct[-1]
+    return (f"images of {len(distinct)} sizes (smallest {h0}x{w0}, largest {h1}x{w1}): each kept "
+            f"at its own size, zero-padded to {h}x{w}")
 
 
 class ResidentLoader(_Loader):
     """Batches of a decoded dataset held in one uint8 tensor: images[idx] -> transform.
 
     images: uint8 (N, 3, H, W) on `device`, or on the host (pinned when `device` is CUDA), in
-    which case each batch is gathered there and copied. transform: a batched transform
-    (data.gpu_transforms.batched_transform). Yields (views, labels) on `device`."""
+    which case each batch is gathered there and copied. sizes: None, or int64 (N, 2) of each
+    image's (h, w) in the top-left corner of its zero-padded slot, passed on to the transform
+    (crops are drawn inside each image). transform: a batched transform
+    (data.gpu_transforms.batched_transform). note: how the images are stored, for describe.
+    Yields (views, labels) on `device`."""
 
     def __init__(self, images, labels, transform, batch_size, device, seed=0, rank=0,
-                 world_size=1, shuffle=True, drop_last=True, mask_workers=0):
+                 world_size=1, shuffle=True, drop_last=True, mask_workers=0, sizes=None,
+                 note=""):
         super().__init__(len(images), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.images, self.labels, self.transform = images, labels.to(images.device), transform
+        self.sizes = None if sizes is None else sizes.to(images.device)
         self.device = torch.device(device)
         self.describe = f"resident uint8 {tuple(images.shape)} on {images.device}, no workers"
+        self.describe += f"; {note}" if note else ""
         self.describe += self._init_masks(transform, mask_workers, self.device)
 
     def __iter__(self):
@@ -312,12 +483,18 @@ class ResidentLoader(_Loader):
                 if self.device.type == "cuda":
                     idx = idx.pin_memory().to(self.device, non_blocking=True)
                 images, labels = self.images[idx], self.labels[idx]
+                sizes = None if self.sizes is None else self.sizes[idx]
             else:
                 images, labels = self.images[idx], self.labels[idx]
+                sizes = None if self.sizes is None else self.sizes[idx]
                 if self.device.type == "cuda":
                     images, labels = images.pin_memory(), labels.pin_memory()
+                    sizes = None if sizes is None else sizes.pin_memory()
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
+                sizes = None if sizes is None else sizes.to(self.device, non_blocking=True)
+            if sizes is not None:
+                extra = {**extra, "sizes": sizes}
             yield self.transform(images, seed=self._seed(i), **extra), labels
 
 
@@ -335,32 +512,52 @@ def _shrink(img, max_side):
     return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _decode_cpu(data):
-    try:
-        return torchvision.io.decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError:  # a format torchvision cannot read (e.g. CMYK): PIL
-        import io
-        img = Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB")
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_components(data):
+    """The number of colour components in the frame header of JPEG bytes (uint8 tensor): 1
+    (grey), 3 (YCbCr / RGB), 4 (CMYK / YCCK); 0 when not a JPEG or no frame header is found."""
+    buf = memoryview(data.numpy())
+    if len(buf) < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return 0
+    i = 2
+    while i + 9 < len(buf):
+        if buf[i] != 0xFF:
+            return 0
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _JPEG_FRAMES:  # FF Cn, length (2), precision (1), height (2), width (2), Nf
+            return buf[i + 9] if buf[i + 4] == 8 else 0
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return 0
+        else:
+            i += 2 + (buf[i + 2] << 8 | buf[i + 3])
+    return 0
 
 
 class EncodedImages(Dataset):
-    """(path, label) samples -> (file bytes as a uint8 tensor, label); with decode=True the
-    worker decodes them too -> (uint8 (3, h, w), label), at most max_side on the longer side."""
+    """ImageFiles -> (file bytes as a uint8 tensor, label, i); with decode=True the worker
+    decodes them too (ImageFiles.decoded: a bad file raises or is replaced) -> (uint8 (3, h, w),
+    label, i), at most max_side on the longer side. A file that cannot be read gives empty
+    bytes, decoded (and named, or replaced) by the loader."""
 
-    def __init__(self, samples, decode=False, max_side=1024):
-        self.samples, self.decode, self.max_side = samples, decode, max_side
-        self.targets = [int(label) for _, label in samples]
+    def __init__(self, files, decode=False, max_side=1024):
+        self.files, self.decode, self.max_side = files, decode, max_side
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.files)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        data = torchvision.io.read_file(path)
         if self.decode:
-            return _shrink(_decode_cpu(data), self.max_side), int(label)
-        return data, int(label)
+            img, label = self.files.decoded(i)
+            return _shrink(img, self.max_side), label, i
+        try:
+            data = self.files.read(i)
+        except BadImageError:
+            data = torch.empty(0, dtype=torch.uint8)
+        return data, self.files.label(i), i
 
 
 def pad_batch(images, device=None):
@@ -377,25 +574,29 @@ def pad_batch(images, device=None):
 
 
 def _collate_decoded(batch):
-    images, sizes = pad_batch([img for img, _ in batch])
-    return images, sizes, torch.tensor([label for _, label in batch])
+    images, sizes = pad_batch([img for img, _, _ in batch])
+    return images, sizes, torch.tensor([label for _, label, _ in batch])
 
 
 def _collate_encoded(batch):
-    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+    return ([data for data, _, _ in batch], torch.tensor([label for _, label, _ in batch]),
+            [i for _, _, i in batch])
 
 
 class StreamingLoader(_Loader):
-    """An ImageFolder too large to keep: workers read (CPU: and decode) the files, the batch is
-    decoded on the GPU with nvJPEG when `device` is CUDA, then augmented on `device`. Images
-    longer than max_side are shrunk to it first (bounds the padded batch)."""
+    """An ImageFolder too large to keep (ImageFiles): workers read (CPU: and decode) the files,
+    the batch is decoded on the GPU with nvJPEG when `device` is CUDA (JPEGs of 1 or 3 8-bit
+    components; other files as on the CPU), then augmented on `device`. Images longer than
+    max_side are shrunk to it first (bounds the padded batch). note: why it streams, for
+    describe."""
 
-    def __init__(self, samples, transform, batch_size, device, seed=0, rank=0, world_size=1,
-                 shuffle=True, drop_last=True, num_workers=4, max_side=1024, mask_workers=0):
-        super().__init__(len(samples), batch_size, seed, rank, world_size, shuffle, drop_last)
+    def __init__(self, files, transform, batch_size, device, seed=0, rank=0, world_size=1,
+                 shuffle=True, drop_last=True, num_workers=4, max_side=1024, mask_workers=0,
+                 note=""):
+        super().__init__(len(files), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.device, self.transform, self.max_side = torch.device(device), transform, max_side
         cuda = self.device.type == "cuda"
-        self.dataset = EncodedImages(samples, decode=not cuda, max_side=max_side)
+        self.dataset = EncodedImages(files, decode=not cuda, max_side=max_side)
         self.sampler = _EpochSampler(self.dataset, num_replicas=world_size, rank=rank,
                                      shuffle=shuffle, seed=seed)
         self.loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=batch_size,
@@ -403,7 +604,9 @@ class StreamingLoader(_Loader):
                                  collate_fn=_collate_encoded if cuda else _collate_decoded,
                                  persistent_workers=num_workers > 0, generator=_quiet_generator())
         where = "decoded on the GPU (nvJPEG)" if cuda else "decoded in the workers"
-        self.describe = f"JPEG bytes read by {num_workers} workers, {where}"
+        self.describe = (f"JPEG bytes read by {num_workers} workers, {where}, images over "
+                         f"{max_side} px on a side shrunk to it")
+        self.describe += f"; {note}" if note else ""
         self.describe += self._init_masks(transform, mask_workers, self.device)
 
     def set_epoch(self, epoch, start_iter=0):
@@ -411,17 +614,29 @@ class StreamingLoader(_Loader):
         self.sampler.set_epoch(epoch)
         self.sampler.start = start_iter * self.batch_size
 
-    def _decode_gpu(self, data):
-        try:
-            images = torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:  # a PNG or CMYK file in the batch: decode those one by one
-            images = []
-            for d in data:
-                try:
-                    images.append(torchvision.io.decode_jpeg(d, mode=ImageReadMode.RGB,
-                                                             device=self.device))
-                except RuntimeError:
-                    images.append(_decode_cpu(d).to(self.device))
+    def _decode_gpu(self, data, labels, index):
+        """Bytes of a batch -> padded uint8 batch and sizes on the device; labels (host) are
+        updated for the files replaced by skip_bad_images."""
+        images = [None] * len(data)
+        gpu = [k for k, d in enumerate(data) if _jpeg_components(d) in (1, 3)]
+        if gpu:
+            try:
+                out = torchvision.io.decode_jpeg([data[k] for k in gpu], mode=ImageReadMode.RGB,
+                                                 device=self.device)
+            except RuntimeError:  # one file nvJPEG refuses fails the batch: one by one
+                out = []
+                for k in gpu:
+                    try:
+                        out.append(torchvision.io.decode_jpeg(data[k], mode=ImageReadMode.RGB,
+                                                              device=self.device))
+                    except RuntimeError:
+                        out.append(None)
+            for k, img in zip(gpu, out):
+                images[k] = img
+        for k, img in enumerate(images):
+            if img is None:  # PNG, CMYK, other formats, bad files: decoded as on the CPU
+                img, labels[k] = self.dataset.files.decoded(index[k])
+                images[k] = img.to(self.device)
         return pad_batch([_shrink(img, self.max_side) for img in images], self.device)
 
     def __iter__(self):
@@ -429,8 +644,8 @@ class StreamingLoader(_Loader):
         masks = self._masks()
         for i, batch in enumerate(self.loader, start=self.start_iter):
             if cuda:
-                data, labels = batch
-                images, sizes = self._decode_gpu(data)
+                data, labels, index = batch
+                images, sizes = self._decode_gpu(data, labels, index)
                 sizes = sizes.pin_memory().to(self.device, non_blocking=True)
             else:
                 images, sizes, labels = batch
@@ -482,6 +697,8 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
     num_images, describe, and iteration over (views, labels)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    if not memory_gb >= 0:
+        raise ValueError(f"--data_memory_gb {memory_gb} must be >= 0 (GiB per process)")
     device = torch.device(device)
     common = dict(seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
                   drop_last=drop_last)
@@ -494,15 +711,56 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
     common["mask_workers"] = min(num_workers, 4) if mask_workers is None else mask_workers
     dataset = build_dataset(dataset_name, data_path, split, None, seed=seed, download=download,
                             **dataset_kwargs)
+    budget = memory_gb * 2**30
+    if _folder_samples(dataset) is not None and not store_size:
+        return _folder_loader(dataset, transform, batch_size, device, budget, memory_gb,
+                              num_workers, max_side, common)
     n, c, h, w = stored_shape(dataset, store_size)
-    fits = n * c * h * w <= memory_gb * 2**30
-    samples = _folder_samples(dataset)
-    if not fits and samples is not None:
-        return StreamingLoader(samples, transform, batch_size, device, num_workers=num_workers,
-                               max_side=max_side, **common)
+    fits = n * c * h * w <= budget
+    if not fits and _folder_samples(dataset) is not None:
+        return StreamingLoader(ImageFiles(dataset), transform, batch_size, device,
+                               num_workers=num_workers, max_side=max_side, note=(
+                                   f"streamed: {n} images stored at {h}x{w} (store_size) would "
+                                   f"take {_gib(n * c * h * w)}, over --data_memory_gb "
+                                   f"{memory_gb:g}"), **common)
     images, labels = decode_dataset(dataset, store_size, num_workers)
     if fits:
         images = images.to(device)
     elif device.type == "cuda":
         images = images.pin_memory()
-    return ResidentLoader(images, labels, transform, batch_size, device, **common)
+    note = (f"every image resized to cover {h}x{w} and centre-cropped (store_size {store_size})"
+            if store_size else "")
+    return ResidentLoader(images, labels, transform, batch_size, device, note=note, **common)
+
+
+def _gib(num_bytes):
+    if num_bytes < 2**30:
+        return f"{num_bytes / 2**20:.3g} MiB"
+    return f"{num_bytes / 2**30:.3g} GiB"
+
+
+def _folder_loader(dataset, transform, batch_size, device, budget, memory_gb, num_workers,
+                   max_side, common):
+    """An ImageFolder on the tensor backend: resident at each image's own size (zero-padded to
+    the largest) when that fits the budget, else streamed; the loader's describe says which
+    and why."""
+    files = ImageFiles(dataset)
+    sizes, complete = header_sizes(files, budget, num_workers)
+    known = [s for s in sizes if s is not None]
+    h = max([1] + [s[0] for s in known])
+    w = max([1] + [s[1] for s in known])
+    need = len(files) * 3 * h * w
+    if not complete or need > budget:
+        distinct = len(set(known))
+        what = (f"all {h}x{w}" if distinct == 1 and complete else
+                f"padded to their largest size {h}x{w}" if complete else
+                f"padded to the largest size among the first {len(sizes)}, {h}x{w},")
+        note = (f"streamed: the {len(files)} images {what} would take "
+                f"{'' if complete else 'at least '}{_gib(need)}, over --data_memory_gb "
+                f"{memory_gb:g}")
+        return StreamingLoader(files, transform, batch_size, device, num_workers=num_workers,
+                               max_side=max_side, note=note, **common)
+    images, stored_sizes, labels = decode_files(files, h, w, num_workers)
+    note = _size_note(images, stored_sizes)
+    return ResidentLoader(images.to(device), labels, transform, batch_size, device,
+                          sizes=stored_sizes, note=note, **common)

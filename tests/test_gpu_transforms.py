@@ -298,7 +298,10 @@ def test_streaming_loader_on_cpu(tmp_path):
     assert len(batches) == 2 and [v.shape for v in batches[0][0]] == [(4, 3, 16, 16)] * 2
     resident = build_train_loader("tensor", "imagefolder", str(tmp_path), tf, 4, device="cpu",
                                   num_workers=0)
-    assert isinstance(resident, ResidentLoader) and resident.images.shape == (12, 3, 24, 36)
+    # resident, each image at its own size: zero-padded to the largest height and width
+    assert isinstance(resident, ResidentLoader) and resident.images.shape == (12, 3, 40, 36)
+    assert resident.sizes.tolist() == [[24, 36] if i % 2 == 0 else [40, 30] for i in
+                                       sorted(range(12), key=lambda i: (i % 3, str(i)))]
 
 
 def test_ibot_masks_drawn_in_workers_equal_inline_ones():
