@@ -6,7 +6,6 @@ pretrained and at random init) into one table and one figure. Tiny .npy data of 
 everything in this process."""
 import argparse
 import json
-import os
 import runpy
 import subprocess
 import sys
