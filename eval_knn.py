@@ -50,9 +50,11 @@ def get_args_parser():
                             "--n_last_blocks blocks instead of taking the CLS token; often "
                             "better when transferring to another dataset (STL-10).")
     group.add_argument("--dump_features", default=None,
-                       help="Path where to save computed features, empty for no saving")
+                       help="Folder where to save the computed features (features.pth) "
+                            "(default: none, not saved).")
     group.add_argument("--load_features", default=None,
-                       help="If the features have already been computed, where to find them.")
+                       help="Folder of features.pth saved by --dump_features, used instead of "
+                            "extracting them (default: none, extract).")
 
     group = parser.add_argument_group("Few-shot")
     group.add_argument("--n_shot", default=0, type=int,

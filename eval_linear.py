@@ -8,7 +8,8 @@ Minutes instead of hours: features extracted once without augmentation, the head
     python eval_linear.py --pretrained_weights out/checkpoint.pth --cached_features true
 What each layer knows (one probe per block's CLS / per ResNet stage, a table and a PNG):
     python eval_linear.py --pretrained_weights out/checkpoint.pth --probe_layers true --cached_features true
-The non-linear probe: --head mlp --mlp_dims 512 256.
+The non-linear probe: --head mlp --mlp_dims 512 256 (models/heads.py, as finetune.py's --head mlp).
+--lr is for a global batch of 256 (DINO's linear scaling); --lr_scaling none takes it as is.
 
 The backbone is frozen (eval mode, no gradients) and proven so: its state_dict is compared with a
 snapshot after training, as facebookresearch/moco-v3 main_lincls.py's sanity_check.
@@ -31,9 +32,10 @@ from core.checkpoint import load_file, make_output_dir, remove_stale_tmp, save_a
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
+from core.optim import lr_for_batch
 from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
-from models import feature_dim, is_vit, layerwise_features
+from models import MLPClassifier, feature_dim, is_vit, layerwise_features
 
 
 def get_args_parser():
@@ -51,6 +53,9 @@ def get_args_parser():
     group.add_argument("--lr", default=0.001, type=float,
                        help="Learning rate at the start of the cosine schedule, for a global "
                             "batch of 256 (linear scaling rule). DINO: 0.001 for ViT-S.")
+    group.add_argument("--lr_scaling", default="linear", type=str, choices=["linear", "none"],
+                       help="linear: --lr is for a global batch of 256 and scaled by batch / 256 "
+                            "(DINO); none: --lr is the rate itself, whatever the batch.")
     group.add_argument("--weight_decay", default=0.0, type=float,
                        help="SGD weight decay of the probe (DINO: 0).")
     group.add_argument("--probe_layers", default=False, type=bool_flag,
@@ -96,21 +101,6 @@ class LinearClassifier(nn.Module):
 
     def forward(self, x):
         return self.linear(x.view(x.size(0), -1))
-
-
-class MLPClassifier(nn.Module):
-    """The non-linear probe: [Linear-BN-ReLU] per hidden width, then Linear (keys mlp.*)."""
-
-    def __init__(self, dim, num_labels, hidden_dims):
-        super().__init__()
-        layers = []
-        for h in hidden_dims:
-            layers += [nn.Linear(dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
-            dim = h
-        self.mlp = nn.Sequential(*layers, nn.Linear(dim, num_labels))
-
-    def forward(self, x):
-        return self.mlp(x.view(x.size(0), -1))
 
 
 class Probe(nn.Module):
@@ -370,8 +360,9 @@ def restart_probe(path, probe, optimizer, scheduler, args):
             best_state)
 
 
-def evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args):
-    """--evaluate: the saved probe (--linear_weights, else this run's checkpoint) on val."""
+def evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args, dataset_test=None):
+    """--evaluate: the saved probe (--linear_weights, else this run's checkpoint) on val, and
+    with --val_split on the test split too."""
     path = args.linear_weights or os.path.join(args.output_dir, "checkpoint.pth.tar")
     ckpt = load_file(path)
     if not args.linear_weights:
@@ -380,9 +371,15 @@ def evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args):
     stats = validate_network(model, probe, dataset_val, feats_fn, args)
     for name, s in zip(names, stats):
         print(f"Accuracy of the network ({name}) on the {len(dataset_val)} test images: {s['acc1']:.1f}%")
-    return {"best_acc": stats[0]["acc1"], "test_acc": None,
-            "layers": [{"name": n, "dim": d, "best_acc": s["acc1"], "test_acc": None}
-                       for n, d, s in zip(names, dims, stats)]}
+    if args.val_split:  # the numbers above are on held-out train images: test once too
+        tests = validate_network(model, probe, dataset_test, feats_fn, args)
+        print(f"Accuracy of the network on the {len(dataset_test)} test images: "
+              f"{tests[-1]['acc1']:.1f}%")
+    else:  # validation was the test split
+        tests = stats
+    return {"best_acc": stats[-1]["acc1"], "test_acc": tests[-1]["acc1"],
+            "layers": [{"name": n, "dim": d, "best_acc": s["acc1"], "test_acc": t["acc1"]}
+                       for n, d, s, t in zip(names, dims, stats, tests)]}
 
 
 def report(model, probe, best, best_state, test_data, feats_fn, names, dims, args):
@@ -396,17 +393,28 @@ def report(model, probe, best, best_state, test_data, feats_fn, names, dims, arg
               for n, d, b, t in zip(names, dims, best, test_accs)]
     if args.probe_layers:
         report_layers(layers, args)
-    print("Training of the supervised linear classifier on frozen features completed.\n"
+    kind = {"linear": "linear classifier", "mlp": "MLP classifier"}[args.head]
+    print(f"Training of the supervised {kind} on frozen features completed.\n"
           f"Top-1 test accuracy: {best[-1]:.1f}")
     if test_accs[-1] is not None:
         n_test = len(test_data[1]) if isinstance(test_data, tuple) else len(test_data)
         print(f"(best on the held-out validation images; test accuracy of that probe on "
               f"{n_test} test images: {test_accs[-1]:.1f})")
-    results = {"best_acc": best[-1], "test_acc": test_accs[-1], "layers": layers}
+    results = {"best_acc": best[-1], **test_numbers(test_accs[-1], best[-1]),
+               "layers": [{**x, **test_numbers(x["test_acc"], x["best_acc"])} for x in layers]}
     if distu.is_main_process():
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def test_numbers(test_acc, best_acc):
+    """results.json's test accuracy, never null: with --val_split, the test accuracy of the
+    best-on-validation probe (selected_on "val"); without, validation was the test split
+    itself, so its best is the test number (DINO's protocol; selected_on "test")."""
+    if test_acc is not None:
+        return {"test_acc": test_acc, "selected_on": "val"}
+    return {"test_acc": best_acc, "selected_on": "test"}
 
 
 def report_layers(layers, args):
@@ -457,7 +465,7 @@ def run_linear(args):
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any feature is extracted
     if args.evaluate:
-        return evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args)
+        return evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args, dataset_test)
 
     # ============ preparing data ... ============
     batches, encode = training_batches(model, feats_fn, dataset_train, info, args)
@@ -470,8 +478,9 @@ def run_linear(args):
 
     # ============ preparing optimizer ... ============
     global_batch = args.batch_size_per_gpu * args.world_size
-    lr = args.lr * global_batch / 256.0  # linear scaling rule
-    print(f"base lr: {args.lr:.3e}  actual lr: {lr:.3e}  global batch: {global_batch}")
+    lr = lr_for_batch(args.lr, global_batch, args.lr_scaling)  # linear scaling rule, or none
+    print(f"base lr: {args.lr:.3e}  actual lr: {lr:.3e}  global batch: {global_batch} "
+          f"(--lr_scaling {args.lr_scaling})")
     optimizer = torch.optim.SGD(probe.parameters(), lr, momentum=0.9, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
     scaler = amp.grad_scaler(args.precision, args.device)

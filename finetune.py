@@ -38,7 +38,7 @@ from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
-from models import extract_features, feature_dim, is_vit
+from models import MLPClassifier, extract_features, feature_dim, is_vit
 
 
 def get_args_parser():
@@ -51,7 +51,15 @@ def get_args_parser():
                             "norm) or ResNet stages (layer1..4) and the head train; 0 = head only.")
     group.add_argument("--unfreeze_layers", default=None, type=str, nargs="+",
                        help="Instead of --unfreeze_last_blocks: the backbone parameters to train "
-                            "by name prefix, e.g. layer4 layer3 (ResNet) or blocks.11 norm (ViT).")
+                            "by name prefix, e.g. layer4 layer3 (ResNet) or blocks.11 norm (ViT) "
+                            "(default: none, --unfreeze_last_blocks decides).")
+
+    group.add_argument("--head", default="linear", type=str, choices=["linear", "mlp"],
+                       help="linear, or mlp: --mlp_dims hidden layers (Linear-BN-ReLU each) "
+                            "before the last Linear, as eval_linear.py's MLP probe.")
+    group.add_argument("--mlp_dims", default=[512, 256], type=int, nargs="+",
+                       help="Hidden widths of the MLP head (a 512-512-10 head on a ResNet-18: "
+                            "--mlp_dims 512).")
 
     group = parser.add_argument_group("Optimization")
     group.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
@@ -69,8 +77,9 @@ def get_args_parser():
     group.add_argument("--warmup_epochs", default=5, type=int, help="Linear warmup epochs.")
     group.add_argument("--min_lr", default=1e-6, type=float,
                        help="Final head lr of the cosine; the backbone ends at the same ratio.")
-    group.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd"],
-                       help="adamw (BEiT/iBOT) or sgd with momentum 0.9 (ResNet habit).")
+    group.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "adam", "sgd"],
+                       help="adamw (BEiT/iBOT), adam (weight decay as an L2 term of the "
+                            "gradient, as torch.optim.Adam) or sgd with momentum 0.9 (ResNet habit).")
     group.add_argument("--clip_grad", default=0.0, type=float,
                        help="Global gradient-norm clipping; 0 disables (iBOT: none).")
     group.add_argument("--smoothing", default=0.1, type=float, help="Label smoothing (0.1).")
@@ -104,17 +113,23 @@ def get_args_parser():
 
 
 class Classifier(nn.Module):
-    """backbone -> evaluation features (models.extract_features) -> Linear head.
+    """backbone -> evaluation features (models.extract_features) -> head: a Linear layer, or
+    with head="mlp" models.MLPClassifier ([Linear-BN-ReLU] per width of mlp_dims, then Linear).
     State keys backbone.* / head.*, so eval_knn.py and eval_linear.py read a fine-tuned
     checkpoint (--checkpoint_key model) like a pretrained one."""
 
-    def __init__(self, backbone, num_labels, n_last_blocks=1, avgpool_patchtokens=0):
+    def __init__(self, backbone, num_labels, n_last_blocks=1, avgpool_patchtokens=0,
+                 head="linear", mlp_dims=(512, 256)):
         super().__init__()
         self.backbone = backbone
         self.n_last_blocks, self.avgpool = n_last_blocks, avgpool_patchtokens
-        self.head = nn.Linear(feature_dim(backbone, n_last_blocks, avgpool_patchtokens), num_labels)
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        dim = feature_dim(backbone, n_last_blocks, avgpool_patchtokens)
+        if head == "mlp":
+            self.head = MLPClassifier(dim, num_labels, mlp_dims)
+        else:
+            self.head = nn.Linear(dim, num_labels)
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x):
         return self.head(extract_features(self.backbone, x, self.n_last_blocks, self.avgpool))
@@ -374,7 +389,8 @@ def run_finetune(args):
     if not args.pretrained_weights:
         print("=> from-scratch baseline: the same recipe on a randomly initialised backbone.")
     dataset_train, dataset_val, dataset_test = build_datasets(args, info)
-    model = Classifier(backbone, args.num_labels, args.n_last_blocks, args.avgpool_patchtokens)
+    model = Classifier(backbone, args.num_labels, args.n_last_blocks, args.avgpool_patchtokens,
+                       args.head, args.mlp_dims)
     trainable = set_trainable(backbone, args.unfreeze_last_blocks, args.unfreeze_layers)
     n_all = sum(p.numel() for p in backbone.parameters())
     n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
@@ -412,13 +428,15 @@ def run_finetune(args):
     groups = param_groups(model, args.backbone_lr, args.lr, args.weight_decay, args.layer_decay)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    elif args.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=args.lr)
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     scaler = amp.grad_scaler(args.precision, args.device)
     # one multiplier for every group: linear warmup to 1, cosine to min_lr / lr
     lr_schedule = cosine_scheduler(1.0, args.min_lr / args.lr, args.epochs, len(loader),
                                    warmup_epochs=args.warmup_epochs)
-    print(f"head lr {args.lr:.2e}, backbone lr {args.backbone_lr:.2e} (layer decay "
+    print(f"{args.head} head lr {args.lr:.2e}, backbone lr {args.backbone_lr:.2e} (layer decay "
           f"{args.layer_decay}), global batch {global_batch}, {len(groups)} parameter groups, "
           f"precision {args.precision}")
 
@@ -502,7 +520,9 @@ def run_finetune(args):
         torch.distributed.barrier()  # rank 0 has written checkpoint_best.pth
     best = load_file(best_path)
     model.load_state_dict(best["model"])
-    print(f"Testing the best-on-validation model (epoch {best['epoch']}, val {best['val_acc']:.2f}%):")
+    # (the file's "epoch" counts finished epochs, as DINO's; printed as the epochs above: from 0)
+    print(f"Testing the best-on-validation model (epoch {best['epoch'] - 1}, val "
+          f"{best['val_acc']:.2f}%):")
     metrics = test_report(model, dataset_test, info, args, writer)
     if writer is not None:
         writer.add_scalar("test/top1", metrics["accuracy"], args.epochs)

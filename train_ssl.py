@@ -42,7 +42,8 @@ from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_p
 from data import DATASETS, dataset_info, resolve_dataset
 from data.loaders import add_data_args, build_train_loader
 from methods import METHODS
-from models import ARCHS, ResNet, VisionTransformer, build_backbone, check_patch_size, is_vit
+from models import (ARCHS, ResNet, VisionTransformer, build_backbone, check_patch_size,
+                    check_vit_shape, is_vit, vit_shape)
 
 # Generic flags whose default is the method's RECIPE (every methods/<name>.py sets them all).
 RECIPE_FLAGS = ("arch", "optimizer", "lr", "min_lr", "weight_decay", "weight_decay_end",
@@ -69,6 +70,16 @@ def get_args_parser(method, add_help=True):
                              "--cifar_stem for 32px images.")
     parser.add_argument("--patch_size", default=16, type=int,
                         help="ViT patch size: 16 (or 8) at 224px, 4 at 32px CIFAR, 8 at 64px.")
+    parser.add_argument("--embed_dim", default=None, type=int,
+                        help="ViT width instead of --arch's, e.g. 512 for the RotNet ViT recipe "
+                             "(default: the arch's own, vit_small: 384). Stored in the "
+                             "checkpoint, so the evaluation scripts rebuild the same shape.")
+    parser.add_argument("--depth", default=None, type=int,
+                        help="ViT blocks instead of --arch's (default: the arch's own, "
+                             "vit_small: 12).")
+    parser.add_argument("--num_heads", default=None, type=int,
+                        help="ViT attention heads instead of --arch's; must divide the width "
+                             "(default: the arch's own, vit_small: 6).")
     parser.add_argument("--drop_path_rate", default=None, type=float,
                         help="Stochastic depth rate of the (student) ViT (DINO: 0.1).")
     parser.add_argument("--cifar_stem", default=None, type=bool_flag,
@@ -98,16 +109,23 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--lr", default=None, type=float,
                         help="Learning rate at the end of the warmup, for a global batch of 256; "
                              "scaled linearly with the batch (DINO: 5e-4 with adamw; SimCLR with "
-                             "lars: 0.3).")
+                             "lars: 0.3); with --lr_scaling none, the rate itself.")
+    parser.add_argument("--lr_scaling", default="linear", type=str, choices=["linear", "none"],
+                        help="linear: --lr is for a global batch of 256 and the run uses --lr * "
+                             "batch / 256 (DINO, MAE's --blr); none: --lr is the rate itself, "
+                             "whatever the batch (MAE's --lr).")
     parser.add_argument("--min_lr", type=float, default=None,
                         help="Final learning rate of the cosine schedule.")
     parser.add_argument("--warmup_epochs", default=None, type=int,
                         help="Epochs of linear learning-rate warmup (must be below --epochs).")
-    parser.add_argument("--optimizer", default=None, type=str, choices=["adamw", "sgd", "lars"],
-                        help="adamw for ViTs (DINO); lars for large-batch SimCLR / ResNets.")
+    parser.add_argument("--optimizer", default=None, type=str,
+                        choices=["adamw", "adam", "sgd", "lars"],
+                        help="adamw for ViTs (DINO); lars for large-batch SimCLR / ResNets; adam "
+                             "(weight decay as an L2 term, as torch.optim.Adam) for recipes "
+                             "written with it.")
     parser.add_argument("--adamw_betas", default=None, type=float, nargs=2,
-                        help="AdamW betas (DINO: PyTorch's 0.9 0.999; MAE-style recipes and the "
-                             "rotation seed: 0.9 0.95).")
+                        help="AdamW (and adam) betas (DINO: PyTorch's 0.9 0.999; MAE-style "
+                             "recipes and the RotNet ViT recipe: 0.9 0.95).")
 
     # Data
     parser.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
@@ -202,6 +220,7 @@ def check_args(args):
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 0")
     if not 0 <= args.drop_path_rate < 1:
         raise ValueError(f"--drop_path_rate {args.drop_path_rate} must be in [0, 1)")
+    check_vit_shape(args.arch, args)  # --embed_dim / --depth / --num_heads that fit --arch
 
 
 # Flags a resumed run may change: how long or how it runs, not what it computes (DINO extends
@@ -279,7 +298,9 @@ def train_ssl(args):
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
                                         else None, **ddp_kwargs(buffers_in_sync=True)) \
         if args.distributed else model
-    print(f"Backbone {args.arch} ({backbone.embed_dim}-d features, "
+    shape = f" of width {backbone.embed_dim}, depth {len(backbone.blocks)}, " \
+        f"{backbone.blocks[0].attn.num_heads} heads" if vit_shape(args) else ""
+    print(f"Backbone {args.arch}{shape} ({backbone.embed_dim}-d features, "
           f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M parameters) and "
           f"{args.method} built.")
 
@@ -290,9 +311,9 @@ def train_ssl(args):
 
     # ============ init schedulers ... ============
     niter = len(data_loader)
-    base_lr = lr_for_batch(args.lr, global_batch)  # linear scaling rule
+    base_lr = lr_for_batch(args.lr, global_batch, args.lr_scaling)  # linear scaling, or none
     print(f"base lr: {args.lr:.3e}  actual lr: {base_lr:.3e}  global batch: {global_batch} "
-          f"({args.batch_size_per_gpu} x {args.world_size})")
+          f"({args.batch_size_per_gpu} x {args.world_size}; --lr_scaling {args.lr_scaling})")
     lr_schedule = cosine_scheduler(base_lr, args.min_lr, args.epochs, niter,
                                    warmup_epochs=args.warmup_epochs)
     wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
@@ -416,7 +437,8 @@ def build_networks(args, niter_per_ep):
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
                                          img_size=[args.input_size],
                                          drop_path_rate=args.drop_path_rate,
-                                         cifar_stem=args.cifar_stem, **method.backbone_kwargs(args))
+                                         cifar_stem=args.cifar_stem, **vit_shape(args),
+                                         **method.backbone_kwargs(args))
     init_backbone = copy.deepcopy(backbone) if args.knn_eval else None
     model = method.build(args, backbone, embed_dim, niter_per_ep).to(args.device)
     if not is_vit(backbone) and args.device.type == "cuda":

@@ -49,8 +49,8 @@ def get_args_parser():
                        help="Resize image: H W, or one number for the shorter side (default: "
                             "the training crop size from the checkpoint, else 480 480).")
     group.add_argument("--threshold", type=float, default=None,
-                       help="Also save masks keeping this fraction of the attention mass "
-                            "(DINO's figures use 0.6).")
+                       help="Also save masks keeping this fraction of the attention mass; "
+                            "DINO's figures use 0.6 (default: none, no masks).")
     group.add_argument("--display_scale", default=0, type=int,
                        help="Integer nearest-neighbour upscaling of the saved PNGs; 0: enough "
                             "for a shorter side of at least 256 px (32px images become 256px).")

@@ -155,12 +155,13 @@ def knn_of_checkpoint(path, dataset, data_path, k, batch_size, num_workers, devi
 
     from core.checkpoint import checkpoint_args, load_file, load_pretrained_weights
     from core.evaluation import knn_eval_backbone
-    from models import build_backbone
+    from models import build_backbone, vit_shape
 
     ckpt = load_file(path)
     a = checkpoint_args(ckpt)
     backbone, _ = build_backbone(a["arch"], patch_size=a.get("patch_size", 16),
-                                 img_size=[a["input_size"]], cifar_stem=a.get("cifar_stem", False))
+                                 img_size=[a["input_size"]], cifar_stem=a.get("cifar_stem", False),
+                                 **vit_shape(a))
     load_pretrained_weights(backbone, path, "teacher", ckpt=ckpt)
     device = torch.device(device)
     top1, top5 = knn_eval_backbone(backbone.to(device), dataset, data_path, a["input_size"], k,

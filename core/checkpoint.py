@@ -320,6 +320,11 @@ def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing
     if missing:
         raise ValueError(f"checkpoint '{path}' ({desc}) lacks {len(missing)} backbone "
                          f"tensors, e.g. '{missing[0]}'; wrong --arch or --checkpoint_key?")
+    extra = [k for k in msg.unexpected_keys if k.startswith(("blocks.", "layer"))]
+    if extra:  # a deeper network than the model: its last blocks would be dropped silently
+        raise ValueError(f"checkpoint '{path}' ({desc}) has {len(extra)} tensors of blocks the "
+                         f"model lacks, e.g. '{extra[0]}'; pass the --arch / --depth it was "
+                         "trained with")
     print(f"Pretrained weights found at {path} ({desc}) and loaded with msg: {msg}")
     return msg
 

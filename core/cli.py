@@ -43,7 +43,11 @@ def run(main):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's error line (`prog: error: argument --arch: invalid choice: ...`), exit code
     2, without the usage block argparse prints before it (27 lines for train_ssl.py), which
-    hides the line that matters; --help still prints it."""
+    hides the line that matters; --help still prints it, every flag with its default
+    (HelpFormatter, unless another formatter_class is given)."""
+
+    def __init__(self, *args, formatter_class=None, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class or HelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")

@@ -129,7 +129,9 @@ def collapse_mode(stats, out_dim):
     leaves the batch mean at most one bit higher, and a batch mean within one bit of one-hot
     bounds I by that bit.
     A random-init ViT teacher is collapsed by this measure (I = 0.3 nats on digits: its
-    features barely depend on the image), hence the check only after --warmup_epochs. With
+    features barely depend on the image), hence the check only after --warmup_epochs, and
+    never on epoch 0, whose EMA teacher is still close to that random init (a one-epoch run
+    with --warmup_epochs 0 would otherwise always be warned about). With
     B images per GPU the batch can show at most ln(2B) nats, so the check needs B >= 4 or so.
     """
     def get(name):
@@ -144,10 +146,11 @@ def collapse_mode(stats, out_dim):
 
 
 def check_collapse(stats, out_dim, epoch, warmup_epochs=0):
-    """Once per epoch, after the epoch's stats are averaged: from `warmup_epochs` on, print one
+    """Once per epoch, after the epoch's stats are averaged: from epoch max(warmup_epochs, 1)
+    on (epoch 0's teacher is near its random init, which reads as collapsed), print one
     warning line naming the collapse mode and what to change. Training goes on. Returns the
     mode or None. Methods without teacher statistics (SimCLR, rotation) always get None."""
-    if epoch < warmup_epochs:
+    if epoch < max(warmup_epochs, 1):
         return None
     mode = collapse_mode(stats, out_dim)
     if mode is not None:

@@ -30,7 +30,8 @@ from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_s
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
 from data.loaders import add_data_args, build_train_loader, epoch_indices
-from models import ARCHS, build_backbone, check_patch_size, extract_features, feature_dim, is_vit
+from models import (ARCHS, VIT_SHAPE, VIT_SIZES, build_backbone, check_patch_size, check_vit_shape,
+                    extract_features, feature_dim, is_vit, vit_shape)
 
 
 # ============ the shared flags ... ============
@@ -47,7 +48,8 @@ def avgpool_type(s):
 
 
 def model_parser(image_size=True):
-    """--pretrained_weights --checkpoint_key --arch --patch_size, and unless image_size=False
+    """--pretrained_weights --checkpoint_key --arch --patch_size --embed_dim --depth --num_heads,
+    and unless image_size=False
     (visualize_attention.py has its own --image_size H W) --image_size --cifar_stem."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Model")
@@ -64,6 +66,16 @@ def model_parser(image_size=True):
     group.add_argument("--patch_size", default=None, type=int,
                        help="ViT patch size (default: from the checkpoint's args or its patch "
                             "embedding, else 16).")
+    group.add_argument("--embed_dim", default=None, type=int,
+                       help="ViT width instead of --arch's (default: from the checkpoint's args "
+                            "or the width of its weights, else the arch's own).")
+    group.add_argument("--depth", default=None, type=int,
+                       help="ViT blocks instead of --arch's (default: from the checkpoint's args "
+                            "or its number of blocks, else the arch's own).")
+    group.add_argument("--num_heads", default=None, type=int,
+                       help="ViT attention heads instead of --arch's (default: from the "
+                            "checkpoint's args; bare weights do not show them: the fewest heads "
+                            "of at most 64 channels each, as every DINO size; else the arch's own).")
     if image_size:
         group.add_argument("--image_size", default=None, type=int,
                            help="Input resolution (default: the checkpoint's training crop, else "
@@ -79,8 +91,8 @@ def features_parser():
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Features (ViT; a ResNet's are its pooled map)")
     group.add_argument("--n_last_blocks", default=1, type=int,
-                       help="Concatenate the CLS tokens of the last n blocks (default 1; "
-                            "eval_linear.py: 4, DINO's ViT-S setting, ViT-B uses 1).")
+                       help="Concatenate the CLS tokens of the last n blocks (DINO's linear "
+                            "probe: 4 for ViT-S, 1 for ViT-B; k-NN: 1).")
     group.add_argument("--avgpool_patchtokens", default=0, type=avgpool_type,
                        help="0 (false) = CLS tokens only, 1 = mean of the last block's patch "
                             "tokens, 2 (true) = both concatenated (iBOT's 0/1/2, DINO's false/true).")
@@ -140,25 +152,37 @@ def check_common_args(args):
 
 # ============ checkpoint -> model flags -> backbone ... ============
 
-VIT_WIDTHS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
-VIT_SHALLOW = {(192, 4): "vit_nano"}  # (width, blocks) of the sizes with fewer than 12 blocks
+def guess_num_heads(width):
+    """Attention heads of a ViT of this width when only its weights are known (the qkv weight is
+    (3D, D) whatever the heads): the fewest heads of at most 64 channels each, which gives every
+    DINO size's (192: 3, 384: 6, 768: 12) and 8 for the RotNet ViT recipe's 512."""
+    return next(h for h in range(1, width + 1) if width % h == 0 and width // h <= 64)
 
 
 def flags_from_weights(ckpt, checkpoint_key="teacher"):
     """Model flags read off the tensors of weights that carry no args (released backbones):
     a ViT's patch size and width from patch_embed.proj.weight (D, 3, p, p) and its depth from
-    the blocks.<i> keys, a ResNet's stem from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet
-    stem)."""
+    the blocks.<i> keys: the named size of that width and depth (vit_nano/tiny/small/base),
+    else vit_small with embed_dim, depth and num_heads (guess_num_heads) set; a ResNet's stem
+    from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet stem)."""
     sd, _ = extract_backbone_state(ckpt, checkpoint_key)
     found = {}
     w = sd.get("patch_embed.proj.weight")
     if torch.is_tensor(w) and w.ndim == 4:
         found["patch_size"] = int(w.shape[-1])
+        width = int(w.shape[0])
         depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        if (int(w.shape[0]), depth) in VIT_SHALLOW:
-            found["arch"] = VIT_SHALLOW[(int(w.shape[0]), depth)]
-        elif int(w.shape[0]) in VIT_WIDTHS:
-            found["arch"] = VIT_WIDTHS[int(w.shape[0])]
+        named = [n for n, (d, L, _) in VIT_SIZES.items() if (d, L) == (width, depth)]
+        same_width = [n for n, (d, _, _) in VIT_SIZES.items() if d == width and n != "vit_nano"]
+        if named:
+            found["arch"] = named[0]
+        elif same_width:  # e.g. a ViT-S of 6 blocks
+            found.update(arch=same_width[0], depth=depth)
+        elif width > 0 and depth > 0:
+            found.update(arch="vit_small", embed_dim=width, depth=depth,
+                         num_heads=guess_num_heads(width))
+            print(f"Weights of a ViT of width {width} and depth {depth} without their flags: "
+                  f"assuming {found['num_heads']} heads (pass --num_heads if it had others).")
     w = sd.get("conv1.weight")
     if torch.is_tensor(w) and w.ndim == 4:
         found["cifar_stem"] = int(w.shape[-1]) == 3
@@ -166,16 +190,23 @@ def flags_from_weights(ckpt, checkpoint_key="teacher"):
 
 
 def resolve_model_flags(args, ckpt=None, default_image_size=None):
-    """Fill the model flags left at None (--arch --patch_size --image_size --cifar_stem), in this
-    order of preference: the command line, the args stored in the checkpoint, the shapes of
-    its weights, the defaults (vit_small, patch 16, the training crop or default_image_size,
-    a CIFAR stem at 64px and below). Returns the size to build the network at."""
+    """Fill the model flags left at None (--arch --patch_size --embed_dim --depth --num_heads
+    --image_size --cifar_stem), in this order of preference: the command line, the args stored
+    in the checkpoint, the shapes of its weights, the defaults (vit_small, patch 16, the arch's
+    own shape, the training crop or default_image_size, a CIFAR stem at 64px and below). The
+    ViT shape is taken from the checkpoint only for the arch it was trained with (an --arch
+    given on the command line that differs keeps its own). Returns the size to build the
+    network at."""
     found = {k: v for k, v in checkpoint_args(ckpt).items() if v is not None}
     if ckpt is not None and ("arch" not in found or "patch_size" not in found):
         found = {**flags_from_weights(ckpt, args.checkpoint_key), **found}
     for name, default in (("arch", "vit_small"), ("patch_size", 16)):
         if getattr(args, name, None) is None:
             setattr(args, name, found.get(name, default))
+    for name in VIT_SHAPE:
+        if getattr(args, name, None) is None and args.arch == found.get("arch"):
+            setattr(args, name, found.get(name))
+    check_vit_shape(args.arch, args)
     if getattr(args, "image_size", None) is None:
         args.image_size = (found.get("input_size") or found.get("global_crops_size")
                            or found.get("image_size"))
@@ -196,7 +227,8 @@ def load_backbone(args, default_image_size=None, **build_kwargs):
     build_size = resolve_model_flags(args, ckpt, default_image_size)
     check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size")
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size, img_size=[build_size],
-                                         cifar_stem=args.cifar_stem, **build_kwargs)
+                                         cifar_stem=args.cifar_stem, **vit_shape(args),
+                                         **build_kwargs)
     load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
     return backbone, embed_dim
 
@@ -225,7 +257,8 @@ RESUMABLE = {"epochs", "output_dir", "evaluate", "linear_weights", "finetuned_we
              "checkpoint_every_iters", "checkpoint_every_minutes",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 # named first when several differ: the usual reason two runs meet in one folder
-FIRST = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "dataset", "data_path")
+FIRST = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "embed_dim", "depth",
+         "num_heads", "dataset", "data_path")
 
 
 def run_args(args):

@@ -50,15 +50,18 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name, param_groups, device, betas=(0.9, 0.999)):
-    """adamw | sgd | lars. lr and weight decay are set every iteration from the schedules."""
+    """adamw | adam | sgd | lars. lr and weight decay are set every iteration from the
+    schedules; betas: AdamW's and Adam's."""
     fused = {"fused": True} if device.type == "cuda" else {}
     if name == "adamw":
         return torch.optim.AdamW(param_groups, betas=tuple(betas), **fused)  # eps 1e-8 as DINO
+    if name == "adam":  # weight decay as an L2 term of the gradient, not decoupled as AdamW's
+        return torch.optim.Adam(param_groups, betas=tuple(betas), **fused)
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=0, momentum=0.9, **fused)
     if name == "lars":
         return LARS(param_groups)  # wd and lr are filled in by the schedules
-    raise ValueError(f"unknown --optimizer '{name}'; choose adamw, sgd or lars")
+    raise ValueError(f"unknown --optimizer '{name}'; choose adamw, adam, sgd or lars")
 
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
@@ -98,7 +101,13 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
             p.grad = None
 
 
-def lr_for_batch(lr, global_batch):
-    """Linear scaling rule (Goyal et al.): the --lr flag is for a global batch of 256."""
+def lr_for_batch(lr, global_batch, scaling="linear"):
+    """The learning rate a run uses. scaling "linear" (--lr_scaling, the default): the linear
+    scaling rule (Goyal et al.), --lr is for a global batch of 256 (DINO, MAE's --blr);
+    "none": --lr is the rate itself, whatever the batch (MAE's --lr)."""
+    if scaling == "none":
+        return lr
+    if scaling != "linear":
+        raise ValueError(f"unknown --lr_scaling '{scaling}'; choose linear or none")
     return lr * global_batch / 256.0
 

@@ -36,7 +36,7 @@ from core.diagnostics import teacher_stats
 from core.logger import bool_flag
 from core.optim import cancel_gradients_last_layer, cosine_scheduler
 from data import MultiCropTransform
-from models import build_backbone, check_patch_size
+from models import build_backbone, check_patch_size, vit_shape
 
 # main_dino.py's defaults (ViT-S/16, ImageNet) for train_ssl.py's generic flags; --lr is for a
 # global batch of 256 and scaled linearly.
@@ -439,7 +439,7 @@ def build(args, backbone, embed_dim, niter_per_ep):
     """backbone: the student backbone train_ssl.py built (drop_path_rate = --drop_path_rate)."""
     teacher_backbone, _ = build_backbone(args.arch, patch_size=args.patch_size,
                                          img_size=[args.input_size], drop_path_rate=0.0,
-                                         cifar_stem=args.cifar_stem)
+                                         cifar_stem=args.cifar_stem, **vit_shape(args))
     student_head = DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
                             norm_last_layer=args.norm_last_layer)
     # the teacher head keeps norm_last_layer at its default (True), as in main_dino.py

@@ -33,7 +33,7 @@ from methods.dino import (MultiCropWrapper, TeacherStudent, WeightNormLinear, ad
                           add_multicrop_args, add_teacher_temp_args, check_head_args,
                           check_multicrop_args, ema_center_, init_head_weights, init_teacher,
                           teacher_momentum_schedule, teacher_temp_schedule)
-from models import build_backbone
+from models import build_backbone, vit_shape
 
 # main_ibot.py's defaults for train_ssl.py's generic flags: DINO's, with 128 images per GPU and
 # a snapshot every 40 epochs.
@@ -439,7 +439,7 @@ def build(args, backbone, embed_dim, niter_per_ep):
     `masked_embed` under --use_masked_im_modeling (the teacher has none, as in iBOT)."""
     teacher_backbone, _ = build_backbone(args.arch, patch_size=args.patch_size,
                                          img_size=[args.input_size], drop_path_rate=0.0,
-                                         cifar_stem=args.cifar_stem)
+                                         cifar_stem=args.cifar_stem, **vit_shape(args))
 
     # official: the loss uses out_dim for patches when either head is shared; use the same
     # size for the student's separate last_layer2, which the official code would fail to copy

@@ -7,7 +7,8 @@ official DINO, which rewrites "deit" to "vit".
 import torch
 
 from .resnet import ResNet, resnet18, resnet34, resnet50
-from .vision_transformer import VisionTransformer, vit_base, vit_nano, vit_small, vit_tiny
+from .heads import MLPClassifier
+from .vision_transformer import VIT_SIZES, VisionTransformer, vit_size, vit_base, vit_nano, vit_small, vit_tiny
 
 _VITS = {f.__name__: f for f in (vit_nano, vit_tiny, vit_small, vit_base)}
 _RESNETS = {f.__name__: f for f in (resnet18, resnet34, resnet50)}
@@ -15,19 +16,44 @@ ARCHS = list(_VITS) + list(_RESNETS)
 ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
 # the only keyword arguments a ResNet understands; ViT-only ones are dropped for it
 _RESNET_KWARGS = ("zero_init_residual", "width_per_group", "norm_layer")
+VIT_SHAPE = ("embed_dim", "depth", "num_heads")  # the flags that change a ViT arch's size
+
+
+def vit_shape(args):
+    """{embed_dim, depth, num_heads} of the flags (argparse Namespace or dict) that are set
+    (not None): the keywords that make build_backbone build that shape; {} for the arch's own."""
+    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
+    return {k: get(k) for k in VIT_SHAPE if get(k) is not None}
+
+
+def check_vit_shape(arch, flags):
+    """Refuse, before anything is built, a --embed_dim / --depth / --num_heads (the set ones of
+    `flags`, a Namespace or dict) that cannot size --arch: any on a ResNet, a width the heads
+    do not divide, a value below 1. Unknown archs are left to build_backbone."""
+    shape = vit_shape(flags)
+    arch = ALIASES.get(arch, arch)
+    if arch in _VITS:
+        vit_size(arch, **shape)
+    elif arch in _RESNETS and shape:
+        given = " ".join(f"--{k} {v}" for k, v in shape.items())
+        raise ValueError(f"{given} only sizes a ViT, not --arch {arch}; drop it or pick a vit_* "
+                         "arch")
 
 
 def build_backbone(arch, patch_size=16, img_size=224, drop_path_rate=0.0, cifar_stem=False, **kwargs):
     """Backbone without classifier (num_classes=0) and its feature dimension.
 
-    ViT: extra kwargs (masked_im_modeling, return_all_tokens, use_mean_pooling, ...) are passed on.
-    ResNet: patch_size, img_size, drop_path_rate and ViT-only kwargs are ignored; cifar_stem is used.
+    ViT: extra kwargs (embed_dim, depth, num_heads: None keeps the arch's own; masked_im_modeling,
+    return_all_tokens, use_mean_pooling, ...) are passed on.
+    ResNet: patch_size, img_size, drop_path_rate and ViT-only kwargs are ignored (a ViT shape
+    given to it is refused); cifar_stem is used.
     """
     arch = ALIASES.get(arch, arch)
     if arch in _VITS:
         model = _VITS[arch](patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate,
                             num_classes=0, **kwargs)
     elif arch in _RESNETS:
+        check_vit_shape(arch, kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k in _RESNET_KWARGS}
         model = _RESNETS[arch](num_classes=0, cifar_stem=cifar_stem, **kwargs)
     else:
@@ -99,5 +125,5 @@ def layerwise_features(model, x):
     return model.forward_stages(x)
 
 
-__all__ = ["ARCHS", "ALIASES", "build_backbone", "check_patch_size", "is_vit", "extract_features", "feature_dim",
+__all__ = ["ARCHS", "ALIASES", "VIT_SHAPE", "VIT_SIZES", "MLPClassifier", "vit_shape", "check_vit_shape", "build_backbone", "check_patch_size", "is_vit", "extract_features", "feature_dim",
            "layerwise_features", "VisionTransformer", "ResNet"]

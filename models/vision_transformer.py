@@ -233,25 +233,51 @@ class VisionTransformer(nn.Module):
         return output
 
 
+# The named sizes: (embed_dim, depth, num_heads). Any of the three can be overridden through
+# the builders' keyword arguments (train_ssl.py's --embed_dim --depth --num_heads), e.g. the
+# width 512, depth 8, 8 heads of the RotNet ViT recipe: vit_small(embed_dim=512, depth=8, num_heads=8).
+VIT_SIZES = {"vit_nano": (192, 4, 3), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+             "vit_base": (768, 12, 12)}
+
+
+def vit_size(name, embed_dim=None, depth=None, num_heads=None):
+    """{embed_dim, depth, num_heads} of size `name` with the given ones (not None) replacing
+    its own; a ValueError naming the flags when they cannot make a ViT."""
+    shape = dict(zip(("embed_dim", "depth", "num_heads"), VIT_SIZES[name]))
+    given = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+    shape.update({k: int(v) for k, v in given.items() if v is not None})
+    if min(shape.values()) < 1:
+        raise ValueError(f"--embed_dim {shape['embed_dim']}, --depth {shape['depth']} and "
+                         f"--num_heads {shape['num_heads']} must all be >= 1")
+    if shape["embed_dim"] % shape["num_heads"]:
+        raise ValueError(f"--embed_dim {shape['embed_dim']} is not divisible by --num_heads "
+                         f"{shape['num_heads']}: each head gets embed_dim / num_heads channels; "
+                         "use a width that is a multiple of the heads (e.g. 64 per head)")
+    return shape
+
+
+def _vit(name, patch_size, kwargs):
+    """The ViT of size `name` (vit_size: embed_dim / depth / num_heads of kwargs that are not
+    None replace its own); mlp ratio 4, qkv bias and LayerNorm eps 1e-6 as every DINO size."""
+    shape = vit_size(name, **{k: kwargs.pop(k, None) for k in ("embed_dim", "depth", "num_heads")})
+    return VisionTransformer(patch_size=patch_size, mlp_ratio=4, qkv_bias=True,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **shape, **kwargs)
+
+
 def vit_nano(patch_size=16, **kwargs):
     """Not an official size: ViT-Tiny's width with 4 blocks instead of 12, a third of its cost per
     image, so a CPU learns something in a minute or two (the README's quickstart). At random init
     its k-NN features are as weak as ViT-Tiny's (46 vs 50 % 20-NN on 16px digits)."""
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4,
-                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return _vit("vit_nano", patch_size, kwargs)
 
 
 def vit_tiny(patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
-                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return _vit("vit_tiny", patch_size, kwargs)
 
 
 def vit_small(patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
-                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return _vit("vit_small", patch_size, kwargs)
 
 
 def vit_base(patch_size=16, **kwargs):
-    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
-                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
-
+    return _vit("vit_base", patch_size, kwargs)

@@ -121,6 +121,17 @@ def test_healthy_batch_and_warmup_trigger_nothing(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_no_collapse_warning_on_epoch_0_without_warmup(capsys):
+    """A one-epoch run with --warmup_epochs 0: epoch 0's nearly uniform teacher is its random
+    init, not a collapse; from epoch 1 on the same numbers are warned about."""
+    flat = dino_stats(torch.full((2 * B, K), 0.3) + 1e-3 * torch.randn(2 * B, K))
+    assert collapse_mode(flat, K) == "uniform"
+    assert check_collapse(flat, K, epoch=0, warmup_epochs=0) is None
+    assert capsys.readouterr().out == ""
+    assert check_collapse(flat, K, epoch=1, warmup_epochs=0) == "uniform"
+    assert "uniform collapse at epoch 1" in capsys.readouterr().out
+
+
 def test_collapse_needs_identical_outputs_and_uniform_needs_flat_ones():
     """Identical outputs half-way down (not yet near 0) are one-dimension collapse already;
     uniform needs outputs within one bit of ln K; flat outputs that differ per image are fine."""

@@ -392,6 +392,7 @@ def test_eval_compare_writes_side_by_side_table(npy_root, tmp_path, monkeypatch)
     eval_compare.eval_compare(args)
     assert (args.arch, args.image_size, args.cifar_stem) == ("resnet18", 16, True)  # from the checkpoint
     table = (out / "compare.md").read_text()
+    assert "(key 'model')" in table and "teacher" not in table  # the network evaluated, as SimCLR's
     rows = [line for line in table.splitlines() if line.startswith("| ") and "evaluation" not in line]
     assert len(rows) == 3 and rows[0].startswith("| 20-NN top-1")
     results = json.loads((out / "compare.json").read_text())
