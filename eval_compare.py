@@ -80,7 +80,8 @@ def command(name, weights, out, args):
              "--dataset", args.dataset, "--data_path", args.data_path, "--output_dir", out,
              "--batch_size_per_gpu", str(args.batch_size_per_gpu),
              "--num_workers", str(args.num_workers), "--seed", str(args.seed),
-             "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb)]
+             "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb),
+             "--eval_split", args.eval_split]
     if args.precision is not None:
         flags += ["--precision", args.precision]
     if args.use_fp16 is not None:
@@ -99,7 +100,8 @@ def command(name, weights, out, args):
 
 
 def run_one(name, weights, init, args):
-    """One evaluation of one init, as its own process; returns its headline top-1."""
+    """One evaluation of one init, as its own process; returns its headline top-1 and the
+    split it was measured on."""
     out = os.path.join(args.output_dir, init, name)
     cmd = command(name, weights, out, args)
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -110,17 +112,17 @@ def run_one(name, weights, init, args):
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     if name == "knn":
-        return res["knn"].get(str(args.knn_k), next(iter(res["knn"].values())))[0]
-    if name == "linear":
-        return res["test_acc"] if res["test_acc"] is not None else res["best_acc"]
-    return res["test_acc"]
+        return res["knn"].get(str(args.knn_k), next(iter(res["knn"].values())))[0], res["split"]
+    if name == "linear" and res["test_acc"] is None:
+        return res["best_acc"], res["splits"]["best_acc"]
+    return res["test_acc"], res["splits"]["test_acc"]
 
 
-ROW_NAMES = {"knn": "{k}-NN top-1 (test)", "linear": "linear probe top-1 (test, {le} epochs)",
-             "finetune": "fine-tuning top-1 (test, best-on-val of {fe} epochs)"}
+ROW_NAMES = {"knn": "{k}-NN top-1 ({split})", "linear": "linear probe top-1 ({split}, {le} epochs)",
+             "finetune": "fine-tuning top-1 ({split}, best-on-val of {fe} epochs)"}
 
 
-def markdown_table(results, args):
+def markdown_table(results, args, splits):
     lines = [f"# Pretrained vs random init: {args.arch} on {args.dataset}", "",
              f"Checkpoint: `{args.pretrained_weights}` (key `{args.checkpoint_key}`); "
              f"{args.image_size}px" + (f", patch {args.patch_size}" if args.arch.startswith("vit") else "")
@@ -128,7 +130,8 @@ def markdown_table(results, args):
              "| evaluation | pretrained | random init | difference |", "|---|---|---|---|"]
     for name in args.evals:
         p, r = results[name]["pretrained"], results[name]["random_init"]
-        row = ROW_NAMES[name].format(k=args.knn_k, le=args.linear_epochs, fe=args.finetune_epochs)
+        row = ROW_NAMES[name].format(k=args.knn_k, le=args.linear_epochs, fe=args.finetune_epochs,
+                                     split=splits[name])
         lines.append(f"| {row} | {p:.2f} | {r:.2f} | {p - r:+.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -139,13 +142,13 @@ def eval_compare(args):
     resolve_model_flags(args)
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_compare", args)
     print(f"Output folder: {args.output_dir}")
-    results = {name: {} for name in args.evals}
+    results, splits = {name: {} for name in args.evals}, {}
     for init, weights in (("pretrained", args.pretrained_weights), ("random_init", "")):
         for name in args.evals:
             print(f"============ {name}: {init} ============", flush=True)
-            results[name][init] = run_one(name, weights, init, args)
+            results[name][init], splits[name] = run_one(name, weights, init, args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, args)
+    table = markdown_table(results, args, splits)
     print(table)
     with open(os.path.join(args.output_dir, "compare.md"), "w") as f:
         f.write(table)
