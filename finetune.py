@@ -11,10 +11,11 @@ cutmix) with the seed's two learning rates (backbone 1e-4, head 1e-3).
 Partial fine-tuning: --unfreeze_last_blocks 2 (the last 2 ViT blocks / ResNet stages + head),
 --unfreeze_last_blocks 0 (head only), or --unfreeze_layers layer4 bn1 (named parameters).
 
-The best-on-validation model (--val_split held out of train) is saved as checkpoint_best.pth and
-tested once at the end: accuracy, per-class precision / recall / F1 and the confusion matrix
-(scikit-learn), in report.txt / report.json, and --save_predictions N test images with predicted
-class, confidence and true class in predictions.png. Without --output_dir the run goes to
+The best-on-validation model (--val_split held out of train, or the dataset's val/ when it also
+has test/) is saved as checkpoint_best.pth and tested once at the end, on the --eval_split split:
+accuracy, per-class precision / recall / F1 and the confusion matrix (scikit-learn), in
+report.txt / report.json, and --save_predictions N test images with predicted class,
+confidence and true class in predictions.png. Without --output_dir the run goes to
 out/finetune/<weights>_<dataset>; it resumes from <output_dir>/checkpoint.pth only if that file
 was written with the same flags. The shared flags (model, features, data, run, --precision) are
 in core/evaluation.py.

@@ -97,7 +97,8 @@ def add_eval_split_arg(parser):
                              "has both val/ and test/: auto takes test/ (and selects models on "
                              "val/), val or test name the folder. With only val/ (ImageNet's "
                              "layout, DINO's convention) or only test/, auto scores that one. "
-                             "Every printed and logged number names its split.")
+                             "Every printed and logged number names its split "
+                             "(default: %(default)s).")
 
 
 def data_parser():

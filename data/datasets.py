@@ -8,6 +8,12 @@ attributes, so that pretraining, k-NN and linear evaluation treat them all alike
     DATASETS["cifar10"]                              -> DatasetInfo (classes, size, mean, std)
     build_dataset("cifar10", root, "train", tf)      -> torch Dataset
     build_dataset("cifar10", root, "val", tf, val_split=5000)   # 5k held out of train
+    build_dataset("imagefolder", root, "test", tf)   # test/ when root has val/ and test/, else
+                                                     # the one of them it has (resolve_split)
+
+Each also names the split it read (.split_name: "val/", "test", "train/ held-out"), so that
+every printed and logged number can say where it comes from; npy labels are checked as a split
+is built (class indices, and no class in val/test that train lacks: one line naming the file).
 
 The datasets are plain picklable objects (no lambdas, no open file handles) so DataLoader
 workers can receive them under both the fork and the spawn start methods.
