@@ -248,8 +248,8 @@ def build_datasets(args, info):
     print(f"Data loaded with {len(dataset_train)} train imgs ({dataset_train.split_name}) and "
           f"{len(dataset_val)} val imgs ({dataset_val.split_name})"
           + (f"; {len(dataset_test)} test imgs ({dataset_test.split_name}) held back for the "
-             f"best-on-val probe." if dataset_test else f", the split scored."))
-    evaluation.check_scored_split(dataset_test or dataset_val)
+             f"best-on-val probe." if dataset_test is not None else ", the split scored."))
+    evaluation.check_scored_split(dataset_test if dataset_test is not None else dataset_val)
     return dataset_train, dataset_val, dataset_test
 
 
@@ -474,7 +474,8 @@ def run_linear(args):
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any feature is extracted
     if args.evaluate:
-        return evaluate_probe(model, probe, feats_fn, dataset_test or dataset_val, names, dims, args)
+        scored = dataset_test if dataset_test is not None else dataset_val
+        return evaluate_probe(model, probe, feats_fn, scored, names, dims, args)
     splits = {"best_acc": dataset_val.split_name,
               "test_acc": dataset_test.split_name if dataset_test is not None else None}
 
