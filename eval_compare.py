@@ -184,7 +184,8 @@ def command(script, flags, weights, out, args):
               "--dataset", args.dataset, "--data_path", args.data_path, "--output_dir", out,
               "--batch_size_per_gpu", str(args.batch_size_per_gpu),
               "--num_workers", str(args.num_workers), "--seed", str(args.seed),
-              "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb)]
+              "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb),
+              "--eval_split", args.eval_split]
     for name in VIT_SHAPE:  # the ViT shape read from the checkpoint, for both inits
         if getattr(args, name, None) is not None:
             common += [f"--{name}", str(getattr(args, name))]
@@ -198,8 +199,8 @@ def command(script, flags, weights, out, args):
 
 
 def run_one(name, script, flags, weights, init, args):
-    """One evaluation of one init, as its own process; returns {row key: top-1}: one row, or
-    one per layer for probe_layers (probe_<layer>)."""
+    """One evaluation of one init, as its own process; returns {row key: (top-1, the split it
+    was measured on)}: one row, or one per layer for probe_layers (probe_<layer>)."""
     out = os.path.join(args.output_dir, init, name)
     cmd = command(script, flags, weights, out, args)
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -213,31 +214,33 @@ def run_one(name, script, flags, weights, init, args):
     def test_top1(r):  # the held-out test number when the run has one, else its best
         return r["test_acc"] if r.get("test_acc") is not None else r["best_acc"]
     if name == "knn":
-        return {name: res["knn"].get(str(args.knn_k), next(iter(res["knn"].values())))[0]}
+        return {name: (res["knn"].get(str(args.knn_k), next(iter(res["knn"].values())))[0],
+                       res["split"])}
+    split = res["splits"]["test_acc"] or res["splits"].get("best_acc")
     if name == "probe_layers":
-        return {f"probe_{x['name']}": test_top1(x) for x in res["layers"]}
+        return {f"probe_{x['name']}": (test_top1(x), split) for x in res["layers"]}
     if name.startswith("finetune"):
-        return {name: res["test_acc"]}
-    return {name: test_top1(res)}
+        return {name: (res["test_acc"], split)}
+    return {name: (test_top1(res), split)}
 
 
-def row_label(key, args):
+def row_label(key, split, args):
     unit = "block" if args.arch.startswith("vit") else "stage"
     le = f"{args.linear_epochs} epoch{'s' if args.linear_epochs > 1 else ''}"
     fe = f"{args.finetune_epochs} epoch{'s' if args.finetune_epochs > 1 else ''}"
     if key == "knn":
-        return f"{args.knn_k}-NN top-1 (test)"
+        return f"{args.knn_k}-NN top-1 ({split})"
     if key == "linear":
-        return f"linear probe top-1 (test, {le})"
+        return f"linear probe top-1 ({split}, {le})"
     if key == "mlp":
-        return f"MLP probe {'-'.join(map(str, args.mlp_dims))} top-1 (test, {le})"
+        return f"MLP probe {'-'.join(map(str, args.mlp_dims))} top-1 ({split}, {le})"
     if key.startswith("probe_"):
-        return f"linear probe of {key[len('probe_'):]} (test, {le})"
+        return f"linear probe of {key[len('probe_'):]} ({split}, {le})"
     what = {"finetune": "all layers", "finetune_head": "head only"}.get(key)
     if what is None:
         k = int(key[len("finetune_last"):])
         what = f"last {k} {unit}{'s' if k > 1 else ''} + head"
-    return f"fine-tuning, {what} (test, best-on-val of {fe})"
+    return f"fine-tuning, {what} ({split}, best-on-val of {fe})"
 
 
 def arch_name(args):
@@ -281,7 +284,7 @@ def save_comparison_figure(rows, path, title):
             ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=9)
         ax.set_yticks(y, [r["label"].split(" (")[0] for _, r in main], fontsize=10)
         ax.set_xlim(0, 112)
-        ax.set_xlabel("top-1 on the test split (%)")
+        ax.set_xlabel("top-1 on the scored split (%)")
         ax.grid(axis="x", alpha=0.3)
         ax.legend(loc="best", fontsize=9)
         ax.set_title("each evaluation", fontsize=11)
@@ -322,8 +325,10 @@ def eval_compare(args):
         for name, script, flags in runs(args, depth):
             print(f"============ {name}: {init} ============", flush=True)
             found[init].update(run_one(name, script, flags, weights, init, args))
-    rows = {k: {"label": row_label(k, args), "pretrained": found["pretrained"][k],
-                "random_init": found["random_init"][k],
+    splits = {k: split for k, (_, split) in found["pretrained"].items()}
+    found = {init: {k: top1 for k, (top1, _) in rows.items()} for init, rows in found.items()}
+    rows = {k: {"label": row_label(k, splits[k], args), "split": splits[k],
+                "pretrained": found["pretrained"][k], "random_init": found["random_init"][k],
                 "difference": found["pretrained"][k] - found["random_init"][k]}
             for k in found["pretrained"]}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from core import amp, cli, evaluation
 from core import dist as distu
 from core.checkpoint import make_output_dir, save_atomic
-from core.evaluation import extract_dataset_features, knn_classifier
+from core.evaluation import extract_dataset_features, knn_classifier, knn_k_used
 from core.logger import bool_flag
 from data import dataset_info, eval_transform
 from models import is_vit
@@ -42,7 +42,8 @@ def get_args_parser():
                        help="Number of NN to use. 20 is usually working the best. Default: "
                             "10 20 100 200; with --n_shot K: 1 and K.")
     group.add_argument("--temperature", default=0.07, type=float,
-                       help="Temperature used in the voting coefficient")
+                       help="Temperature used in the voting coefficient exp(similarity / T); "
+                            "must be > 0.")
     group.add_argument("--use_cuda", default=True, type=bool_flag,
                        help="Keep the feature matrices on the GPU (faster; needs its memory).")
     group.add_argument("--use_cls", default=True, type=bool_flag,
@@ -129,32 +130,41 @@ def check_args(args):
         raise ValueError(f"--nb_knn {' '.join(map(str, args.nb_knn))} has a k below 1; use k >= 1")
     if args.nb_knn is None:
         args.nb_knn = [10, 20, 100, 200] if not args.n_shot else sorted({1, args.n_shot})
+    if not 0 < args.temperature < float("inf"):
+        raise ValueError(f"--temperature {args.temperature} is invalid: the votes are weighted "
+                         "by exp(similarity / T), so T must be > 0 (DINO: 0.07)")
+    if not args.load_features:
+        evaluation.check_eval_data(args)  # the scored split is there, the train split labelled
 
 
 def extract_train_test(args, info):
-    """(train features, train labels, test features, test labels, num_classes) of the backbone."""
+    """(train features, train labels, test features, test labels, num_classes, the name of the
+    scored split) of the backbone."""
     model, _ = evaluation.load_backbone(args, default_image_size=info.image_size)
     model.to(args.device)
     if not args.use_cls and not is_vit(model):
         print("Note: --use_cls false only changes ViT features; a ResNet's are pooled already.")
     transform = eval_transform(args.image_size, info.mean, info.std)
     train = evaluation.eval_split(args, "train", transform)  # --data_backend tensor or pil
-    test = evaluation.eval_split(args, "test", transform)
-    print(f"Data loaded with {len(train)} train and {len(test)} val imgs.")
+    test = evaluation.eval_split(args, "test", transform)  # the --eval_split folder
+    print(f"Data loaded with {len(train)} train imgs ({train.split_name}) and {len(test)} imgs "
+          f"to score ({test.split_name}).")
+    evaluation.check_scored_split(test)
     fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
     features = []
-    for name, dataset in (("train", train), ("val", test)):
-        print(f"Extracting features for {name} set...")
+    for dataset in (train, test):
+        print(f"Extracting features for {dataset.split_name} set...")
         features.append(extract_dataset_features(model, dataset, args.batch_size_per_gpu,
                                                  args.num_workers, args.device, feature_fn=fn,
                                                  precision=args.precision))
     return (features[0], torch.as_tensor(train.targets), features[1], torch.as_tensor(test.targets),
-            train.num_classes)
+            train.num_classes, test.split_name)
 
 
 def run_knn(args):
     """The evaluation itself (the process group must exist). Returns on rank 0
-    {"knn": {k: (top1, top5)}} or, with --n_shot, {"few_shot": few_shot_eval(...)}; {} elsewhere."""
+    {"knn": {k: (top1, top5)}} (k as used: at most the train images) or, with --n_shot,
+    {"few_shot": few_shot_eval(...)}, and "split": the split scored; {} elsewhere."""
     check_args(args)
     amp.resolve_precision(args, args.device)
     info = dataset_info(args.dataset, args.data_path)
@@ -166,16 +176,18 @@ def run_knn(args):
         train_f, test_f = feats["train_features"], feats["test_features"]
         train_labels, test_labels = feats["train_labels"], feats["test_labels"]
         num_classes = int(feats["num_classes"])
+        split = str(feats.get("test_split", "the test features of --load_features"))
     else:
-        train_f, train_labels, test_f, test_labels, num_classes = extract_train_test(args, info)
+        train_f, train_labels, test_f, test_labels, num_classes, split = extract_train_test(args, info)
         if args.dump_features and distu.is_main_process():
             os.makedirs(args.dump_features, exist_ok=True)
             save_atomic({"train_features": train_f.cpu(), "test_features": test_f.cpu(),
                          "train_labels": train_labels, "test_labels": test_labels,
-                         "num_classes": num_classes},
+                         "num_classes": num_classes, "test_split": split},
                         os.path.join(args.dump_features, "features.pth"))
     results = {}
     if distu.is_main_process():
+        results["split"] = split
         if args.use_cuda and args.device.type == "cuda":
             train_f, test_f = train_f.to(args.device), test_f.to(args.device)
         else:
@@ -188,15 +200,20 @@ def run_knn(args):
                 args.n_episodes, args.nb_knn, args.temperature, args.logreg, args.logreg_C, args.seed)
             for name, r in results["few_shot"].items():
                 print(f"{args.n_shot}-shot {name} classifier result: Top1: {r['mean']:.2f} "
-                      f"+- {r['std']:.2f} (mean +- std over {args.n_episodes} episodes)")
+                      f"+- {r['std']:.2f} (mean +- std over {args.n_episodes} episodes, on {split})")
         else:
             print("Features are ready!\nStart the k-NN classification.")
             results["knn"] = {}
-            for k in args.nb_knn:
+            used = {k: knn_k_used(k, len(train_f)) for k in args.nb_knn}
+            capped = [k for k in args.nb_knn if used[k] < k]
+            if capped:
+                print(f"note: --nb_knn {' '.join(map(str, capped))} exceed the {len(train_f)} "
+                      f"train images; k = {len(train_f)} is used instead")
+            for k in dict.fromkeys(used.values()):  # each k used once, in the asked order
                 top1, top5 = knn_classifier(train_f, train_labels, test_f, test_labels, k,
                                             args.temperature, num_classes)
                 results["knn"][k] = (top1, top5)
-                print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
+                print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5} (on {split})")
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, "results.json"), "w") as f:

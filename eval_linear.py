@@ -35,6 +35,7 @@ from core.logger import MetricLogger, bool_flag
 from core.optim import lr_for_batch
 from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
+from data.datasets import resolve_split
 from models import MLPClassifier, feature_dim, is_vit, layerwise_features
 
 
@@ -67,9 +68,10 @@ def get_args_parser():
                             "head on them: minutes instead of hours (the probe then sees no "
                             "random crops, usually about 1 point below).")
     group.add_argument("--val_split", default=0, type=float,
-                       help="0: validate on the official val/test split (DINO); N (or a "
+                       help="0: validate on the dataset's val/ (DINO), and when it also has "
+                            "test/ report the test/ accuracy of the best-on-val/ probe; N (or a "
                             "fraction): hold N train images out for validation and report the "
-                            "test accuracy of the best-on-validation probe.")
+                            "--eval_split accuracy of the best-on-validation probe.")
     group.add_argument("--num_labels", default=None, type=int,
                        help="Number of labels for the classifier (default: the dataset's).")
 
@@ -77,7 +79,7 @@ def get_args_parser():
     group.add_argument("--val_freq", default=1, type=int, help="Epoch frequency for validation.")
     group.add_argument("--evaluate", action="store_true",
                        help="Only evaluate the probe of --linear_weights (default: "
-                            "<output_dir>/checkpoint.pth.tar) on the validation split.")
+                            "<output_dir>/checkpoint.pth.tar) on the --eval_split split.")
     group.add_argument("--linear_weights", default="", type=str,
                        help="Probe weights for --evaluate (ours, or DINO's released linear "
                             "weights with their 'module.linear.*' keys).")
@@ -214,9 +216,10 @@ def build_frozen_backbone(args, info):
 
 
 def build_datasets(args, info):
-    """(train, val, test): train augmented unless --cached_features; val held out of train with
-    --val_split (test is then the official split, scored once at the end), else the official
-    split (test None). Fills --num_labels from the data."""
+    """(train, val, test): train augmented unless --cached_features; val, where the probe is
+    selected: held out of train with --val_split, else val/ (or the one evaluation split);
+    test, scored once at the end by the best-on-val probe: the --eval_split split when it is
+    not val itself, else None (DINO: ImageNet's val/ is both). Fills --num_labels."""
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     train_tf = val_tf if args.cached_features else SingleViewTransform(args.image_size, info.mean, info.std)
     if args.cached_features:  # images read once, through --data_backend tensor or pil
@@ -225,13 +228,18 @@ def build_datasets(args, info):
         dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf,
                                       val_split=args.val_split, seed=args.seed)
     dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)
-    dataset_test = evaluation.eval_split(args, "test", val_tf) if args.val_split else None
+    separate = resolve_split(args.dataset, args.data_path, "test", args.eval_split) != \
+        resolve_split(args.dataset, args.data_path, "val", args.eval_split, args.val_split)
+    dataset_test = evaluation.eval_split(args, "test", val_tf) if separate else None
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
                          "classes of the dataset; drop --num_labels to use the dataset's")
-    print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs"
-          + (f" ({len(dataset_test)} test imgs held back)." if dataset_test else "."))
+    print(f"Data loaded with {len(dataset_train)} train imgs ({dataset_train.split_name}) and "
+          f"{len(dataset_val)} val imgs ({dataset_val.split_name})"
+          + (f"; {len(dataset_test)} test imgs ({dataset_test.split_name}) held back for the "
+             f"best-on-val probe." if dataset_test is not None else ", the split scored."))
+    evaluation.check_scored_split(dataset_test if dataset_test is not None else dataset_val)
     return dataset_train, dataset_val, dataset_test
 
 
@@ -360,31 +368,30 @@ def restart_probe(path, probe, optimizer, scheduler, args):
             best_state)
 
 
-def evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args, dataset_test=None):
-    """--evaluate: the saved probe (--linear_weights, else this run's checkpoint) on val, and
-    with --val_split on the test split too."""
+def evaluate_probe(model, probe, feats_fn, dataset, names, dims, args):
+    """--evaluate: the saved probe (--linear_weights, else this run's checkpoint) on the
+    --eval_split split."""
     path = args.linear_weights or os.path.join(args.output_dir, "checkpoint.pth.tar")
     ckpt = load_file(path)
     if not args.linear_weights:
         evaluation.check_resume(path, ckpt, args)
     load_probe(probe, ckpt.get("state_dict", ckpt), path)
-    stats = validate_network(model, probe, dataset_val, feats_fn, args)
+    stats = validate_network(model, probe, dataset, feats_fn, args)
     for name, s in zip(names, stats):
-        print(f"Accuracy of the network ({name}) on the {len(dataset_val)} test images: {s['acc1']:.1f}%")
-    if args.val_split:  # the numbers above are on held-out train images: test once too
-        tests = validate_network(model, probe, dataset_test, feats_fn, args)
-        print(f"Accuracy of the network on the {len(dataset_test)} test images: "
-              f"{tests[-1]['acc1']:.1f}%")
-    else:  # validation was the test split
-        tests = stats
-    return {"best_acc": stats[-1]["acc1"], "test_acc": tests[-1]["acc1"],
-            "layers": [{"name": n, "dim": d, "best_acc": s["acc1"], "test_acc": t["acc1"]}
-                       for n, d, s, t in zip(names, dims, stats, tests)]}
+        print(f"Accuracy of the network ({name}) on the {len(dataset)} {dataset.split_name} "
+              f"images: {s['acc1']:.1f}%")
+    splits = {"best_acc": dataset.split_name, "test_acc": dataset.split_name}
+    return {"best_acc": stats[-1]["acc1"], **test_numbers(stats[-1]["acc1"], None),
+            "splits": splits,
+            "layers": [{"name": n, "dim": d, "best_acc": s["acc1"],
+                        **test_numbers(s["acc1"], None)} for n, d, s in zip(names, dims, stats)]}
 
 
-def report(model, probe, best, best_state, test_data, feats_fn, names, dims, args):
-    """Final numbers: the best validation accuracy of every head and, with --val_split, the test
-    accuracy of the best-on-validation heads; per-layer table with --probe_layers; results.json."""
+def report(model, probe, best, best_state, test_data, feats_fn, names, dims, args, splits):
+    """Final numbers: the best validation accuracy of every head and, when there is a test
+    split apart from val (--val_split, or val/ and test/), the test accuracy of the
+    best-on-validation heads; per-layer table with --probe_layers; results.json, whose
+    "splits" names the split of each number (splits: {"best_acc": ..., "test_acc": ...})."""
     test_accs = [None] * len(dims)
     if test_data is not None:
         probe.load_state_dict(best_state)
@@ -392,15 +399,18 @@ def report(model, probe, best, best_state, test_data, feats_fn, names, dims, arg
     layers = [{"name": n, "dim": d, "best_acc": b, "test_acc": t}
               for n, d, b, t in zip(names, dims, best, test_accs)]
     if args.probe_layers:
-        report_layers(layers, args)
+        report_layers(layers, splits, args)
     kind = {"linear": "linear classifier", "mlp": "MLP classifier"}[args.head]
-    print(f"Training of the supervised {kind} on frozen features completed.\n"
-          f"Top-1 test accuracy: {best[-1]:.1f}")
-    if test_accs[-1] is not None:
+    print(f"Training of the supervised {kind} on frozen features completed.")
+    if test_accs[-1] is None:  # DINO: the best epoch on val/, ImageNet's test set
+        print(f"Top-1 test accuracy on {splits['best_acc']}: {best[-1]:.1f} (the best epoch's)")
+        splits = {**splits, "test_acc": splits["best_acc"]}
+    else:
         n_test = len(test_data[1]) if isinstance(test_data, tuple) else len(test_data)
-        print(f"(best on the held-out validation images; test accuracy of that probe on "
-              f"{n_test} test images: {test_accs[-1]:.1f})")
-    results = {"best_acc": best[-1], **test_numbers(test_accs[-1], best[-1]),
+        print(f"Top-1 on {splits['best_acc']} (where the probe is selected): {best[-1]:.1f}\n"
+              f"Top-1 test accuracy on {splits['test_acc']} ({n_test} images) of the "
+              f"best-on-{splits['best_acc']} probe: {test_accs[-1]:.1f}")
+    results = {"best_acc": best[-1], **test_numbers(test_accs[-1], best[-1]), "splits": splits,
                "layers": [{**x, **test_numbers(x["test_acc"], x["best_acc"])} for x in layers]}
     if distu.is_main_process():
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -409,18 +419,19 @@ def report(model, probe, best, best_state, test_data, feats_fn, names, dims, arg
 
 
 def test_numbers(test_acc, best_acc):
-    """results.json's test accuracy, never null: with --val_split, the test accuracy of the
-    best-on-validation probe (selected_on "val"); without, validation was the test split
-    itself, so its best is the test number (DINO's protocol; selected_on "test")."""
-    if test_acc is not None:
+    """results.json's test accuracy, never null: with a selection split apart from the scored
+    one (val/ and test/, or --val_split), the test accuracy of the best-on-validation probe
+    (selected_on "val"); without, validation was the scored split itself, so its best is the
+    test number (DINO's protocol; selected_on "test")."""
+    if test_acc is not None and best_acc is not None:
         return {"test_acc": test_acc, "selected_on": "val"}
-    return {"test_acc": best_acc, "selected_on": "test"}
+    return {"test_acc": best_acc if test_acc is None else test_acc, "selected_on": "test"}
 
 
-def report_layers(layers, args):
+def report_layers(layers, splits, args):
     """Table of what each layer knows, saved as probe_layers.md and probe_layers.png."""
-    col = "test top-1" if layers[0]["test_acc"] is not None else None
-    lines = ["| layer | dim | best val top-1 |" + (f" {col} |" if col else ""),
+    col = f"{splits['test_acc']} top-1" if layers[0]["test_acc"] is not None else None
+    lines = [f"| layer | dim | best {splits['best_acc']} top-1 |" + (f" {col} |" if col else ""),
              "|---|---|---|" + ("---|" if col else "")]
     lines += [f"| {x['name']} | {x['dim']} | {x['best_acc']:.2f} |"
               + (f" {x['test_acc']:.2f} |" if col else "") for x in layers]
@@ -433,7 +444,8 @@ def report_layers(layers, args):
         save_bar_chart([x["name"] for x in layers],
                        [x["test_acc"] if col else x["best_acc"] for x in layers],
                        os.path.join(args.output_dir, "probe_layers.png"),
-                       f"{args.head} probe top-1 (%) per layer, {args.arch} on {args.dataset}")
+                       f"{args.head} probe top-1 (%) per layer, {args.arch} on {args.dataset} "
+                       f"{splits['test_acc'] or splits['best_acc']}")
 
 
 # ============ the run ... ============
@@ -447,6 +459,7 @@ def check_args(args):
     if args.num_labels is not None and args.num_labels < 2:
         raise ValueError(f"--num_labels {args.num_labels} is too small; a classifier needs >= 2 "
                          "labels (default: the dataset's)")
+    evaluation.check_eval_data(args, args.val_split)  # before any image is read
 
 
 def run_linear(args):
@@ -465,7 +478,10 @@ def run_linear(args):
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any feature is extracted
     if args.evaluate:
-        return evaluate_probe(model, probe, feats_fn, dataset_val, names, dims, args, dataset_test)
+        scored = dataset_test if dataset_test is not None else dataset_val
+        return evaluate_probe(model, probe, feats_fn, scored, names, dims, args)
+    splits = {"best_acc": dataset_val.split_name,
+              "test_acc": dataset_test.split_name if dataset_test is not None else None}
 
     # ============ preparing data ... ============
     batches, encode = training_batches(model, feats_fn, dataset_train, info, args)
@@ -529,16 +545,20 @@ def run_linear(args):
             stats = validate_network(model, ddp_probe, val_data, feats_fn, args)
             keep_best(stats, best, best_state, probe)
             s = stats[-1]
-            print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} test images: "
-                  f"{s['acc1']:.1f}%  Max accuracy so far: {best[-1]:.2f}%")
-            log_stats.update(test_acc1=s["acc1"], test_acc5=s["acc5"], test_loss=s["loss"])
+            print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} "
+                  f"{dataset_val.split_name} images: {s['acc1']:.1f}%  Max accuracy so far: "
+                  f"{best[-1]:.2f}%")
+            # DINO's keys (test_acc1: ImageNet's val/), "split" names the split they come from
+            log_stats.update(test_acc1=s["acc1"], test_acc5=s["acc5"], test_loss=s["loss"],
+                             split=dataset_val.split_name)
             if args.probe_layers:
                 log_stats["test_acc1_layers"] = [x["acc1"] for x in stats]
             if writer is not None:
-                writer.add_scalar("val/top1", s["acc1"], epoch)
+                writer.add_scalar(f"val/top1_{dataset_val.split_key}", s["acc1"], epoch)
                 if args.probe_layers:
                     for name, x in zip(names, stats):
-                        writer.add_scalar(f"val_layers/top1_{name}", x["acc1"], epoch)
+                        writer.add_scalar(f"val_layers/top1_{name}_{dataset_val.split_key}",
+                                          x["acc1"], epoch)
         if writer is not None:
             writer.add_scalar("train/loss", train_stats["loss"], epoch)
             writer.add_scalar("train/lr", train_stats["lr"], epoch)
@@ -557,7 +577,7 @@ def run_linear(args):
         return None
 
     sanity_check(model, snapshot)  # the backbone must not have moved, in every training run
-    return report(model, probe, best, best_state, test_data, feats_fn, names, dims, args)
+    return report(model, probe, best, best_state, test_data, feats_fn, names, dims, args, splits)
 
 
 def eval_linear(args):

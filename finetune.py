@@ -11,10 +11,11 @@ cutmix) with the seed's two learning rates (backbone 1e-4, head 1e-3).
 Partial fine-tuning: --unfreeze_last_blocks 2 (the last 2 ViT blocks / ResNet stages + head),
 --unfreeze_last_blocks 0 (head only), or --unfreeze_layers layer4 bn1 (named parameters).
 
-The best-on-validation model (--val_split held out of train) is saved as checkpoint_best.pth and
-tested once at the end: accuracy, per-class precision / recall / F1 and the confusion matrix
-(scikit-learn), in report.txt / report.json, and --save_predictions N test images with predicted
-class, confidence and true class in predictions.png. Without --output_dir the run goes to
+The best-on-validation model (--val_split held out of train, or the dataset's val/ when it also
+has test/) is saved as checkpoint_best.pth and tested once at the end, on the --eval_split split:
+accuracy, per-class precision / recall / F1 and the confusion matrix (scikit-learn), in
+report.txt / report.json, and --save_predictions N test images with predicted class,
+confidence and true class in predictions.png. Without --output_dir the run goes to
 out/finetune/<weights>_<dataset>; it resumes from <output_dir>/checkpoint.pth only if that file
 was written with the same flags. The shared flags (model, features, data, run, --precision) are
 in core/evaluation.py.
@@ -38,6 +39,7 @@ from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
+from data.datasets import resolve_split
 from models import MLPClassifier, extract_features, feature_dim, is_vit
 
 
@@ -93,9 +95,12 @@ def get_args_parser():
                        help="With both on: probability of cutmix instead of mixup.")
 
     group = parser.add_argument_group("Validation, report and misc")
-    group.add_argument("--val_split", default=0.1, type=float,
+    group.add_argument("--val_split", default=None, type=float,
                        help="Train images held out for model selection (count or fraction; "
-                            "CIFAR: 5000). 0 selects on the test split itself (not advised).")
+                            "CIFAR: 5000). 0 selects on the dataset's val/, which is the "
+                            "scored split itself unless the dataset also has test/ (then not "
+                            "advised). Default: 0 when the dataset has val/ beside the scored "
+                            "test/, else 0.1.")
     group.add_argument("--num_labels", default=None, type=int,
                        help="Number of classes (default: the dataset's).")
     group.add_argument("--save_predictions", default=32, type=int,
@@ -309,6 +314,7 @@ def test_report(model, dataset_test, info, args, writer=None):
     prediction grid; the two figures also go to TensorBoard when there is a writer."""
     from core.report import (class_names, classification_metrics, figure_to_array,
                              format_report, save_confusion_matrix, save_prediction_grid)
+    print(f"Scoring {len(dataset_test)} images of {dataset_test.split_name}:")
     logits = predict(model, dataset_test, args).cpu()
     probs = logits.softmax(dim=1)
     conf, preds = probs.max(dim=1)
@@ -321,11 +327,13 @@ def test_report(model, dataset_test, info, args, writer=None):
         with open(os.path.join(args.output_dir, "report.txt"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
-            json.dump({k: v for k, v in metrics.items() if k != "report"}, f, indent=1)
+            json.dump({**{k: v for k, v in metrics.items() if k != "report"},
+                       "split": dataset_test.split_name}, f, indent=1)
         path = os.path.join(args.output_dir, "confusion_matrix.png")
         figures = {"confusion_matrix": save_confusion_matrix(
             metrics["confusion_matrix"], names, path,
-            f"{args.arch} on {args.dataset} test: {metrics['accuracy']:.2f}% top-1")}
+            f"{args.arch} on {args.dataset} {dataset_test.split_name}: "
+            f"{metrics['accuracy']:.2f}% top-1")}
         if args.save_predictions > 0:
             n = min(args.save_predictions, len(dataset_test))
             idx = np.random.default_rng(args.seed).choice(len(dataset_test), n, replace=False)
@@ -336,8 +344,8 @@ def test_report(model, dataset_test, info, args, writer=None):
             print(f"Saved {n} test predictions to {path}")
         if writer is not None:
             for tag, fig in figures.items():
-                writer.add_image(f"test/{tag}", figure_to_array(fig), args.epochs,
-                                 dataformats="HWC")
+                writer.add_image(f"test/{tag}_{dataset_test.split_key}", figure_to_array(fig),
+                                 args.epochs, dataformats="HWC")
     return metrics
 
 
@@ -355,10 +363,20 @@ def check_args(args):
         raise ValueError("--smoothing must be in [0, 1) and --mixup/--cutmix >= 0")
     if args.unfreeze_layers and args.unfreeze_last_blocks != -1:
         raise ValueError("--unfreeze_layers and --unfreeze_last_blocks both given; pick one")
+    if args.val_split is None:  # select on val/ when it is not the scored split, else hold out
+        args.val_split = 0.0 if selects_apart(args, 0) else 0.1
+    evaluation.check_eval_data(args, args.val_split)  # before any image is read
+
+
+def selects_apart(args, val_split):
+    """Whether the split models are selected on is not the one scored (--eval_split)."""
+    return resolve_split(args.dataset, args.data_path, "val", args.eval_split, val_split) != \
+        resolve_split(args.dataset, args.data_path, "test", args.eval_split)
 
 
 def build_datasets(args, info):
-    """(train augmented, val held out of train with --val_split, official test). Fills --num_labels."""
+    """(train augmented, val (held out of train with --val_split, else val/), test (the
+    --eval_split split)). Fills --num_labels."""
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     split = dict(val_split=args.val_split, seed=args.seed)
     dataset_train = build_dataset(args.dataset, args.data_path, "train",
@@ -369,9 +387,13 @@ def build_datasets(args, info):
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
                          "classes of the dataset; drop --num_labels to use the dataset's")
-    print(f"Data loaded: {len(dataset_train)} train, {len(dataset_val)} val, {len(dataset_test)} test imgs.")
-    if not args.val_split:
-        print("Warning: --val_split 0 selects the best epoch on the test split itself.")
+    print(f"Data loaded: {len(dataset_train)} train ({dataset_train.split_name}), "
+          f"{len(dataset_val)} val ({dataset_val.split_name}), {len(dataset_test)} test "
+          f"({dataset_test.split_name}) imgs.")
+    if not selects_apart(args, args.val_split):
+        print(f"Warning: --val_split 0 selects the best epoch on {dataset_test.split_name}, the "
+              "scored split itself; hold images out with --val_split N.")
+    evaluation.check_scored_split(dataset_test)
     return dataset_train, dataset_val, dataset_test
 
 
@@ -411,7 +433,8 @@ def run_finetune(args):
             evaluation.check_resume(path, ckpt, args)
         model.load_state_dict(ckpt["model"])
         metrics = test_report(model, dataset_test, info, args)
-        return {"best_val_acc": None, "test_acc": metrics["accuracy"], "metrics": metrics}
+        return {"best_val_acc": None, "test_acc": metrics["accuracy"], "metrics": metrics,
+                "splits": {"best_val_acc": None, "test_acc": dataset_test.split_name}}
 
     global_batch = args.batch_size_per_gpu * args.world_size
     if len(dataset_train) < global_batch:
@@ -492,7 +515,8 @@ def run_finetune(args):
         val_acc = (logits.argmax(1).cpu() == torch.as_tensor(dataset_val.targets)).float().mean().item() * 100
         is_best = val_acc > best_acc
         best_acc = max(best_acc, val_acc)
-        print(f"Validation accuracy at epoch {epoch}: {val_acc:.2f}%  best: {best_acc:.2f}%")
+        print(f"Validation accuracy at epoch {epoch} on {dataset_val.split_name}: {val_acc:.2f}%  "
+              f"best: {best_acc:.2f}%")
         if is_best and distu.is_main_process():  # before checkpoint.pth, which records best_acc
             save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc,
                          "args": evaluation.run_args(args)}, best_path)
@@ -500,12 +524,13 @@ def run_finetune(args):
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in train_stats.items()},
-                                    "val_acc1": val_acc, "epoch": epoch}) + "\n")
+                                    "val_acc1": val_acc, "split": dataset_val.split_name,
+                                    "epoch": epoch}) + "\n")
             save_curves(args.output_dir)
             if writer is not None:
                 writer.add_scalar("train/loss", train_stats["loss"], epoch)
                 writer.add_scalar("train/lr_head", train_stats["lr"], epoch)
-                writer.add_scalar("val/top1", val_acc, epoch)
+                writer.add_scalar(f"val/top1_{dataset_val.split_key}", val_acc, epoch)
         if stopper.agree().stop:  # a signal in the epoch's last step or its validation
             break
     stopper.close()
@@ -521,13 +546,16 @@ def run_finetune(args):
     best = load_file(best_path)
     model.load_state_dict(best["model"])
     # (the file's "epoch" counts finished epochs, as DINO's; printed as the epochs above: from 0)
-    print(f"Testing the best-on-validation model (epoch {best['epoch'] - 1}, val "
-          f"{best['val_acc']:.2f}%):")
+    print(f"Testing the best-on-validation model (epoch {best['epoch'] - 1}, "
+          f"{dataset_val.split_name} {best['val_acc']:.2f}%):")
     metrics = test_report(model, dataset_test, info, args, writer)
+    print(f"Top-1 test accuracy on {dataset_test.split_name}: {metrics['accuracy']:.2f}")
     if writer is not None:
-        writer.add_scalar("test/top1", metrics["accuracy"], args.epochs)
+        writer.add_scalar(f"test/top1_{dataset_test.split_key}", metrics["accuracy"], args.epochs)
         writer.close()
-    results = {"best_val_acc": best_acc, "test_acc": metrics["accuracy"]}
+    results = {"best_val_acc": best_acc, "test_acc": metrics["accuracy"],
+               "splits": {"best_val_acc": dataset_val.split_name,
+                          "test_acc": dataset_test.split_name}}
     if distu.is_main_process():
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

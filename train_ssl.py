@@ -34,7 +34,7 @@ from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_re
                              save_atomic)
 from core.curves import save_curves
 from core.diagnostics import check_collapse
-from core.evaluation import KNNEvaluator
+from core.evaluation import KNNEvaluator, add_eval_split_arg, check_knn_data
 from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
@@ -169,9 +169,10 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--knn_k", default=20, type=int, help="k of the k-NN evaluations.")
     parser.add_argument("--knn_freq", default=0, type=int,
                         help="Also evaluate the k-NN top-1 of the backbone every this many epochs "
-                             "on the dataset's labelled train/test splits (log.txt knn_top1, "
-                             "TensorBoard knn/top1); 0: only the final check. Skipped for "
-                             "datasets without labels.")
+                             "on the dataset's labelled train and --eval_split splits (log.txt "
+                             "knn_top1, TensorBoard knn/top1_<split>); 0: only the final check. "
+                             "Skipped for datasets without labels.")
+    add_eval_split_arg(parser)
     parser.add_argument("--tensorboard", default=True, type=bool_flag,
                         help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
     if method is not None:
@@ -227,7 +228,8 @@ def check_args(args):
 # runs with a larger --epochs). Every other flag stored in checkpoint.pth defines the run:
 # method, model, head, data, crops, optimisation, batch size, seed.
 RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
-             "tensorboard", "knn_eval", "knn_k", "knn_freq", "saveckp_freq", "skip_bad_images",
+             "tensorboard", "knn_eval", "knn_k", "knn_freq", "eval_split", "saveckp_freq",
+             "skip_bad_images",
              "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
              "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
@@ -257,6 +259,7 @@ def check_output_dir(args):
 
 
 def train_ssl(args):
+    check_knn_data(args)  # the k-NN check has a labelled split to score, before any image is read
     distu.init_distributed_mode(args)
     check_output_dir(args)
     distu.fix_random_seeds(args.seed)
@@ -385,7 +388,7 @@ def train_ssl(args):
         if distu.is_main_process():
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             if knn_top1 is not None:
-                log_stats["knn_top1"] = knn_top1
+                log_stats.update(knn_top1=knn_top1, knn_split=knn.split_name)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             save_curves(args.output_dir)  # curves.png: every metric of log.txt per epoch
@@ -393,7 +396,7 @@ def train_ssl(args):
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train/{k}", v, epoch)
                 if knn_top1 is not None:
-                    writer.add_scalar("knn/top1", knn_top1, epoch)
+                    writer.add_scalar(f"knn/top1_{knn.split_key}", knn_top1, epoch)
                 writer.flush()
         if stopper.stop:  # the signal came in the epoch's last step
             break
@@ -572,8 +575,8 @@ def knn_during_training(knn, backbone, epoch, args):
     start = time.time()
     with torch.random.fork_rng(devices=[]):
         top1, _ = knn(backbone, f"epoch {epoch + 1} backbone")
-    print(f"Epoch {epoch + 1}/{args.epochs}: {args.knn_k}-NN top-1 on {args.dataset} test "
-          f"{top1:.2f}% ({time.time() - start:.0f}s)", flush=True)
+    print(f"Epoch {epoch + 1}/{args.epochs}: {knn.describe()} {top1:.2f}% "
+          f"({time.time() - start:.0f}s)", flush=True)
     return top1
 
 
@@ -588,14 +591,15 @@ def final_knn_check(knn, trained, init_backbone, args, writer, trained_top1=None
         else:
             top1, _ = knn(net.to(args.device), f"{name} backbone")
         results[name] = top1
-        print(f"{args.knn_k}-NN top-1 on {args.dataset} test ({name}): {top1:.2f}%")
+        print(f"{knn.describe()} ({name}): {top1:.2f}%")
     if writer is not None:
-        writer.add_scalar("knn/top1_pretrained", results["pretrained"], args.epochs)
-        writer.add_scalar("knn/top1_random_init", results["random init"], args.epochs)
+        writer.add_scalar(f"knn/top1_pretrained_{knn.split_key}", results["pretrained"], args.epochs)
+        writer.add_scalar(f"knn/top1_random_init_{knn.split_key}", results["random init"], args.epochs)
     if distu.is_main_process():
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps({"knn_k": args.knn_k, "knn_top1_pretrained": results["pretrained"],
-                                "knn_top1_random_init": results["random init"]}) + "\n")
+            f.write(json.dumps({"knn_k": knn.k_used, "knn_top1_pretrained": results["pretrained"],
+                                "knn_top1_random_init": results["random init"],
+                                "knn_split": knn.split_name}) + "\n")
 
 
 if __name__ == "__main__":

@@ -172,10 +172,10 @@ def load_image(args):
         with open(args.image_path, "rb") as f:
             return Image.open(f).convert("RGB"), IMAGENET_MEAN, IMAGENET_STD
     info = dataset_info(args.dataset, args.data_path or None)
-    dataset = build_dataset(args.dataset, args.data_path or None, "test")
+    dataset = build_dataset(args.dataset, args.data_path or None, "test", eval_split=args.eval_split)
     if not 0 <= args.sample_index < len(dataset):
-        raise ValueError(f"--sample_index {args.sample_index} is outside the {len(dataset)} test "
-                         f"images of {args.dataset}; pick 0..{len(dataset) - 1}")
+        raise ValueError(f"--sample_index {args.sample_index} is outside the {len(dataset)} "
+                         f"{dataset.split_name} images of {args.dataset}; pick 0..{len(dataset) - 1}")
     return dataset[args.sample_index][0], info.mean, info.std
 
 

@@ -4,6 +4,8 @@ visualize_attention.py), so that no script imports another:
     get_args_parser()        parent parser of the flags they share, used through parents=[...]:
                              model_parser() + features_parser() + data_parser() + run_parser()
     check_common_args(args)  --dataset given or inferred from --data_path (never ignored)
+    check_eval_data(args), check_knn_data(args)   data a score can be computed on, before any
+                             image is read (eval scripts; train_ssl.py's k-NN check)
     load_backbone(args)      read --pretrained_weights once, fill the model flags left unset
                              from it (resolve_model_flags), build the backbone, load the weights
     default_output_dir(script, args)   out/<script>/<weights>_<dataset>
@@ -29,6 +31,7 @@ from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_s
                              load_pretrained_weights)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
+from data.datasets import EVAL_SPLITS, resolve_split, split_label, train_labels
 from data.loaders import add_data_args, build_train_loader, epoch_indices
 from models import (ARCHS, VIT_SHAPE, VIT_SIZES, build_backbone, check_patch_size, check_vit_shape,
                     extract_features, feature_dim, is_vit, vit_shape)
@@ -99,8 +102,19 @@ def features_parser():
     return parser
 
 
+def add_eval_split_arg(parser):
+    """--eval_split, shared with train_ssl.py's k-NN check."""
+    parser.add_argument("--eval_split", default="auto", type=str, choices=EVAL_SPLITS,
+                        help="The split the reported accuracy is measured on, when the dataset "
+                             "has both val/ and test/: auto takes test/ (and selects models on "
+                             "val/), val or test name the folder. With only val/ (ImageNet's "
+                             "layout, DINO's convention) or only test/, auto scores that one. "
+                             "Every printed and logged number names its split "
+                             "(default: %(default)s).")
+
+
 def data_parser():
-    """--dataset --data_path --output_dir."""
+    """--dataset --data_path --eval_split --output_dir."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Data and outputs")
     group.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
@@ -108,6 +122,7 @@ def data_parser():
                             "train/ is imagefolder, train/images.npy is npy, torchvision's CIFAR / "
                             "STL-10 files name theirs; without --data_path: digits, embedded).")
     group.add_argument("--data_path", default="", type=str, help="Dataset root.")
+    add_eval_split_arg(group)
     group.add_argument("--output_dir", default=None, type=str,
                        help="Folder for logs, checkpoints and results.json (default: "
                             "out/<script>/<weights folder>_<weights file>_<dataset>, or "
@@ -148,6 +163,67 @@ def check_common_args(args):
     if getattr(args, "precision", None) is not None and getattr(args, "use_fp16", None) is not None:
         # the device is not known yet; resolve_precision sets the final value after dist init
         amp.resolve_precision(argparse.Namespace(precision=args.precision, use_fp16=args.use_fp16), "cuda")
+
+
+def check_eval_data(args, val_split=0):
+    """Before any image is read, for the scripts whose output is an accuracy: the splits they
+    read are there (resolve_split: the --eval_split folder, the selection split), and the train
+    split has a label for every image and at least two classes (with one, every k-NN vote and
+    every probe predicts it: 100 % whatever the backbone)."""
+    for split in ("test", "val"):
+        resolve_split(args.dataset, args.data_path, split, args.eval_split, val_split)
+    classes, unlabelled = train_labels(args.dataset, args.data_path)
+    train = split_label(args.dataset, args.data_path, "train")
+    if classes < 2:
+        what = "has no labels" if classes == 0 else "holds a single class"
+        raise ValueError(f"the {train} split of {args.data_path or args.dataset} {what}, so every "
+                         f"prediction is that class and the accuracy would be 100% whatever the "
+                         f"backbone: a number that measures nothing; evaluate on labelled data "
+                         f"with at least 2 classes")
+    if unlabelled:
+        raise ValueError(f"{unlabelled} images of the {train} split of {args.data_path} are "
+                         f"unlabelled (-1); a classifier fit on the train split needs a label for "
+                         f"each: label them, or drop them from the split")
+
+
+def check_knn_data(args):
+    """train_ssl.py's k-NN check (--knn_eval, --knn_freq), before any image is read: data
+    without labels skips it, as before; a labelled dataset without a val/ or test/ split, or
+    whose train split holds one class or unlabelled images, is refused with the way out."""
+    if not (args.knn_eval or args.knn_freq):
+        return
+    classes, unlabelled = train_labels(args.dataset, args.data_path)
+    if classes == 0:
+        return  # no labels: no k-NN (--knn_freq's help)
+    off = "--knn_eval false" + (" --knn_freq 0" if args.knn_freq else "")
+    try:
+        split = resolve_split(args.dataset, args.data_path, "test", args.eval_split)
+    except FileNotFoundError as e:
+        if args.eval_split != "auto":
+            raise
+        raise FileNotFoundError(f"the k-NN check after training (--knn_eval, on by default) "
+                                f"scores a labelled val/ or test/ split, and {args.data_path} has "
+                                f"only train/; pass {off} to train without it, or add a val/ "
+                                f"with the same class folders") from e
+    if classes == 1:
+        raise ValueError(f"the train split of {args.data_path} holds a single class, so the k-NN "
+                         f"check after training would score 100% on "
+                         f"{split_label(args.dataset, args.data_path, split)} whatever the "
+                         f"backbone: a number that measures nothing; pass {off} to train "
+                         f"without it, or give the images one folder per class")
+    if unlabelled:
+        raise ValueError(f"{unlabelled} train images of {args.data_path} are unlabelled (-1) and "
+                         f"the k-NN check after training needs a label for each; pass {off} to "
+                         f"train without it")
+
+
+def check_scored_split(dataset):
+    """A note when a scored split holds a single class: its accuracy is then that class's
+    recall, not an accuracy over classes."""
+    classes = set(int(t) for t in dataset.targets)
+    if len(classes) == 1:
+        print(f"note: {getattr(dataset, 'split_name', 'the evaluation split')} holds one class "
+              f"only ({classes.pop()}); its accuracy is the recall of that class", flush=True)
 
 
 # ============ checkpoint -> model flags -> backbone ... ============
@@ -290,6 +366,7 @@ def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset
     DistributedSampler order, as train_ssl.py reads its data. dataset_kwargs: val_split
     (skip_bad_images: --skip_bad_images where the script has it)."""
     dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
+    dataset_kwargs.setdefault("eval_split", getattr(args, "eval_split", "auto"))
     return build_train_loader(args.data_backend, args.dataset, args.data_path, transform,
                               args.batch_size_per_gpu, device=args.device, seed=args.seed,
                               rank=args.rank, world_size=args.world_size,
@@ -299,13 +376,14 @@ def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset
 
 class LoadedSplit(torch.utils.data.Dataset):
     """A dataset with a loader of the same images (data/loaders.py, shuffle=False,
-    drop_last=False): its length, items, targets and num_classes are the dataset's (and its
-    classes, through .dataset as for a held-out subset), while extract_dataset_features reads
-    its images from the loader (--data_backend tensor)."""
+    drop_last=False): its length, items, targets, num_classes and split names are the
+    dataset's (and its classes, through .dataset as for a held-out subset), while
+    extract_dataset_features reads its images from the loader (--data_backend tensor)."""
 
     def __init__(self, dataset, loader):
         self.dataset, self.loader = dataset, loader
         self.targets, self.num_classes = dataset.targets, dataset.num_classes
+        self.split_name, self.split_key = dataset.split_name, dataset.split_key
 
     def __len__(self):
         return len(self.dataset)
@@ -319,8 +397,10 @@ def eval_split(args, split, transform, **dataset_kwargs):
     reads it: with --data_backend pil the dataset itself (PIL transforms in DataLoader workers),
     with tensor a LoadedSplit (the split kept as uint8 on the device, Resize + CenterCrop done
     in batches there). dataset_kwargs: val_split (skip_bad_images: --skip_bad_images where the
-    script has it, train_ssl.py's k-NN check)."""
+    script has it, train_ssl.py's k-NN check). Which folder a split reads: --eval_split
+    (data.datasets.resolve_split); the result names it in .split_name."""
     dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
+    dataset_kwargs.setdefault("eval_split", getattr(args, "eval_split", "auto"))
     dataset = build_dataset(args.dataset, args.data_path, split, transform, seed=args.seed,
                             **dataset_kwargs)
     if args.data_backend == "pil":
@@ -406,15 +486,26 @@ def extract_dataset_features(model, dataset, batch_size, num_workers, device, fe
 
 # ============ weighted k-NN ... ============
 
+def knn_k_used(k, n_train):
+    """The k a k-NN over n_train memory-bank images can use: at most all of them."""
+    return min(k, n_train)
+
+
 @torch.no_grad()
 def knn_classifier(train_features, train_labels, test_features, test_labels, k, T,
                    num_classes=1000):
     """Weighted k-NN (Wu et al. 2018, as DINO): each of the k nearest training features (cosine
     similarity s) votes for its class with weight exp(s / T). Features must be L2-normalised.
     train_features (N, F), train_labels (N,), test_features (M, F), test_labels (M,).
-    Returns (top1, top5) in percent; top-5 uses min(5, k, num_classes) guesses."""
+    Returns (top1, top5) in percent; k is capped at N (knn_k_used), top-5 uses
+    min(5, k, num_classes) guesses."""
+    if not T > 0 or T == float("inf"):
+        raise ValueError(f"k-NN temperature {T} is invalid: the votes are weighted by "
+                         f"exp(similarity / T), so T must be a positive number (DINO: 0.07)")
+    if k < 1:
+        raise ValueError(f"k-NN with k = {k} has no neighbours; use k >= 1")
     top1, top5, total = 0.0, 0.0, 0
-    k = min(k, train_features.shape[0])
+    k = knn_k_used(k, train_features.shape[0])
     n5 = min(5, k, num_classes)
     train_labels = train_labels.to(train_features.device)
     test_labels = test_labels.to(train_features.device)
@@ -453,6 +544,14 @@ class KNNEvaluator:
         self.k, self.temperature, self.name = k, temperature, name
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device, self.precision = device, precision
+        # what prints, log.txt and TensorBoard name: the k used and the split scored
+        self.k_used = knn_k_used(k, len(train))
+        self.split_name = getattr(test, "split_name", "test")
+        self.split_key = getattr(test, "split_key", "test")
+        if self.k_used < k:
+            print(f"note: k = {k} exceeds the {len(train)} train images; the k-NN uses "
+                  f"k = {self.k_used}", flush=True)
+        check_scored_split(test)
 
     @classmethod
     def for_run(cls, args, info):
@@ -463,11 +562,17 @@ class KNNEvaluator:
                    args.knn_k, args.batch_size_per_gpu, args.num_workers, args.device,
                    precision=args.precision, name=args.dataset)
 
+    def describe(self):
+        """ "20-NN top-1 on cifar10 test", "20-NN top-1 on imagefolder val/": the k used and
+        the split scored, for the lines that print the result."""
+        return f"{self.k_used}-NN top-1 on {self.name} {self.split_name}"
+
     def __call__(self, model, what=""):
         """(top1, top5) in percent of `model` (left in eval mode)."""
-        print(f"{self.k}-NN evaluation{' of the ' + what if what else ''}: features of "
-              f"{len(self.train)} {self.name} train and {len(self.test)} test images ...",
-              flush=True)
+        train_name = getattr(self.train, "split_name", "train")
+        print(f"{self.k_used}-NN evaluation{' of the ' + what if what else ''}: features of "
+              f"{len(self.train)} {self.name} {train_name} and {len(self.test)} "
+              f"{self.split_name} images ...", flush=True)
         train_f, test_f = (extract_dataset_features(model, d, self.batch_size, self.num_workers,
                                                     self.device, precision=self.precision)
                            for d in (self.train, self.test))
@@ -476,12 +581,12 @@ class KNNEvaluator:
 
 
 def knn_eval_backbone(model, dataset_name, data_path, image_size, k, batch_size, num_workers,
-                      device, temperature=0.07, precision="bf16"):
+                      device, temperature=0.07, precision="bf16", eval_split="auto"):
     """k-NN top-1/top-5 of `model` on a labelled dataset (train split as memory bank, test split
     as queries, PIL eval transform), once; KNNEvaluator when the same splits are evaluated again."""
     info = dataset_info(dataset_name, data_path)
     transform = eval_transform(image_size, info.mean, info.std)
-    train, test = (build_dataset(dataset_name, data_path, split, transform)
+    train, test = (build_dataset(dataset_name, data_path, split, transform, eval_split=eval_split)
                    for split in ("train", "test"))
     return KNNEvaluator(train, test, k, batch_size, num_workers, device, temperature,
                         precision, dataset_name)(model)

@@ -8,6 +8,12 @@ attributes, so that pretraining, k-NN and linear evaluation treat them all alike
     DATASETS["cifar10"]                              -> DatasetInfo (classes, size, mean, std)
     build_dataset("cifar10", root, "train", tf)      -> torch Dataset
     build_dataset("cifar10", root, "val", tf, val_split=5000)   # 5k held out of train
+    build_dataset("imagefolder", root, "test", tf)   # test/ when root has val/ and test/, else
+                                                     # the one of them it has (resolve_split)
+
+Each also names the split it read (.split_name: "val/", "test", "train/ held-out"), so that
+every printed and logged number can say where it comes from; npy labels are checked as a split
+is built (class indices, and no class in val/test that train lacks: one line naming the file).
 
 The datasets are plain picklable objects (no lambdas, no open file handles) so DataLoader
 workers can receive them under both the fork and the spawn start methods.
@@ -56,9 +62,15 @@ DATASETS = {
     "digits": DatasetInfo(10, 32, (0.3052,) * 3, (0.3234,) * 3),
 }
 
-# "val" is either carved out of "train" (val_split > 0) or the official evaluation split
+# "val" (where models are selected) is either carved out of "train" (val_split > 0) or the
+# dataset's validation split; "test" is the split the reported number comes from
 SPLITS = ("train", "val", "test")
 STL10_SPLITS = SPLITS + ("unlabeled", "train+unlabeled")
+# --eval_split: which folder "test" reads when a dataset has both val/ and test/
+EVAL_SPLITS = ("auto", "val", "test")
+# the one labelled evaluation split of the datasets with fixed files
+FIXED_EVAL_SPLIT = {"cifar10": "test", "cifar100": "test", "stl10": "test", "digits": "test",
+                    "tiny-imagenet": "val"}
 
 
 def _check_name(name):
@@ -136,14 +148,83 @@ def dataset_info(name, root=None):
     return info
 
 
-def build_dataset(name, root, split, transform=None, val_split=0, seed=0, download=False,
-                  skip_bad_images=False):
-    """Dataset `name` stored under `root` (the --data_path), split `split`.
+def _eval_folders(name, root):
+    """The labelled evaluation splits a dataset has: those of val/ and test/ that exist
+    (imagefolder, npy), or its one fixed split."""
+    if name == "imagefolder":
+        return [s for s in ("val", "test") if (Path(root) / s).is_dir()]
+    if name == "npy":
+        return [s for s in ("val", "test") if _npy_paths(root, s) is not None]
+    return [FIXED_EVAL_SPLIT[name]]
 
-    split: "train", "val" or "test" (stl10 also "unlabeled" and "train+unlabeled").
+
+def resolve_split(name, root, split, eval_split="auto", val_split=0):
+    """The split that `split` reads, as build_dataset reads it (folders are looked at, no file
+    is read): "train", "unlabeled", "train+unlabeled" are themselves;
+      "test", where the reported number comes from: the folder eval_split names ("val" or
+      "test"); "auto" takes test/ when the dataset has one, else val/ (DINO's convention:
+      ImageNet's val/ is its test set). CIFAR, STL-10 and digits have only a test split, Tiny
+      ImageNet only val/ (its test/ has no labels);
+      "val", where models are selected: "heldout" (held out of train) when val_split > 0, else
+      val/ when the dataset has one, else the same split as "test".
+    Raises ValueError for an unknown eval_split, FileNotFoundError for a split that is not there."""
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"--eval_split {eval_split} is unknown; choose one of {', '.join(EVAL_SPLITS)}")
+    if split not in ("val", "test"):
+        return split
+    if split == "val" and val_split:
+        return "heldout"
+    have = _eval_folders(name, root)
+    if not have:
+        if name == "imagefolder":
+            raise FileNotFoundError(f"{root} has no val/ or test/ folder; pass --data_path "
+                                    f"pointing to {_IMAGEFOLDER_LAYOUT}")
+        raise FileNotFoundError(f"no val or test arrays under {root}; pass --data_path pointing "
+                                f"to a folder with val/images.npy + val/labels.npy (or test/..., "
+                                f"or val_images.npy + val_labels.npy)")
+    if split == "val" and "val" in have:
+        return "val"
+    if eval_split == "auto":
+        return "test" if "test" in have else "val"
+    if eval_split not in have:
+        if name in FIXED_EVAL_SPLIT:
+            why = ("its test/ has no labels" if name == "tiny-imagenet" else
+                   f"--val_split N holds N train images out for validation")
+            raise ValueError(f"--eval_split {eval_split}: {name} has no labelled {eval_split} "
+                             f"split, only {have[0]} ({why}); use --eval_split auto or {have[0]}")
+        raise FileNotFoundError(f"--eval_split {eval_split}: {root} has no {eval_split}/ "
+                                f"{'folder' if name == 'imagefolder' else 'arrays'}, only "
+                                f"{have[0]}/; use --eval_split auto or {have[0]}")
+    return eval_split
+
+
+def split_label(name, root, split):
+    """How prints and logs name a split that resolve_split returned: the folder ("val/",
+    "test/") of imagefolder, npy and Tiny ImageNet, the files of a flat npy layout
+    ("val_*.npy"), else the split's own name (CIFAR's "test"); "heldout" is named after the
+    train split it comes out of ("train/ held-out")."""
+    if split == "heldout":
+        return f"{split_label(name, root, 'train')} held-out"
+    if name in ("imagefolder", "tiny-imagenet"):
+        return f"{split}/"
+    if name == "npy":
+        paths = _npy_paths(root, split)
+        return f"{split}_*.npy" if paths and paths[0].parent == Path(root) else f"{split}/"
+    return split
+
+
+def build_dataset(name, root, split, transform=None, val_split=0, seed=0, download=False,
+                  skip_bad_images=False, eval_split="auto"):
+    """Dataset `name` stored under `root` (the --data_path), split `split`, which the dataset
+    names in .split_name (how prints label its numbers, e.g. "val/", "test", "train/
+    held-out") and .split_key (the same as a word for keys and tags: "val", "test", "heldout").
+
+    split: "train", "val" or "test" (stl10 also "unlabeled" and "train+unlabeled"); "test" is
+        the split a reported number comes from, "val" the one models are selected on: see
+        resolve_split (with both val/ and test/, "val" reads val/ and "test" reads test/).
     val_split: number (int >= 1) or fraction (0 < float < 1) of the official train split held
         out as "val", class-stratified and fixed by `seed`; "train" is then the remainder.
-        With val_split == 0, "val" is the official validation/test split, same as "test".
+    eval_split: "auto", "val" or "test", the folder "test" reads (resolve_split).
     download: let torchvision fetch cifar10/cifar100/stl10 when they are missing.
     skip_bad_images: imagefolder / tiny-imagenet replace an image file that cannot be decoded
         by the next one, named on stderr and counted in the dataset's .skipped (else: one
@@ -158,15 +239,34 @@ def build_dataset(name, root, split, transform=None, val_split=0, seed=0, downlo
     build = _BUILDERS[name]
     if name in ("imagefolder", "tiny-imagenet"):  # the datasets that decode image files
         build = partial(build, skip_bad_images=skip_bad_images)
+    source = resolve_split(name, root, split, eval_split, val_split)
     if not val_split or split in ("test", "unlabeled"):
-        return build(root, "test" if split == "val" else split, transform, download)
+        ds = build(root, source, transform, download)
+    else:
+        # held-out validation: carve it out of the official train split. For stl10's
+        # train+unlabeled the labeled part comes first and is the same as "train", so the
+        # same images are held out of both.
+        base = build(root, "train" if split == "val" else split, transform, download)
+        train_idx, val_idx = _holdout(base.targets, val_split, seed)
+        ds = _Subset(base, val_idx if split == "val" else train_idx)
+    ds.split_name = split_label(name, root, source)
+    ds.split_key = source.replace("+", "_")
+    return ds
 
-    # held-out validation: carve it out of the official train split. For stl10's
-    # train+unlabeled the labeled part comes first and is the same as "train", so the
-    # same images are held out of both.
-    base = build(root, "train" if split == "val" else split, transform, download)
-    train_idx, val_idx = _holdout(base.targets, val_split, seed)
-    return _Subset(base, val_idx if split == "val" else train_idx)
+
+def train_labels(name, root):
+    """(classes, unlabelled) of the train split, without decoding an image: how many distinct
+    classes its labelled images hold (class folders, the labels >= 0 of an npy train split,
+    the registry; 1 when every image has the same label) and how many images have none (-1)."""
+    if name == "npy":
+        if _npy_paths(root, "train") is None:
+            _build_npy(root, "train", None, False)  # its one-line error
+        path = _npy_paths(root, "train")[1]
+        labels = _check_npy_labels(np.load(path).reshape(-1), path)
+        return int(np.unique(labels[labels >= 0]).size), int((labels < 0).sum())
+    if name == "imagefolder" and not (Path(root) / "train").is_dir():
+        _build_imagefolder(root, "train", None, False)  # its one-line error
+    return dataset_info(name, root).num_classes or 0, 0
 
 
 class _Subset(Dataset):
@@ -438,19 +538,20 @@ def _image_folder(folder, transform, train_folder, layout, skip_bad_images=False
     return ds
 
 
+_IMAGEFOLDER_LAYOUT = ("a folder with train/ and val/ (or test/, or both) holding one "
+                       "sub-folder per class")
+
+
 def _build_imagefolder(root, split, transform, download, skip_bad_images=False):
+    """split: the folder, "train", "val" or "test" (build_dataset resolves the roles)."""
     root = Path(root)
-    layout = "a folder with train/ and val/ (or test/) holding one sub-folder per class"
+    layout = _IMAGEFOLDER_LAYOUT
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"{root} {what}; pass --data_path pointing to {layout}")
-    if split == "train":
-        folder = root / "train"
-    else:
-        folder = root / "val" if (root / "val").is_dir() else root / "test"
+    folder = root / split
     if not folder.is_dir():
-        want = "train/" if split == "train" else "val/ or test/"
-        raise FileNotFoundError(f"{root} has no {want} folder; pass --data_path pointing to {layout}")
+        raise FileNotFoundError(f"{root} has no {split}/ folder; pass --data_path pointing to {layout}")
     return _image_folder(folder, transform, root / "train", layout, skip_bad_images)
 
 
@@ -560,8 +661,7 @@ def _npy_layout(shape, path):
 
 
 def _build_npy(root, split, transform, download):
-    if split == "test":  # like imagefolder: the official eval split is val/ if present, else test/
-        split = "val" if _npy_paths(root, "val") is not None else "test"
+    """split: the arrays, "train", "val" or "test" (build_dataset resolves the roles)."""
     paths = _npy_paths(root, split)
     if paths is None:
         raise FileNotFoundError(f"no {split} arrays under {root}; pass --data_path pointing to a folder "
@@ -576,10 +676,51 @@ def _build_npy(root, split, transform, download):
     if len(labels) != len(images):
         raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has "
                          f"{len(labels)} labels; they must match")
+    labels = _check_npy_labels(labels, labels_path, unlabelled_ok=split == "train")
     # the test split may miss a class: count classes on train so the indices agree
     train = _npy_paths(root, "train")
-    num_classes = _num_classes(np.load(train[1]) if train else labels)
+    if split != "train" and train is not None:
+        train_labels = _check_npy_labels(np.load(train[1]).reshape(-1), train[1])
+        _check_eval_labels(labels, labels_path, train_labels, train[1])
+        num_classes = _num_classes(train_labels)
+    else:
+        num_classes = _num_classes(labels)
     return ArrayDataset(str(images_path), labels, num_classes, transform, layout)
+
+
+def _counted(values, labels, most=5):
+    """ "5 (12 images), 7 (3 images)" for the first `most` of `values` as found in `labels`."""
+    text = ", ".join(f"{v} ({int((labels == v).sum())} images)" for v in values[:most])
+    return text + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
+def _check_npy_labels(labels, path, unlabelled_ok=True):
+    """Labels as int64: whole numbers, class indices >= 0 or -1 for an unlabelled image (only
+    where unlabelled_ok: a train split, as STL-10's train+unlabeled); else a ValueError naming
+    the file and the bad values."""
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0)):
+            raise ValueError(f"{path} holds {labels.dtype} labels that are not whole numbers "
+                             f"(e.g. {labels[np.mod(labels, 1) != 0][0]}); labels must be class "
+                             f"indices 0..C-1")
+    labels = labels.astype(np.int64)
+    bad = np.unique(labels[(labels < -1) | ((labels == -1) & (not unlabelled_ok))])
+    if bad.size:
+        allowed = ("0..C-1, or -1 for an unlabelled train image" if unlabelled_ok else
+                   "0..C-1 (every image of an evaluation split needs its class)")
+        raise ValueError(f"{path} holds negative labels: {_counted(bad, labels)}; labels must "
+                         f"be class indices {allowed}")
+    return labels
+
+
+def _check_eval_labels(labels, path, train_labels, train_path):
+    """Every class of an evaluation split must be one the train split has: a k-NN or a probe
+    trained on it can never predict another (and a probe's loss fails on an index >= C)."""
+    bad = np.setdiff1d(np.unique(labels), np.unique(train_labels[train_labels >= 0]))
+    if bad.size:
+        raise ValueError(f"{path} has labels that {train_path} never has: {_counted(bad, labels)}; "
+                         f"no classifier trained on the train split can predict them, so its "
+                         f"accuracy would be wrong. Give both splits the same class indices")
 
 
 _DIGITS_SEED = 0  # fixed: every run and every process sees the same 80/20 split

@@ -125,10 +125,11 @@ def test_imagefolder_splits_and_classes(tmp_path):
     for split in ("val", "test"):
         ds = build_dataset("imagefolder", tmp_path, split)
         assert len(ds) == 6 and ds.class_to_idx == train.class_to_idx
-    # ... and both prefer val/ once it exists
+    # ... and once val/ exists too, models are selected on val/ and scored on test/
     _make_folder_tree(tmp_path, "val", classes, 1)
-    for split in ("val", "test"):
-        assert len(build_dataset("imagefolder", tmp_path, split)) == 3
+    assert len(build_dataset("imagefolder", tmp_path, "val")) == 3
+    assert len(build_dataset("imagefolder", tmp_path, "test")) == 6
+    assert len(build_dataset("imagefolder", tmp_path, "test", eval_split="val")) == 3
     assert len(pickle.loads(pickle.dumps(train))) == 12
 
 

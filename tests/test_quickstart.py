@@ -72,6 +72,8 @@ def test_knn_freq_reaches_tensorboard(quickstart):
     out, _ = quickstart
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
-    assert {"knn/top1", "knn/top1_pretrained", "knn/top1_random_init"} <= set(acc.Tags()["scalars"])
-    (event,) = acc.Scalars("knn/top1")
+    # the tags name the split scored: digits' test split
+    assert {"knn/top1_test", "knn/top1_pretrained_test", "knn/top1_random_init_test"} <= \
+        set(acc.Tags()["scalars"])
+    (event,) = acc.Scalars("knn/top1_test")
     assert event.step == 0 and 0 <= event.value <= 100

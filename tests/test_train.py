@@ -129,7 +129,7 @@ def test_eval_knn_on_the_checkpoint(trained):
                                "--dataset", "npy", "--data_path", str(data), "--nb_knn", "1", "5",
                                "--num_workers", "0"])
     assert rc == 0, stderr[-3000:]
-    results = dict(re.findall(r"^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: [\d.]+$",
+    results = dict(re.findall(r"^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: [\d.]+ \(on test/\)$",
                               stdout, re.M))
     assert set(results) == {"1", "5"}, stdout[-2000:]
     # the 4 classes differ in their bright channel (and stripes): any working feature
