@@ -47,8 +47,8 @@ def test_finetune_with_an_mlp_head_and_adam(npy_root, tmp_path, capsys):
     assert all(g["decoupled_weight_decay"] is False for g in groups)  # Adam, not AdamW
     assert 0 <= res["test_acc"] <= 100 and "mlp head lr 1.00e-03" in out
     # one epoch, numbered alike in every line (the file's "epoch" counts finished epochs)
-    assert "Epoch: [0/1]" in out and "Validation accuracy at epoch 0:" in out
-    assert "Testing the best-on-validation model (epoch 0, val" in out
+    assert "Epoch: [0/1]" in out and "Validation accuracy at epoch 0 on " in out
+    assert "Testing the best-on-validation model (epoch 0, " in out
     assert not re.search(r"epoch 1\b", out)
 
 

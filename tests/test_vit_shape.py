@@ -221,13 +221,13 @@ def test_the_comparison_ladder_in_one_command(shaped, npy_root, tmp_path, monkey
     assert "(key 'teacher')" in table
     body = [x for x in table.splitlines() if x.startswith("| ") and "evaluation" not in x]
     assert [x.split(" | ")[0] for x in body] == [
-        "| 20-NN top-1 (test)", "| linear probe top-1 (test, 1 epoch)",
-        "| MLP probe 32 top-1 (test, 1 epoch)", "| linear probe of block1 (test, 1 epoch)",
-        "| linear probe of block2 (test, 1 epoch)", "| linear probe of block3 (test, 1 epoch)",
-        "| fine-tuning, head only (test, best-on-val of 1 epoch)",
-        "| fine-tuning, last 1 block + head (test, best-on-val of 1 epoch)",
-        "| fine-tuning, last 2 blocks + head (test, best-on-val of 1 epoch)",
-        "| fine-tuning, all layers (test, best-on-val of 1 epoch)"]
+        "| 20-NN top-1 (test/)", "| linear probe top-1 (test/, 1 epoch)",
+        "| MLP probe 32 top-1 (test/, 1 epoch)", "| linear probe of block1 (test/, 1 epoch)",
+        "| linear probe of block2 (test/, 1 epoch)", "| linear probe of block3 (test/, 1 epoch)",
+        "| fine-tuning, head only (test/, best-on-val of 1 epoch)",
+        "| fine-tuning, last 1 block + head (test/, best-on-val of 1 epoch)",
+        "| fine-tuning, last 2 blocks + head (test/, best-on-val of 1 epoch)",
+        "| fine-tuning, all layers (test/, best-on-val of 1 epoch)"]
     saved = json.loads((out / "compare.json").read_text())
     assert saved == json.loads(json.dumps(rows))
     for key, row in saved.items():  # each number is its own run's
