@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core import amp, cli, evaluation, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
-                             save_atomic)
+                             save_atomic, unlock_output_dir)
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -457,6 +457,14 @@ def check_args(args):
 def run_linear(args):
     """Train (or with --evaluate, evaluate) the probe; the process group must exist. Returns
     {"best_acc", "test_acc", "layers": [{"name", "dim", "best_acc", "test_acc"}]}."""
+    try:
+        return _run_linear(args)
+    finally:  # the lock of --output_dir (rank 0, taken before training) ends with the run
+        unlock_output_dir(args.output_dir)
+
+
+def _run_linear(args):
+    """run_linear's body; run_linear releases the lock of --output_dir when it ends."""
     check_args(args)
     distu.fix_random_seeds(args.seed)
     amp.resolve_precision(args, args.device)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core import amp, cli, evaluation, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
-                             save_atomic)
+                             save_atomic, unlock_output_dir)
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -365,6 +365,14 @@ def build_datasets(args, info):
 def run_finetune(args):
     """Fine-tune (or test with --evaluate); the process group must exist. Returns
     {"best_val_acc", "test_acc", "metrics"} (metrics: classification_metrics of the test set)."""
+    try:
+        return _run_finetune(args)
+    finally:  # the lock of --output_dir (rank 0, taken before training) ends with the run
+        unlock_output_dir(args.output_dir)
+
+
+def _run_finetune(args):
+    """run_finetune's body; run_finetune releases the lock of --output_dir when it ends."""
     check_args(args)
     distu.fix_random_seeds(args.seed)
     amp.resolve_precision(args, args.device)

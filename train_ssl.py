@@ -216,16 +216,13 @@ FIRST = ("method", "arch", "patch_size", "dataset", "data_path")  # named first 
 
 
 def check_output_dir(args):
-    """Before any data is read: --output_dir is a folder this process can write in, no other
-    run is using (rank 0 locks it for the run: core/checkpoint.lock_output_dir), and the
+    """Before any data is read: --output_dir is a folder this process can write in, and the
     checkpoint.pth there (and the --resume_from file), if any, was written by this same run
     (core/checkpoint.check_same_run), not by a run of another method, model or dataset that
     would crash the resume or, worse, be continued silently; nor by another number of
     processes, unless --allow_world_size_change true (core/preempt.check_world_size). Flags
     left unset (None) are derived from the compared ones."""
     make_output_dir(args.output_dir)
-    if distu.is_main_process():
-        lock_output_dir(args.output_dir)
     paths = [p for p in [os.path.join(args.output_dir, "checkpoint.pth")] if os.path.isfile(p)]
     if args.resume_from:
         paths.append(args.resume_from)  # a missing one is reported here, before any data
@@ -247,6 +244,9 @@ def check_output_dir(args):
 
 def train_ssl(args):
     distu.init_distributed_mode(args)
+    make_output_dir(args.output_dir)
+    if distu.is_main_process():  # one run per folder: a second one stops here, in one line
+        lock_output_dir(args.output_dir)  # held until this process ends, however it ends
     check_output_dir(args)
     distu.fix_random_seeds(args.seed)
     method = METHODS[args.method]

@@ -191,7 +191,10 @@ def lock_output_dir(folder):
 
 
 def unlock_output_dir(folder):
-    """Release lock_output_dir(folder) before this process ends (tests); the file stays."""
+    """Release lock_output_dir(folder) before this process ends (a run called in a process
+    that goes on: tests, notebooks); the file stays. A no-op if this process does not hold it."""
+    if not folder:
+        return
     held = _LOCKS.pop(os.path.realpath(folder), None)
     if held is not None and held[0] == os.getpid():
         os.close(held[1])

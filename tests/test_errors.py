@@ -308,12 +308,13 @@ def _hold_lock(folder, ready, done):
     done.wait(60)
 
 
-def test_a_second_run_in_one_output_dir_is_refused_until_the_first_ends(tmp_path, capsys):
-    """Two runs in one --output_dir would both train and interleave log.txt: the second is
-    refused with one line naming the folder and the first's pid; once the first is gone (here
-    SIGKILLed, its lock file left behind), the next run takes the folder."""
+def test_an_output_dir_lock_refuses_a_second_run_until_the_first_is_gone(tmp_path, capsys):
+    """core/checkpoint.lock_output_dir: a folder another live process holds is refused with one
+    line naming it and the holder's pid; once the holder is gone (here SIGKILLed, its lock file
+    left behind, a stale lock), the folder is free. The script-level runs:
+    tests/test_preempt.py test_a_second_run_in_one_output_dir_is_refused."""
     import multiprocessing as mp
-    from core.checkpoint import unlock_output_dir
+    from core.checkpoint import lock_output_dir, unlock_output_dir
     out = tmp_path / "out"
     out.mkdir()
     ctx = mp.get_context("fork")
@@ -322,18 +323,18 @@ def test_a_second_run_in_one_output_dir_is_refused_until_the_first_ends(tmp_path
     holder.start()
     try:
         assert ready.wait(30)
-        args = train_ssl.parse_args(SIMCLR + ["--output_dir", str(out)])
-        exits_with_one_line(lambda: train_ssl.check_output_dir(args), capsys,
+        exits_with_one_line(lambda: lock_output_dir(str(out)), capsys,
                             f"--output_dir {out} is in use by another run (pid {holder.pid} on",
-                            "pass another --output_dir")
+                            "wait for it to end or stop it, or pass another --output_dir")
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # kill -9: no chance to clean up
         holder.join()
     assert f"pid {holder.pid}" in (out / ".lock").read_text()  # the dead run's lock file stays
-    train_ssl.check_output_dir(args)  # ... and does not block
+    assert lock_output_dir(str(out)) is not None  # ... and does not block
     assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
-    train_ssl.check_output_dir(args)  # this process again (in-process runs): still its own
+    assert lock_output_dir(str(out)) is not None  # this process again (in-process runs)
     unlock_output_dir(str(out))
+    assert (out / ".lock").exists()
 
 
 class _FullDisk:

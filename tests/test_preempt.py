@@ -605,6 +605,31 @@ def test_disk_full_mid_run_is_one_error_line_and_the_last_checkpoint_stays(tmp_p
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 3) and not tmp_files(out)
 
 
+def test_a_second_run_in_one_output_dir_is_refused(tmp_path):
+    """Two train_ssl.py runs started in one --output_dir both trained and interleaved log.txt:
+    the second stops before reading any data, exit code 2, with one line naming the folder and
+    the first run's pid (here a process holding the folder's lock)."""
+    import multiprocessing as mp
+    data = make_digits(tmp_path / "data", n_train=32)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, done))
+    holder.start()
+    STARTED.append(holder)
+    assert ready.wait(30)
+    run = Run(dino_argv(data, out), tmp_path / "second")
+    assert run.join() == [2], run.text()[-3000:]
+    errors = [line for line in run.text().splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --output_dir {out} is in use by another run (pid {holder.pid} on "
+                      f"{socket.gethostname()}); wait for it to end or stop it, or pass another "
+                      "--output_dir"], run.text()[-3000:]
+    assert "Data loaded" not in run.text() and not (out / "log.txt").exists()
+    done.set()
+    holder.join()
+
+
 def _eval_args(script, data, out, *extra):
     flags = ["--arch", "vit_tiny", "--patch_size", "8", "--image_size", "16", "--dataset", "npy",
              "--data_path", str(data), "--num_workers", "0", "--batch_size_per_gpu", "16",
