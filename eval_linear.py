@@ -40,7 +40,8 @@ from models import feature_dim, is_vit, layerwise_features
 
 def get_args_parser():
     parser = cli.ArgumentParser("Evaluation with linear classification",
-                                parents=[evaluation.get_args_parser()])
+                                parents=[evaluation.get_args_parser()],
+                                formatter_class=cli.HelpFormatter)  # every flag with its default
     parser.set_defaults(n_last_blocks=4)  # DINO: 4 for ViT-Small, 1 for ViT-Base
 
     group = parser.add_argument_group("The probe and its training")

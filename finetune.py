@@ -44,7 +44,8 @@ from models import extract_features, feature_dim, is_vit
 
 
 def get_args_parser():
-    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()],
+                                formatter_class=cli.HelpFormatter)  # every flag with its default
     group = parser.add_argument_group("What trains")
     group.add_argument("--drop_path", default=0.1, type=float,
                        help="ViT stochastic depth rate (iBOT ViT-S: 0.1); ResNets have none.")
