@@ -117,7 +117,7 @@ class Preemption:
         self._first_sigint = None  # time.monotonic() of the first Ctrl-C
         self.stop = False   # the ranks agreed to stop (after the checkpoint)
         self.where = None   # the global iteration after which they stopped
-        self.agreed_signal = None  # SIGUSR1 if any rank got it, else SIGTERM (once stopped)
+        self.agreed_signal = None  # SIGUSR1 if any rank got it, else SIGINT, else SIGTERM
         self.last_save = time.monotonic()
         self._previous = {}
         for name, signum in SIGNALS.items():
