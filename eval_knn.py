@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from core import amp, cli, evaluation
 from core import dist as distu
-from core.checkpoint import make_output_dir, save_atomic
+from core.checkpoint import load_file, make_output_dir, save_atomic
 from core.evaluation import extract_dataset_features, knn_classifier, knn_k_used
 from core.logger import bool_flag
 from data import dataset_info, eval_transform
@@ -172,7 +172,9 @@ def run_knn(args):
         if folder and distu.is_main_process():
             make_output_dir(folder)  # writable, before any feature is extracted
     if args.load_features:
-        feats = torch.load(os.path.join(args.load_features, "features.pth"), map_location="cpu")
+        feats = load_file(os.path.join(args.load_features, "features.pth"), what="features file",
+                          missing_hint="pass the --dump_features folder of an earlier eval_knn.py "
+                                       "run")
         train_f, test_f = feats["train_features"], feats["test_features"]
         train_labels, test_labels = feats["train_labels"], feats["test_labels"]
         num_classes = int(feats["num_classes"])

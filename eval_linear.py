@@ -19,6 +19,7 @@ from <output_dir>/checkpoint.pth.tar only if that file was written with the same
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import amp, cli, evaluation, preempt
 from core import dist as distu
-from core.checkpoint import load_file, make_output_dir, remove_stale_tmp, save_atomic
+from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
+                             save_atomic, unlock_output_dir)
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -41,7 +43,8 @@ from models import MLPClassifier, feature_dim, is_vit, layerwise_features
 
 def get_args_parser():
     parser = cli.ArgumentParser("Evaluation with linear classification",
-                                parents=[evaluation.get_args_parser()])
+                                parents=[evaluation.get_args_parser()],
+                                formatter_class=cli.HelpFormatter)  # every flag with its default
     parser.set_defaults(n_last_blocks=4)  # DINO: 4 for ViT-Small, 1 for ViT-Base
 
     group = parser.add_argument_group("The probe and its training")
@@ -355,10 +358,21 @@ def restart_probe(path, probe, optimizer, scheduler, args):
         return 0, 0, None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
     ckpt = load_file(path)
     evaluation.check_resume(path, ckpt, args)
+    written_by = preempt.check_world_size(path, ckpt, args.world_size, args.batch_size_per_gpu,
+                                          args.allow_world_size_change,
+                                          lambda batch: args.lr * batch / 256.0)
     preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
     load_probe(probe, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if written_by and written_by != args.world_size:  # --allow_world_size_change true
+        # the saved optimizer and schedule hold the lr of the old global batch: rescale them
+        scale = args.world_size / written_by
+        scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+            if "initial_lr" in group:
+                group["initial_lr"] *= scale
     start_iter = ckpt.get("iteration", 0)
     print(f"Found checkpoint at {path}: resuming from epoch {ckpt['epoch']}"
           + (f", iteration {start_iter}." if start_iter else "."))
@@ -465,6 +479,14 @@ def check_args(args):
 def run_linear(args):
     """Train (or with --evaluate, evaluate) the probe; the process group must exist. Returns
     {"best_acc", "test_acc", "layers": [{"name", "dim", "best_acc", "test_acc"}]}."""
+    try:
+        return _run_linear(args)
+    finally:  # the lock of --output_dir (rank 0, taken before training) ends with the run
+        unlock_output_dir(args.output_dir)
+
+
+def _run_linear(args):
+    """run_linear's body; run_linear releases the lock of --output_dir when it ends."""
     check_args(args)
     distu.fix_random_seeds(args.seed)
     amp.resolve_precision(args, args.device)
@@ -480,6 +502,8 @@ def run_linear(args):
     if args.evaluate:
         scored = dataset_test if dataset_test is not None else dataset_val
         return evaluate_probe(model, probe, feats_fn, scored, names, dims, args)
+    if distu.is_main_process():
+        lock_output_dir(args.output_dir)  # one training run per folder, held until this one ends
     splits = {"best_acc": dataset_val.split_name,
               "test_acc": dataset_test.split_name if dataset_test is not None else None}
 
@@ -529,7 +553,8 @@ def run_linear(args):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
-    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and stop (exit 0)
+    # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and stop (exit 0,
+    # or 130 after Ctrl-C)
     stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
                                  args.device)
     for epoch in range(start_epoch, args.epochs):
@@ -586,6 +611,8 @@ def eval_linear(args):
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     results = run_linear(args)  # None when a signal stopped it (checkpoint written)
     distu.cleanup()
+    if results is None and preempt.LAST_EXIT_CODE:
+        sys.exit(preempt.LAST_EXIT_CODE)  # 130 after Ctrl-C
     return results
 
 

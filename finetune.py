@@ -23,6 +23,7 @@ in core/evaluation.py.
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core import amp, cli, evaluation, preempt
 from core import dist as distu
-from core.checkpoint import load_file, make_output_dir, remove_stale_tmp, save_atomic
+from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
+                             save_atomic, unlock_output_dir)
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
@@ -44,7 +46,8 @@ from models import MLPClassifier, extract_features, feature_dim, is_vit
 
 
 def get_args_parser():
-    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()])
+    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()],
+                                formatter_class=cli.HelpFormatter)  # every flag with its default
     group = parser.add_argument_group("What trains")
     group.add_argument("--drop_path", default=0.1, type=float,
                        help="ViT stochastic depth rate (iBOT ViT-S: 0.1); ResNets have none.")
@@ -400,6 +403,14 @@ def build_datasets(args, info):
 def run_finetune(args):
     """Fine-tune (or test with --evaluate); the process group must exist. Returns
     {"best_val_acc", "test_acc", "metrics"} (metrics: classification_metrics of the test set)."""
+    try:
+        return _run_finetune(args)
+    finally:  # the lock of --output_dir (rank 0, taken before training) ends with the run
+        unlock_output_dir(args.output_dir)
+
+
+def _run_finetune(args):
+    """run_finetune's body; run_finetune releases the lock of --output_dir when it ends."""
     check_args(args)
     distu.fix_random_seeds(args.seed)
     amp.resolve_precision(args, args.device)
@@ -436,6 +447,8 @@ def run_finetune(args):
         return {"best_val_acc": None, "test_acc": metrics["accuracy"], "metrics": metrics,
                 "splits": {"best_val_acc": None, "test_acc": dataset_test.split_name}}
 
+    if distu.is_main_process():
+        lock_output_dir(args.output_dir)  # one training run per folder, held until this one ends
     global_batch = args.batch_size_per_gpu * args.world_size
     if len(dataset_train) < global_batch:
         raise ValueError(f"the train split has {len(dataset_train)} images, fewer than one global "
@@ -470,6 +483,9 @@ def run_finetune(args):
     if os.path.isfile(ckpt_path):
         ckpt = load_file(ckpt_path)
         evaluation.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
+        # another number of processes: refused, or said (the lrs do not scale with the batch)
+        preempt.check_world_size(ckpt_path, ckpt, args.world_size, args.batch_size_per_gpu,
+                                 args.allow_world_size_change)
         preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -501,7 +517,8 @@ def run_finetune(args):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
-    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and stop (exit 0)
+    # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and stop (exit 0,
+    # or 130 after Ctrl-C)
     stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
                                  args.device)
     for epoch in range(start_epoch, args.epochs):
@@ -568,6 +585,8 @@ def finetune(args):
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     results = run_finetune(args)
     distu.cleanup()
+    if results is None and preempt.LAST_EXIT_CODE:
+        sys.exit(preempt.LAST_EXIT_CODE)  # 130 after Ctrl-C
     return results
 
 

@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from core import amp, cli, preempt
 from core import dist as distu
 from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_resume,
-                             make_output_dir, remove_stale_tmp, restart_from_checkpoint,
-                             save_atomic)
+                             lock_output_dir, make_output_dir, remove_stale_tmp,
+                             restart_from_checkpoint, save_atomic)
 from core.curves import save_curves
 from core.diagnostics import check_collapse
 from core.evaluation import KNNEvaluator, add_eval_split_arg, check_knn_data
@@ -240,8 +240,9 @@ def check_output_dir(args):
     """Before any data is read: --output_dir is a folder this process can write in, and the
     checkpoint.pth there (and the --resume_from file), if any, was written by this same run
     (core/checkpoint.check_same_run), not by a run of another method, model or dataset that
-    would crash the resume or, worse, be continued silently. Flags left unset (None) are
-    derived from the compared ones."""
+    would crash the resume or, worse, be continued silently; nor by another number of
+    processes, unless --allow_world_size_change true (core/preempt.check_world_size). Flags
+    left unset (None) are derived from the compared ones."""
     make_output_dir(args.output_dir)
     paths = [p for p in [os.path.join(args.output_dir, "checkpoint.pth")] if os.path.isfile(p)]
     if args.resume_from:
@@ -250,17 +251,24 @@ def check_output_dir(args):
                for k, v in vars_plain(args).items() if v is not None}
     for path in paths:
         try:
-            stored = checkpoint_args(load_file(path, mmap=True))
+            ckpt = load_file(path, mmap=True)
         except ValueError:
             continue  # an unreadable checkpoint is the resume's to report
+        stored = checkpoint_args(ckpt)
         if stored.get("data_path"):
             stored = {**stored, "data_path": os.path.abspath(stored["data_path"])}
         check_same_run(path, stored, current, RESUMABLE, FIRST)
+        preempt.check_world_size(path, ckpt, getattr(args, "world_size", None),
+                                 args.batch_size_per_gpu, args.allow_world_size_change,
+                                 lambda batch: lr_for_batch(args.lr, batch))
 
 
 def train_ssl(args):
     check_knn_data(args)  # the k-NN check has a labelled split to score, before any image is read
     distu.init_distributed_mode(args)
+    make_output_dir(args.output_dir)
+    if distu.is_main_process():  # one run per folder: a second one stops here, in one line
+        lock_output_dir(args.output_dir)  # held until this process ends, however it ends
     check_output_dir(args)
     distu.fix_random_seeds(args.seed)
     method = METHODS[args.method]
@@ -360,7 +368,8 @@ def train_ssl(args):
         knn = KNNEvaluator.for_run(args, info)
 
     knn_top1 = None  # the k-NN top-1 after the last epoch, when --knn_freq evaluated it
-    # SIGTERM / SIGUSR1 from here on: the ranks finish the step, save, and exit 0
+    # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and exit (0, or
+    # 130 after Ctrl-C; a second Ctrl-C stops at once)
     stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
                                  args.device)
     start_time = time.time()
@@ -408,10 +417,12 @@ def train_ssl(args):
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     if stopper.stop:
-        stopper.finish()
+        code = stopper.finish()  # 130 after Ctrl-C: an interrupted command
         if writer is not None:
             writer.close()
         distu.cleanup()
+        if code:
+            sys.exit(code)
         return
 
     if args.knn_eval and knn is not None:

@@ -67,6 +67,7 @@ import train_ssl  # noqa: E402
 from bench import throughput, tta  # noqa: E402
 from core import amp, cli  # noqa: E402
 from core import dist as distu  # noqa: E402
+from core.checkpoint import load_file  # noqa: E402
 from core.logger import bool_flag  # noqa: E402
 from core.optim import build_optimizer, get_params_groups, lr_for_batch  # noqa: E402
 from data import dataset_info  # noqa: E402
@@ -453,7 +454,7 @@ def distributed(device, out, data_flags, tiny):
             return "fail", {"run_s": times}, f"run {epochs} exited {proc.returncode}: " + \
                 " / ".join(tail)
         outputs.append(proc.stdout)
-    ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
+    ckpt = load_file(str(run_dir / "checkpoint.pth"))
     checks = {f"{backend} init": f"rank 0/1, {backend}" in outputs[0],
               "epoch 0 trained": "Starting dino training from epoch 0!" in outputs[0],
               "resumed": f"Found checkpoint at {run_dir / 'checkpoint.pth'}" in outputs[1]

@@ -11,6 +11,7 @@ The step body is the same for all three precisions: with bf16/fp32 the scaler is
 scale/unscale_/step/update reduce to backward and optimizer.step().
 """
 import contextlib
+import os
 
 import torch
 
@@ -23,7 +24,7 @@ def add_precision_args(parser):
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="Autocast dtype of the forward pass on CUDA (default: bf16; fp16 adds "
                              "a GradScaler; fp32 is DINO's recommendation for small patches). "
-                             "CPU always runs fp32.")
+                             "CPU always runs fp32 (an explicit bf16/fp16 says so in a note).")
     parser.add_argument("--use_fp16", default=None, type=bool_flag,
                         help="DINO's flag, kept as an alias: true means --precision fp16, false "
                              "means --precision fp32 (default: unset, i.e. --precision decides).")
@@ -37,9 +38,17 @@ def resolve_precision(args, device):
     if precision is not None and alias is not None and precision != alias:
         raise ValueError(f"--precision {precision} contradicts --use_fp16 {str(use_fp16).lower()} "
                          f"(which means {alias}); give only one of the two flags")
-    precision = precision or alias or "bf16"
+    asked = precision or alias
+    precision = asked or "bf16"
     if torch.device(device).type != "cuda":
         precision = "fp32"  # autocast on CPU is slower than fp32 and changes the numerics
+        # a note, not an error: fp32 computes what was asked at least as precisely, and a GPU
+        # command run on a CPU machine to try it should run; said once (rank 0), in one line
+        if asked in ("fp16", "bf16") and os.environ.get("RANK", "0") == "0":
+            flag = f"--precision {asked}" if getattr(args, "precision", None) else \
+                "--use_fp16 true"
+            print(f"note: {flag} is CUDA-only here; training in fp32 on {torch.device(device).type} "
+                  "(mixed precision runs only on CUDA GPUs)", flush=True)
     args.precision = precision
     return precision
 

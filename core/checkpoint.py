@@ -1,6 +1,9 @@
 """Checkpoints: atomic saves, resume, and loading pretrained weights into a bare backbone; the
-output folder made and checked writable before a run starts (make_output_dir), and the resume
-guard every script shares (check_same_run: never resume another run's checkpoint).
+output folder made and checked writable before a run starts (make_output_dir), locked for the
+run (lock_output_dir: one run per folder), and the resume guard every script shares
+(check_same_run: never resume another run's checkpoint). Every file of ours is read through
+load_file (torch.load with weights_only=True, never unpickling code: tests/test_errors.py scans
+the source for any other torch.load).
 
 Training checkpoints are one dict with the official key names (facebookresearch/dino):
 {"student", "teacher", "optimizer", "dino_loss" | "ibot_loss", "fp16_scaler", "epoch", "args"};
@@ -11,8 +14,10 @@ argparse.Namespace there, and `checkpoint_args` reads either. A checkpoint writt
 rank's random generators); "epoch" always counts the finished epochs, as DINO's.
 """
 import argparse
+import errno
 import os
 import re
+import socket
 import tempfile
 import time
 import zipfile
@@ -31,7 +36,9 @@ def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
     `path`, and the folder's entry flushed too: a crash, a SIGKILL or a power cut mid-write
     leaves either the old file or the new one, never a truncated one. A killed write leaves its
-    `<path>.tmp.<pid>` behind; remove_stale_tmp clears those when the next run starts."""
+    `<path>.tmp.<pid>` behind; remove_stale_tmp clears those when the next run starts. A write
+    the file system refuses (disk full, quota, read-only ...) removes the temporary file, keeps
+    the old `path` and raises one WriteError line naming the file, the errno and the fix."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -43,9 +50,53 @@ def save_atomic(obj, path):
             time.sleep(pause)
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except (OSError, RuntimeError) as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise  # not the file system's answer: a bug, with its traceback
+        raise WriteError(path, cause) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:
+            pass
+
+
+class WriteError(OSError):
+    """A file the file system refused to write, as one line (core/cli.py prints it)."""
+
+    def __init__(self, path, cause):
+        folder = os.path.dirname(os.path.abspath(path))
+        code = errno.errorcode.get(cause.errno, str(cause.errno))
+        fix = {errno.ENOSPC: f"free space on the disk of {folder} or pass another --output_dir",
+               errno.EDQUOT: f"free space within your disk quota ({folder}) or pass another "
+                             "--output_dir",
+               errno.EROFS: f"{folder} is on a read-only file system now; pass another "
+                            "--output_dir",
+               errno.EACCES: f"make {folder} writable or pass another --output_dir",
+               errno.EPERM: f"make {folder} writable or pass another --output_dir",
+               }.get(cause.errno, f"check the disk of {folder} or pass another --output_dir")
+        kept = " (the previous one is kept)" if os.path.isfile(path) else ""
+        self.message = (f"could not write {path}{kept}: {code} ({cause.strerror or cause}); "
+                        f"{fix}")
+        super().__init__(cause.errno, self.message, path)
+
+    def __str__(self):
+        return self.message
+
+
+def _os_error(exc):
+    """The OSError with an errno behind `exc`: itself, or the one raised while torch's zip writer
+    wrote (torch re-raises a failed write as a RuntimeError, "unexpected pos ...", whose
+    context is the OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fsync_dir(folder):
@@ -96,31 +147,88 @@ def make_output_dir(path):
                               "pass a folder you can write to") from None
 
 
-def load_file(path, mmap=False):
-    """torch.load on CPU. Official DINO/iBOT training checkpoints pickle an argparse.Namespace,
-    and numpy scalars (their optimizer state holds numpy floats), which weights_only=True
-    refuses; allow exactly those classes. mmap=True maps the tensors instead of reading them
-    (cheap when only "args" is needed). Every unreadable file is one ValueError naming it."""
+class OutputDirInUse(OSError):
+    """Another live process holds the lock of the output folder (lock_output_dir)."""
+
+
+_LOCKS = {}  # real path of a locked folder -> (pid that locked it, the lock file's descriptor)
+
+
+def lock_output_dir(folder):
+    """One run per output folder: an exclusive flock on `folder`/.lock, taken by rank 0 before
+    anything is written there and held until the process ends, however it ends (the kernel drops
+    a flock with its last descriptor, so a SIGKILLed run leaves no stale lock: its pid in the
+    file is simply overwritten). A second run meets OutputDirInUse: one line naming the folder
+    and the holder's pid and host. Locking again in the same process is a no-op (in-process
+    runs in tests). File systems without flock (some network mounts): a warning, no lock.
+    Returns the lock's descriptor, or None when the folder could not be locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return None
+    key = os.path.realpath(folder)
+    held = _LOCKS.get(key)
+    if held is not None and held[0] == os.getpid():
+        return held[1]
+    path = os.path.join(folder, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated before it is ours
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise OutputDirInUse(f"--output_dir {folder} is in use by another run ("
+                                 f"{holder or 'its pid not written yet'}); wait for it to end "
+                                 "or stop it, or pass another --output_dir") from None
+        print(f"warning: could not lock {path} ({e.strerror or e}); a second run started in "
+              f"{folder} would not be refused")
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _LOCKS[key] = (os.getpid(), fd)
+    return fd
+
+
+def unlock_output_dir(folder):
+    """Release lock_output_dir(folder) before this process ends (a run called in a process
+    that goes on: tests, notebooks); the file stays. A no-op if this process does not hold it."""
+    if not folder:
+        return
+    held = _LOCKS.pop(os.path.realpath(folder), None)
+    if held is not None and held[0] == os.getpid():
+        os.close(held[1])
+
+
+def load_file(path, mmap=False, what="checkpoint", missing_hint=None):
+    """torch.load on CPU with weights_only=True: the one way this repo reads a file (a pickle
+    may hold code; torch 2.5, the lowest supported, still unpickles anything by default).
+    Official DINO/iBOT training checkpoints pickle an argparse.Namespace, and numpy scalars
+    (their optimizer state holds numpy floats), which weights_only=True refuses; allow exactly
+    those classes. mmap=True maps the tensors instead of reading them (cheap when only "args"
+    is needed). Every unreadable file is one ValueError naming it: `what` it is ("checkpoint",
+    "features file") and, when it does not exist, `missing_hint` (what to pass instead)."""
     if os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint '{path}' is a folder; pass the path of a .pth file "
+        raise FileNotFoundError(f"{what} '{path}' is a folder; pass the path of a .pth file "
                                 "in it (e.g. checkpoint.pth)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; pass the path of a .pth "
-                         "file written by train_ssl.py or an official DINO/iBOT release")
+        raise FileNotFoundError(f"{what} '{path}' does not exist; " + (
+            missing_hint or "pass the path of a .pth file written by train_ssl.py or an "
+                            "official DINO/iBOT release"))
     if os.path.getsize(path) == 0:
-        raise ValueError(f"checkpoint '{path}' is empty (0 bytes), e.g. a copy or download that "
+        raise ValueError(f"{what} '{path}' is empty (0 bytes), e.g. a copy or download that "
                          "did not finish; copy it again or pass another file")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file for the user
         if mmap:  # files of the legacy (pre-zip) format cannot be mapped: read them
-            return load_file(path)
+            return load_file(path, what=what, missing_hint=missing_hint)
         # torch's weights-only refusal is a page of advice; its one fact is the unpickler's error
         refusal = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(e), re.S)
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # one sentence
         reason = refusal.group(1) if refusal else first
-        raise ValueError(f"could not read checkpoint '{path}' ({type(e).__name__}"
+        raise ValueError(f"could not read {what} '{path}' ({type(e).__name__}"
                          f"{': ' + reason if reason else ''}); is it a complete PyTorch .pth "
                          "file?") from None
 
@@ -148,6 +256,10 @@ def _show(v):
     return "''" if v == "" else str(v)
 
 
+# Flags that say how to treat a changed run, not what it computes: never compared.
+RUN_CONTROL = {"allow_world_size_change"}
+
+
 def check_same_run(path, stored, current, resumable=(), first=()):
     """The resume guard: refuse to resume `path` when the run that wrote it had other flags
     than this command. stored: the flags kept in the checkpoint (checkpoint_args; None or {}
@@ -161,7 +273,8 @@ def check_same_run(path, stored, current, resumable=(), first=()):
                          f"cannot be resumed safely; pass another --output_dir or delete that folder")
     order = [k for k in first if k in current] + sorted(k for k in current if k not in first)
     for k in order:
-        if k in resumable or k not in stored or _plain(stored[k]) == _plain(current[k]):
+        if k in resumable or k in RUN_CONTROL or k not in stored \
+                or _plain(stored[k]) == _plain(current[k]):
             continue
         raise ValueError(f"{path} was written by a run with --{k} {_show(stored[k])}, this command "
                          f"has --{k} {_show(current[k])}; pass another --output_dir or delete that "

@@ -4,7 +4,8 @@ message; the script's entry point turns them into one `error: ...` line and exit
     if __name__ == "__main__":
         cli.run(lambda: main(parse_args()))
 
-Set MINISSL_TRACEBACK=1 to see the full traceback instead.
+Set MINISSL_TRACEBACK=1 to see the full traceback instead. Ctrl-C outside a training loop (whose
+own handler finishes the step and saves, core/preempt.py) ends with one line and exit code 130.
 
 ArgumentParser prints argparse's own error line without the usage block before it;
 HelpFormatter makes `--help` end every flag's help with its effective default.
@@ -30,7 +31,8 @@ def error_message(exc):
 
 
 def run(main):
-    """Call main(); a user error ends the process with one line on stderr and exit code 2."""
+    """Call main(); a user error ends the process with one line on stderr and exit code 2, a
+    Ctrl-C with one line and exit code 130 (what an interrupted command returns)."""
     try:
         return main()
     except USER_ERRORS as exc:
@@ -38,6 +40,12 @@ def run(main):
             raise
         print(error_message(exc), file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("MINISSL_TRACEBACK"):
+            raise
+        print("Stopped by Ctrl-C (outside the training loop: nothing more to save).",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,15 +1,20 @@
-"""Preemption: mid-epoch checkpoints, SIGTERM / SIGUSR1, SLURM requeue, and an exact resume.
+"""Preemption: mid-epoch checkpoints, SIGTERM / SIGUSR1 / Ctrl-C, SLURM requeue, an exact resume.
 
 Shared clusters preempt jobs and lose nodes. A run killed at any moment and started again with
 the same command continues from its last checkpoint and ends with the weights an uninterrupted
 run gives: bit-identical on CPU with a fixed seed and num_workers 0 (tests/test_preempt.py).
 
-    add_args(parser)                 --checkpoint_every_iters, --checkpoint_every_minutes
-    preempt = Preemption(args)       SIGTERM and SIGUSR1 only set a flag: the step in flight ends
+    add_args(parser)                 --checkpoint_every_iters, --checkpoint_every_minutes,
+                                     --allow_world_size_change
+    preempt = Preemption(args)       SIGTERM, SIGUSR1 and a first Ctrl-C only set a flag: the
+                                     step in flight ends; a second Ctrl-C stops at once (130)
     preempt.sync_due(it)             where the loop must call agree() (besides its print_freq)
     flags = preempt.agree(nonfinite, it)   flags.nonfinite, flags.stop, flags.save
     preempt.saved()                  restart the --checkpoint_every_minutes clock
-    preempt.finish()                 after the last checkpoint: SLURM requeue on SIGUSR1
+    preempt.finish()                 after the last checkpoint: SLURM requeue on SIGUSR1; returns
+                                     the exit code (130 after Ctrl-C, else 0)
+    check_world_size(...)            a resume by another number of processes: refused, or with
+                                     --allow_world_size_change true, said (new global batch, lr)
     gather_rank_states(logger)       every rank's random generators and running sums, on rank 0
     restore_rank_state(state, logger)
     keep_rng()                       a block that leaves the random generators as it found them
@@ -33,6 +38,15 @@ three numbers instead of one. A per-step all-reduce would cost a host-device syn
 (NCCL's result must be read on the host to decide). So with several ranks a stop takes effect
 at most print_freq steps after the signal (10 by default, seconds of training), well inside
 SLURM's warning time; one process stops at the end of the step in flight.
+
+Ctrl-C (SIGINT) is a stop like SIGTERM: the step ends, the checkpoint is written, and the process
+exits with code 130, as an interrupted command does (so `train && eval` does not go on to
+evaluate a half-trained backbone). A second Ctrl-C stops at once without saving (exit 130; the
+last checkpoint stays, a half-written one is removed by the next start). A terminal sends Ctrl-C
+to every process of the job, and torchrun forwards the SIGINT it gets to its workers too, so a
+worker sees one press as two signals milliseconds apart: signals within SAME_PRESS_S of the
+first count as that press. Forked DataLoader workers inherit the handler and ignore Ctrl-C: the
+main process stops them (otherwise they would die at once, and the step after it with them).
 """
 import contextlib
 import itertools
@@ -41,6 +55,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -50,10 +65,13 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from core import dist as distu
+from core.logger import bool_flag
 
-SIGNALS = {"SIGTERM": signal.SIGTERM}
+SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 if hasattr(signal, "SIGUSR1"):  # not on Windows
     SIGNALS["SIGUSR1"] = signal.SIGUSR1
+SAME_PRESS_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C (see above)
+INTERRUPTED = 130   # the exit code of a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def add_args(parser):
@@ -68,6 +86,10 @@ def add_args(parser):
                         help="Also write checkpoint.pth mid-epoch every this many minutes (e.g. "
                              "20 on a cluster that preempts; 0: off). Checked every "
                              "--print_freq iterations.")
+    parser.add_argument("--allow_world_size_change", default=False, type=bool_flag,
+                        help="Resume a checkpoint written by another number of processes, with "
+                             "the global batch (and the lr scaled to it) of this one, printed; "
+                             "false: such a resume stops with one line.")
 
 
 def check_args(args):
@@ -79,18 +101,23 @@ def check_args(args):
 # ============ signals and the agreement to stop ... ============
 
 class Preemption:
-    """Catches SIGTERM and SIGUSR1 for the life of the training loop and decides, with the other
-    ranks, when to write a mid-epoch checkpoint and when to stop. close() puts the previous
-    signal handlers back."""
+    """Catches SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) for the life of the training loop and
+    decides, with the other ranks, when to write a mid-epoch checkpoint and when to stop.
+    close() puts the previous signal handlers back."""
 
     def __init__(self, every_iters=0, every_minutes=0.0, device="cpu"):
         self.every_iters, self.every_minutes = every_iters, every_minutes
         self.device = torch.device(device)
         self.world_size = distu.get_world_size()
-        self.signal = None  # the name of the signal this rank received
+        self.signal = None  # the name of the signal this rank received (the latest)
+        self.received = set()  # the names of every signal this rank received
+        self.exit_code = 0  # INTERRUPTED once finish() stopped after a Ctrl-C
+        self._pid = os.getpid()  # a forked DataLoader worker inherits the handler: it ignores
+        self._loud = distu.is_main_process()
+        self._first_sigint = None  # time.monotonic() of the first Ctrl-C
         self.stop = False   # the ranks agreed to stop (after the checkpoint)
         self.where = None   # the global iteration after which they stopped
-        self.agreed_signal = None  # SIGUSR1 if any rank got it, else SIGTERM (once stopped)
+        self.agreed_signal = None  # SIGUSR1 if any rank got it, else SIGINT, else SIGTERM
         self.last_save = time.monotonic()
         self._previous = {}
         for name, signum in SIGNALS.items():
@@ -100,8 +127,35 @@ class Preemption:
                 pass
 
     def _handler(self, signum, frame):  # noqa: ARG002 - a Python signal handler's signature
-        # only a flag: the step in flight finishes, and printing here could re-enter print()
-        self.signal = signal.Signals(signum).name
+        # only a flag: the step in flight finishes; the lines go straight to the file descriptor,
+        # as print() here could re-enter a print() the signal interrupted
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: the main process decides, and stops it
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            now = time.monotonic()
+            if self._first_sigint is None:
+                self._first_sigint = now
+                self._say("Ctrl-C: finishing this step and saving; press Ctrl-C again to stop "
+                          "at once")
+            elif now - self._first_sigint > SAME_PRESS_S:
+                self._say("Ctrl-C again: stopping at once without saving; the last checkpoint "
+                          "is kept")
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:  # noqa: BLE001 - e.g. a flush this signal interrupted
+                        pass
+                os._exit(INTERRUPTED)
+        self.signal = name
+        self.received.add(name)
+
+    def _say(self, line):
+        if self._loud:
+            try:
+                os.write(2, (line + "\n").encode())
+            except OSError:
+                pass
 
     def close(self):
         for signum, handler in self._previous.items():
@@ -124,20 +178,23 @@ class Preemption:
 
     def agree(self, nonfinite=None, it=None):
         """Every rank at the same iteration: one all-reduce of (non-finite losses so far, ranks
-        that got SIGTERM, ranks that got SIGUSR1, ranks whose checkpoint clock ran out), read on
-        the host. Returns flags.nonfinite (count), flags.stop and flags.save (stop implies
-        save); after a stop, self.agreed_signal is SIGUSR1 if any rank got it, else SIGTERM."""
-        local = torch.tensor([0.0, float(self.signal == "SIGTERM"),
-                              float(self.signal == "SIGUSR1"), float(self._minutes_due())],
+        that got SIGTERM, ranks that got SIGUSR1, ranks whose checkpoint clock ran out, ranks
+        that got Ctrl-C), read on the host. Returns flags.nonfinite (count), flags.stop and
+        flags.save (stop implies save); after a stop, self.agreed_signal is SIGUSR1 if any rank
+        got it (a requeue), else SIGINT if any rank got Ctrl-C, else SIGTERM: the same on every
+        rank, and so is the exit code."""
+        local = torch.tensor([0.0, float("SIGTERM" in self.received),
+                              float("SIGUSR1" in self.received), float(self._minutes_due()),
+                              float("SIGINT" in self.received)],
                              device=nonfinite.device if nonfinite is not None else self.device)
         if nonfinite is not None:
             local[0] += nonfinite.float()
         if self.world_size > 1:
             dist.all_reduce(local)
-        n, term, usr1, due = local.tolist()
-        if term + usr1 > 0 and not self.stop:
+        n, term, usr1, due, sigint = local.tolist()
+        if term + usr1 + sigint > 0 and not self.stop:
             self.stop, self.where = True, it
-            self.agreed_signal = "SIGUSR1" if usr1 > 0 else "SIGTERM"
+            self.agreed_signal = "SIGUSR1" if usr1 > 0 else "SIGINT" if sigint > 0 else "SIGTERM"
         save = self.stop or due > 0 or (it is not None and self._iters_due(it))
         return SimpleNamespace(nonfinite=int(n), stop=self.stop, save=save)
 
@@ -147,15 +204,19 @@ class Preemption:
     def finish(self):
         """Once the ranks stopped and rank 0 wrote the checkpoint: say so and, after SIGUSR1
         under SLURM (the warning `#SBATCH --signal=USR1@120` sends before the time limit),
-        requeue the job so the same command continues. The caller then exits with code 0."""
-        name = self.agreed_signal + ("" if self.signal else " on another rank")
+        requeue the job so the same command continues. Returns the exit code the caller ends
+        with (also self.exit_code): 130 after Ctrl-C, as an interrupted command; else 0."""
+        global LAST_EXIT_CODE
+        name = "Ctrl-C" if self.agreed_signal == "SIGINT" else self.agreed_signal
+        name += "" if self.agreed_signal in self.received else " on another rank"
         at = "at the end of an epoch" if self.where is None else f"after iteration {self.where}"
         print(f"Stopped by {name} {at}; checkpoint saved. Start the same command again to "
               "continue.", flush=True)
+        self.exit_code = LAST_EXIT_CODE = INTERRUPTED if self.agreed_signal == "SIGINT" else 0
         if distu.get_world_size() > 1:
             dist.barrier()  # every rank is done before the job is requeued (which kills it)
         if not distu.is_main_process() or self.agreed_signal != "SIGUSR1":
-            return
+            return self.exit_code
         job = os.environ.get("SLURM_JOB_ID")
         scontrol = shutil.which("scontrol")
         if job and scontrol:
@@ -164,6 +225,10 @@ class Preemption:
                   f"failed ({result.stderr.strip() or result.returncode})"), flush=True)
         elif job:
             print("SLURM job but no scontrol on PATH: not requeued", flush=True)
+        return self.exit_code
+
+
+LAST_EXIT_CODE = 0  # the exit code of the last Preemption.finish() (scripts whose loop returns None)
 
 
 # ============ random generators and running sums of every rank ... ============
@@ -239,6 +304,34 @@ def check_position(ckpt, world_size, batch_size, what="--batch_size_per_gpu"):
                          f"has {world_size} x {batch_size}: resume with the same number of "
                          "processes and batch size, or from a snapshot written at the end of an "
                          "epoch (--resume_from)")
+
+
+def check_world_size(path, ckpt, world_size, batch_size, allow, lr=None):
+    """A resume by another number of processes than the run that wrote `path` trains on with
+    another global batch (batch_size x processes) and, when `lr` (a function of the global
+    batch) scales the learning rate with it, another lr. Refused with one line naming the way
+    out, unless `allow` (--allow_world_size_change true): then one line says the new global
+    batch and lr. A checkpoint written mid-epoch is refused either way (check_position).
+    Returns the world size that wrote `path` (None when it did not say)."""
+    stored = ckpt.get("args") or {}
+    stored = getattr(stored, "world_size", None) if not isinstance(stored, dict) \
+        else stored.get("world_size")
+    stored = stored or (ckpt.get("sampler") or {}).get("world_size")
+    if not stored or world_size is None or int(stored) == world_size:
+        return stored
+    stored = int(stored)
+    check_position(ckpt, world_size, batch_size)
+    old, new = stored * batch_size, world_size * batch_size
+    change = (f"global batch {old} -> {new} ({batch_size} x {stored} -> {batch_size} x "
+              f"{world_size}), " + (f"lr {lr(old):.3e} -> {lr(new):.3e}" if lr is not None
+                                    else "lr unchanged (it does not scale with the batch)"))
+    if not allow:
+        raise ValueError(f"{path} was written by {stored} processes, this run has {world_size}: "
+                         f"that changes the run ({change}); start it with {stored} processes, or "
+                         "pass --allow_world_size_change true to go on with this global batch")
+    print(f"Resuming {path}, written by {stored} processes, with {world_size} "
+          f"(--allow_world_size_change true): {change}", flush=True)
+    return stored
 
 
 # ============ the data order of a resumed epoch ... ============

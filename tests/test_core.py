@@ -291,6 +291,27 @@ def test_precision_flags(precision, use_fp16, expected):
     assert amp.resolve_precision(args, "cpu") == "fp32"  # CPU always fp32
 
 
+def test_mixed_precision_asked_on_cpu_says_it_trains_in_fp32(capsys, monkeypatch):
+    """--precision fp16 (or bf16, or DINO's --use_fp16 true) on CPU trained in fp32 with only the
+    args dump showing it: one note line. The default (unset) and fp32 say nothing, nor do ranks
+    other than 0."""
+    monkeypatch.delenv("RANK", raising=False)
+    for precision, use_fp16, flag in (("fp16", None, "--precision fp16"),
+                                      ("bf16", None, "--precision bf16"),
+                                      (None, True, "--use_fp16 true")):
+        assert amp.resolve_precision(argparse.Namespace(precision=precision, use_fp16=use_fp16),
+                                     "cpu") == "fp32"
+        out = capsys.readouterr().out
+        assert out == f"note: {flag} is CUDA-only here; training in fp32 on cpu (mixed precision " \
+                      "runs only on CUDA GPUs)\n", out
+    for precision in (None, "fp32"):
+        amp.resolve_precision(argparse.Namespace(precision=precision, use_fp16=None), "cpu")
+    amp.resolve_precision(argparse.Namespace(precision="fp16", use_fp16=None), "cuda")
+    monkeypatch.setenv("RANK", "1")
+    amp.resolve_precision(argparse.Namespace(precision="fp16", use_fp16=None), "cpu")
+    assert capsys.readouterr().out == ""
+
+
 def test_precision_flags_in_conflict():
     for precision, use_fp16 in (("bf16", True), ("fp16", False), ("fp32", True)):
         with pytest.raises(ValueError, match=f"--precision {precision} contradicts"):

@@ -269,3 +269,180 @@ def test_workers_exit_when_torchrun_is_killed(tmp_path):
         launcher.kill()
         for pid in filter(_alive, workers):
             os.kill(pid, signal.SIGKILL)
+
+
+# ============ issue 18: runs that change the run, a full disk, unsafe loading ============
+
+def test_resume_by_another_number_of_processes_is_refused_or_said(tmp_path, capsys):
+    """The checkpoint of a 2-process run (global batch 128) resumed by one process would train
+    on with global batch 64 and half the lr, silently: refused with the fix, or with
+    --allow_world_size_change true said in one line with the new global batch and lr."""
+    out = tmp_path / "out"
+    _write_checkpoint(out, SIMCLR)  # world size 2, --batch_size_per_gpu 64 (the recipe's)
+    args = train_ssl.parse_args(SIMCLR + ["--output_dir", str(out)])
+    args.world_size = 1
+    exits_with_one_line(lambda: train_ssl.check_output_dir(args), capsys,
+                        f"{out / 'checkpoint.pth'} was written by 2 processes, this run has 1",
+                        "global batch 128 -> 64 (64 x 2 -> 64 x 1), lr 1.500e-01 -> 7.500e-02",
+                        "start it with 2 processes", "--allow_world_size_change true")
+    args = train_ssl.parse_args(SIMCLR + ["--output_dir", str(out), "--allow_world_size_change", "true"])
+    args.world_size = 1
+    capsys.readouterr()
+    train_ssl.check_output_dir(args)
+    assert "with 1 (--allow_world_size_change true): global batch 128 -> 64" in capsys.readouterr().out
+    args.world_size = 2  # the same processes: nothing to say
+    train_ssl.check_output_dir(args)
+    assert "Resuming" not in capsys.readouterr().out
+    # a checkpoint written mid-epoch cannot change its processes, flag or not
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    torch.save({**ckpt, "iteration": 3}, out / "checkpoint.pth")
+    args.world_size = 4
+    exits_with_one_line(lambda: train_ssl.check_output_dir(args), capsys,
+                        "written mid-epoch", "resume with the same number of processes")
+
+
+def _hold_lock(folder, ready, done):
+    from core.checkpoint import lock_output_dir
+    lock_output_dir(folder)
+    ready.set()
+    done.wait(60)
+
+
+def test_an_output_dir_lock_refuses_a_second_run_until_the_first_is_gone(tmp_path, capsys):
+    """core/checkpoint.lock_output_dir: a folder another live process holds is refused with one
+    line naming it and the holder's pid; once the holder is gone (here SIGKILLed, its lock file
+    left behind, a stale lock), the folder is free. The script-level runs:
+    tests/test_preempt.py test_a_second_run_in_one_output_dir_is_refused."""
+    import multiprocessing as mp
+    from core.checkpoint import lock_output_dir, unlock_output_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, done))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        exits_with_one_line(lambda: lock_output_dir(str(out)), capsys,
+                            f"--output_dir {out} is in use by another run (pid {holder.pid} on",
+                            "wait for it to end or stop it, or pass another --output_dir")
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # kill -9: no chance to clean up
+        holder.join()
+    assert f"pid {holder.pid}" in (out / ".lock").read_text()  # the dead run's lock file stays
+    assert lock_output_dir(str(out)) is not None  # ... and does not block
+    assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+    assert lock_output_dir(str(out)) is not None  # this process again (in-process runs)
+    unlock_output_dir(str(out))
+    assert (out / ".lock").exists()
+
+
+class _FullDisk:
+    """A file whose writes fail with `code` once `room` bytes were written (a disk filling up
+    during torch.save), or whose fsync does (network file systems report it there)."""
+
+    def __init__(self, path, mode, code, room, at="write"):
+        self.f, self.code, self.room, self.at = open(path, mode), code, room, at
+
+    def write(self, b):
+        self.room -= len(b)
+        if self.at == "write" and self.room < 0:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.f.write(b)
+
+    def fileno(self):
+        if self.at == "fsync":
+            raise OSError(self.code, os.strerror(self.code))
+        return self.f.fileno()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("code,at,room,words", [
+    ("ENOSPC", "write", 0, ["free space on the disk of"]),
+    ("ENOSPC", "write", 3000, ["free space on the disk of"]),  # mid-file: torch's RuntimeError
+    ("EDQUOT", "fsync", 10 ** 9, ["disk quota"]),
+    ("EROFS", "write", 0, ["read-only file system"]),
+])
+def test_a_refused_checkpoint_write_is_one_line_and_keeps_the_previous_one(
+        code, at, room, words, tmp_path, monkeypatch, capsys):
+    """Disk full while writing a checkpoint ended in a 37-line torch traceback whose first line
+    hid `No space left on device`: one line naming the file, the errno and the fix; the previous
+    checkpoint is intact and no temporary file stays."""
+    import errno
+    from core import checkpoint
+    path = tmp_path / "checkpoint.pth"
+    checkpoint.save_atomic({"epoch": 1, "w": torch.zeros(3)}, str(path))
+    monkeypatch.setattr(checkpoint, "open", lambda p, mode: _FullDisk(p, mode, getattr(errno, code),
+                                                                      room, at), raising=False)
+    exits_with_one_line(lambda: checkpoint.save_atomic({"epoch": 2, "w": torch.zeros(2000)}, str(path)),
+                        capsys, f"could not write {path} (the previous one is kept): {code} (",
+                        "pass another --output_dir", *words)
+    assert load_file(str(path))["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def test_no_torch_load_outside_the_safe_loader():
+    """Every file is read through core/checkpoint.load_file (weights_only=True): torch 2.5, the
+    lowest supported version, unpickles anything (code included) when torch.load is called
+    without weights_only. Scans the product's source (scripts, core, data, methods, models,
+    bench) for any other call of torch.load or import of it."""
+    import ast
+    found = []
+    for path in sorted(REPO.rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith("tests/") or any(part.startswith(".") for part in path.relative_to(REPO).parts):
+            continue
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source, rel)):
+            if isinstance(node, ast.Attribute) and node.attr == "load" \
+                    and ast.unparse(node.value) in ("torch", "torch.serialization"):
+                found.append((rel, source.splitlines()[node.lineno - 1].strip()))
+            elif isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization") \
+                    and any(a.name == "load" for a in node.names):
+                found.append((rel, f"from {node.module} import load"))
+    assert len(found) == 1 and found[0][0] == "core/checkpoint.py", found
+    assert "weights_only=True" in found[0][1], found
+
+
+def test_load_features_never_unpickles_code(tmp_path, monkeypatch, capsys):
+    """eval_knn.py --load_features read features.pth with a bare torch.load: under torch 2.5's
+    default (forced here with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) a crafted file ran its code.
+    Now it is refused with one line naming the file and the class it would have run."""
+    import eval_knn
+    pwned = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return open, (str(pwned), "w")
+    (tmp_path / "feats").mkdir()
+    torch.save({"train_features": Evil()}, tmp_path / "feats" / "features.pth")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    args = eval_knn.get_args_parser().parse_args(["--load_features", str(tmp_path / "feats"),
+                                                  "--num_workers", "0"])
+    args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+    args.device = torch.device("cpu")
+    exits_with_one_line(lambda: eval_knn.run_knn(args), capsys,
+                        f"could not read features file '{tmp_path / 'feats' / 'features.pth'}'",
+                        "Unsupported global", "io.open")
+    assert not pwned.exists()
+    args.load_features = str(tmp_path / "none")
+    exits_with_one_line(lambda: eval_knn.run_knn(args), capsys, "features file",
+                        "does not exist", "--dump_features folder")
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run(interrupted)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("Stopped by Ctrl-C") and len(err.splitlines()) == 1, err

@@ -512,3 +512,190 @@ def test_a_mid_epoch_checkpoint_needs_the_same_ranks_and_batch():
     preempt.check_position({**ckpt, "iteration": 0}, 4, 64)  # an epoch boundary: any
     with pytest.raises(ValueError, match="8 processes x --batch_size_per_gpu 64; this run has 4 x 64"):
         preempt.check_position(ckpt, 4, 64)
+
+
+# ============ Ctrl-C (issue 18): the first saves and stops, a second stops at once ============
+
+def test_ctrl_c_once_saves_mid_epoch_and_exits_130(tmp_path):
+    """SIGINT used to print a KeyboardInterrupt traceback and lose the partial epoch, while
+    SIGTERM saved. Now the first Ctrl-C finishes the step, saves the mid-epoch position and
+    exits with 130 (an interrupted command: `train && eval` does not go on)."""
+    data = make_digits(tmp_path / "data", n_train=32)
+    argv = dino_argv(data, tmp_path / "out") + ["--checkpoint_every_iters", "0"]
+    run = Run(argv, tmp_path / "int")
+    run.wait_for(lambda: steps_done(run.text()) >= 2)
+    assert run.kill(signal.SIGINT), "the run ended before the signal"
+    assert run.join() == [130], run.text()[-3000:]
+    text = run.text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "Ctrl-C: finishing this step and saving; press Ctrl-C again to stop at once" in text
+    assert re.search(r"Stopped by Ctrl-C after iteration \d+; checkpoint saved", text), text[-2000:]
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] * 4 + ckpt["iteration"] >= 2 and ckpt["iteration"] > 0, \
+        (ckpt["epoch"], ckpt["iteration"])
+
+
+def test_ctrl_c_twice_stops_at_once_without_a_traceback(tmp_path):
+    """A second Ctrl-C (here while the first one's checkpoint is being written, held open by the
+    test-only pause) stops at once: one line, exit 130, no traceback, no checkpoint.pth
+    half-written (its temporary file is removed by the next start)."""
+    data = make_digits(tmp_path / "data", n_train=32)
+    out = tmp_path / "out"
+    argv = dino_argv(data, out) + ["--checkpoint_every_iters", "0"]
+    run = Run(argv, tmp_path / "int", env={"MINISSL_TEST_SAVE_PAUSE": "20"})
+    run.wait_for(lambda: steps_done(run.text()) >= 1)
+    assert run.kill(signal.SIGINT)
+    run.wait_for(lambda: tmp_files(out))  # the first Ctrl-C's checkpoint is being written
+    time.sleep(preempt.SAME_PRESS_S + 0.2)  # a new press, not the same one forwarded twice
+    assert run.kill(signal.SIGINT)
+    assert run.join(timeout=10) == [130], run.text()[-3000:]
+    text = run.text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "Ctrl-C again: stopping at once without saving; the last checkpoint is kept" in text
+    assert not (out / "checkpoint.pth").exists() and tmp_files(out)
+
+
+def test_ctrl_c_reaching_two_ranks_twice_at_once_is_one_press(tmp_path):
+    """Under torchrun a Ctrl-C reaches every worker twice, milliseconds apart (from the terminal
+    and forwarded by the launcher): one press. The ranks agree, rank 0 saves the mid-epoch
+    position, and both exit with 130."""
+    data = make_digits(tmp_path / "data", n_train=48)  # 6 steps an epoch (2 ranks x 4)
+    argv = simclr_argv(data, tmp_path / "out") + ["--print_freq", "1", "--checkpoint_every_iters", "0"]
+    run = Run(argv, tmp_path / "int", world_size=2)
+    run.wait_for(lambda: "Epoch: [0/2] [1/6]" in run.text(0))
+    for _ in range(2):
+        assert run.kill(signal.SIGINT)
+    assert run.join() == [130, 130], run.text(0)[-3000:] + run.text(1)[-3000:]
+    assert re.search(r"Stopped by Ctrl-C after iteration \d+; checkpoint saved", run.text(0))
+    assert "stopping at once" not in run.text(0) + run.text(1)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < 6, (ckpt["epoch"], ckpt["iteration"])
+
+
+# ============ a full disk, a second run, another number of processes (issue 18) ============
+
+def test_disk_full_mid_run_is_one_error_line_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    """The run's second checkpoint write fails with ENOSPC (patched before the fork, so the run
+    inherits it): one `error:` line naming the file, the errno and the fix, exit code 2, and the
+    first checkpoint intact, with no temporary file left."""
+    import errno
+    from core import checkpoint
+    real_open, writes = open, []
+
+    def full_disk(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if ".tmp." in str(path):
+            writes.append(path)
+            if len(writes) >= 2:  # the disk is full from the second checkpoint on
+                f.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+    monkeypatch.setattr(checkpoint, "open", full_disk, raising=False)
+    data = make_digits(tmp_path / "data", n_train=32)
+    out = tmp_path / "out"
+    run = Run(dino_argv(data, out), tmp_path / "full")  # a checkpoint at step 3, then at 4
+    assert run.join() == [2], run.text()[-3000:]
+    text = run.text()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert errors[0].startswith(f"error: could not write {out / 'checkpoint.pth'} (the previous "
+                                "one is kept): ENOSPC (No space left on device); free space on "
+                                f"the disk of {out} or pass another --output_dir"), errors[0]
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 3) and not tmp_files(out)
+
+
+def test_a_second_run_in_one_output_dir_is_refused(tmp_path):
+    """Two train_ssl.py runs started in one --output_dir both trained and interleaved log.txt:
+    the second stops before reading any data, exit code 2, with one line naming the folder and
+    the first run's pid (here a process holding the folder's lock)."""
+    import multiprocessing as mp
+    data = make_digits(tmp_path / "data", n_train=32)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, done))
+    holder.start()
+    STARTED.append(holder)
+    assert ready.wait(30)
+    run = Run(dino_argv(data, out), tmp_path / "second")
+    assert run.join() == [2], run.text()[-3000:]
+    errors = [line for line in run.text().splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --output_dir {out} is in use by another run (pid {holder.pid} on "
+                      f"{socket.gethostname()}); wait for it to end or stop it, or pass another "
+                      "--output_dir"], run.text()[-3000:]
+    assert "Data loaded" not in run.text() and not (out / "log.txt").exists()
+    done.set()
+    holder.join()
+
+
+def _eval_args(script, data, out, *extra):
+    flags = ["--arch", "vit_tiny", "--patch_size", "8", "--image_size", "16", "--dataset", "npy",
+             "--data_path", str(data), "--num_workers", "0", "--batch_size_per_gpu", "16",
+             "--tensorboard", "false", "--print_freq", "1", "--val_split", "16",
+             "--output_dir", str(out), *extra]
+    if script == "eval_linear":
+        a = eval_linear.get_args_parser().parse_args(flags + ["--n_last_blocks", "1"])
+    else:
+        a = finetune.get_args_parser().parse_args(flags + ["--warmup_epochs", "0", "--save_predictions", "0"])
+    a.rank, a.world_size, a.gpu, a.distributed = 0, 1, 0, False
+    a.device = torch.device("cpu")
+    return a
+
+
+@pytest.mark.parametrize("script", ["eval_linear", "finetune"])
+def test_eval_scripts_refuse_a_busy_folder_and_another_number_of_processes(script, tmp_path,
+                                                                          monkeypatch, capsys):
+    """eval_linear.py and finetune.py: a folder another live run holds is refused in one line;
+    their checkpoint written by 2 processes is refused when resumed by one, and with
+    --allow_world_size_change true the run goes on, saying the new global batch and lr, and
+    eval_linear's probe then trains with the lr of the new global batch (the saved optimizer
+    and schedule held the old one)."""
+    import multiprocessing as mp
+    from core.checkpoint import OutputDirInUse
+    make_digits(tmp_path / "data", n_train=48)  # 32 train images: 2 steps of 16
+    run = eval_linear.run_linear if script == "eval_linear" else finetune.run_finetune
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, done))
+    holder.start()
+    STARTED.append(holder)
+    assert ready.wait(30)
+    with pytest.raises(OutputDirInUse, match=f"--output_dir {out} is in use by another run "
+                                             f"\\(pid {holder.pid} on"):
+        run(_eval_args(script, tmp_path / "data", out, "--epochs", "1"))
+    done.set()
+    holder.join()
+
+    with monkeypatch.context() as m:  # stopped after epoch 0 of 2 (its last step)
+        _sigterm_at_step(m, amp, "backward_step", 2)
+        assert run(_eval_args(script, tmp_path / "data", out, "--epochs", "2")) is None
+    name = "checkpoint.pth.tar" if script == "eval_linear" else "checkpoint.pth"
+    ckpt = torch.load(out / name, weights_only=True)
+    ckpt["args"]["world_size"] = ckpt["sampler"]["world_size"] = 2  # as if 2 processes wrote it
+    if script == "eval_linear":  # ... with the lr of their global batch (2 x 16)
+        for group in ckpt["optimizer"]["param_groups"]:
+            group["lr"], group["initial_lr"] = 2 * group["lr"], 2 * group["initial_lr"]
+        ckpt["scheduler"]["base_lrs"] = [2 * lr for lr in ckpt["scheduler"]["base_lrs"]]
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 0)
+    torch.save(ckpt, out / name)
+    with pytest.raises(ValueError, match="was written by 2 processes, this run has 1: that changes "
+                                         "the run \\(global batch 32 -> 16"):
+        run(_eval_args(script, tmp_path / "data", out, "--epochs", "2"))
+    args = _eval_args(script, tmp_path / "data", out, "--epochs", "2", "--allow_world_size_change", "true")
+    assert run(args) is not None
+    if script == "eval_linear":
+        lr = args.lr * 16 / 256  # the new global batch's, at the cosine's half-way point
+        last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+        assert last["epoch"] == 1 and last["train_lr"] == pytest.approx(lr / 2, rel=1e-6), (last, lr)
+    assert "lr unchanged" in capsys.readouterr().out if script == "finetune" else True
+
+
+def _hold_lock(folder, ready, done):
+    from core.checkpoint import lock_output_dir
+    lock_output_dir(folder)
+    ready.set()
+    done.wait(60)
