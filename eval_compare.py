@@ -64,9 +64,9 @@ def check_args(args):
 
 
 def resolve_model_flags(args):
-    """Fill arch / patch_size / cifar_stem / image_size from the checkpoint, so that the
-    random-init run builds exactly the same network (and a checkpoint that does not fit is
-    refused before any run starts)."""
+    """Fill arch / patch_size / cifar_stem / image_size and the normalisation statistics from
+    the checkpoint, so that the random-init run builds exactly the same network and reads the
+    same inputs (and a checkpoint that does not fit is refused before any run starts)."""
     evaluation.load_backbone(args, default_image_size=dataset_info(args.dataset, args.data_path).image_size)
 
 
@@ -80,7 +80,8 @@ def command(name, weights, out, args):
              "--dataset", args.dataset, "--data_path", args.data_path, "--output_dir", out,
              "--batch_size_per_gpu", str(args.batch_size_per_gpu),
              "--num_workers", str(args.num_workers), "--seed", str(args.seed),
-             "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb)]
+             "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb),
+             "--norm_mean", *map(str, args.norm_mean), "--norm_std", *map(str, args.norm_std)]
     if args.precision is not None:
         flags += ["--precision", args.precision]
     if args.use_fp16 is not None:

@@ -33,6 +33,7 @@ from core.curves import save_curves
 from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
+from data.normalization import with_norm
 from models import feature_dim, is_vit, layerwise_features
 
 
@@ -451,6 +452,7 @@ def run_linear(args):
 
     # ============ building network ... ============
     model, snapshot, feats_fn, names, dims = build_frozen_backbone(args, info)
+    info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     dataset_train, dataset_val, dataset_test = build_datasets(args, info)
     probe = build_probe(dims, names, args)
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)

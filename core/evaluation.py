@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from core import amp
 from core import dist as distu
 from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_state, load_file,
-                             load_pretrained_weights)
+                             load_pretrained_weights, weights_arch)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
 from data.loaders import add_data_args, build_train_loader, epoch_indices
+from data.normalization import add_norm_args, check_norm_args, resolve_eval_norm
 from models import ARCHS, build_backbone, check_patch_size, extract_features, feature_dim, is_vit
 
 
@@ -88,7 +89,8 @@ def features_parser():
 
 
 def data_parser():
-    """--dataset --data_path --output_dir."""
+    """--dataset --data_path --output_dir, and --norm_stats --norm_mean --norm_std
+    (data/normalization.py: by default the statistics the weights were trained with)."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Data and outputs")
     group.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
@@ -100,6 +102,7 @@ def data_parser():
                        help="Folder for logs, checkpoints and results.json (default: "
                             "out/<script>/<weights folder>_<weights file>_<dataset>, or "
                             "random_init_<arch>_<dataset>; eval_knn.py writes nothing without it).")
+    add_norm_args(parser, evaluation=True)  # --norm_stats --norm_mean --norm_std
     return parser
 
 
@@ -130,6 +133,8 @@ def check_common_args(args):
     """Before anything starts: --dataset as given or inferred from --data_path (a given path is
     never ignored), and --precision / --use_fp16 not contradicting each other."""
     args.dataset = resolve_dataset(args.dataset, args.data_path)
+    if hasattr(args, "norm_stats"):
+        check_norm_args(args)  # --norm_mean / --norm_std: both or neither, 3 values
     for name, low in (("num_workers", 0), ("batch_size_per_gpu", 1)):
         if getattr(args, name, low) < low:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= {low}")
@@ -140,25 +145,19 @@ def check_common_args(args):
 
 # ============ checkpoint -> model flags -> backbone ... ============
 
-VIT_WIDTHS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
-VIT_SHALLOW = {(192, 4): "vit_nano"}  # (width, blocks) of the sizes with fewer than 12 blocks
-
-
 def flags_from_weights(ckpt, checkpoint_key="teacher"):
     """Model flags read off the tensors of weights that carry no args (released backbones):
     a ViT's patch size and width from patch_embed.proj.weight (D, 3, p, p) and its depth from
-    the blocks.<i> keys, a ResNet's stem from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet
-    stem)."""
+    the blocks.<i> keys, a ResNet's depth from its blocks (core.checkpoint.weights_arch) and its
+    stem from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet stem)."""
     sd, _ = extract_backbone_state(ckpt, checkpoint_key)
     found = {}
+    arch = weights_arch(sd)
+    if arch:
+        found["arch"] = arch
     w = sd.get("patch_embed.proj.weight")
     if torch.is_tensor(w) and w.ndim == 4:
         found["patch_size"] = int(w.shape[-1])
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        if (int(w.shape[0]), depth) in VIT_SHALLOW:
-            found["arch"] = VIT_SHALLOW[(int(w.shape[0]), depth)]
-        elif int(w.shape[0]) in VIT_WIDTHS:
-            found["arch"] = VIT_WIDTHS[int(w.shape[0])]
     w = sd.get("conv1.weight")
     if torch.is_tensor(w) and w.ndim == 4:
         found["cifar_stem"] = int(w.shape[-1]) == 3
@@ -171,7 +170,8 @@ def resolve_model_flags(args, ckpt=None, default_image_size=None):
     its weights, the defaults (vit_small, patch 16, the training crop or default_image_size,
     a CIFAR stem at 64px and below). Returns the size to build the network at."""
     found = {k: v for k, v in checkpoint_args(ckpt).items() if v is not None}
-    if ckpt is not None and ("arch" not in found or "patch_size" not in found):
+    # (official DINO ResNet checkpoints store arch but no stem: conv1 tells it)
+    if ckpt is not None and any(k not in found for k in ("arch", "patch_size", "cifar_stem")):
         found = {**flags_from_weights(ckpt, args.checkpoint_key), **found}
     for name, default in (("arch", "vit_small"), ("patch_size", 16)):
         if getattr(args, name, None) is None:
@@ -191,10 +191,15 @@ def resolve_model_flags(args, ckpt=None, default_image_size=None):
 def load_backbone(args, default_image_size=None, **build_kwargs):
     """The backbone named by the model flags with --pretrained_weights loaded, the file read
     once; flags left unset come from it (resolve_model_flags), so `--pretrained_weights
-    out/checkpoint.pth` needs no model flags. Returns (backbone, embed_dim)."""
+    out/checkpoint.pth` needs no model flags, and so do the normalisation statistics
+    (args.norm_mean / args.norm_std, printed). Returns (backbone, embed_dim)."""
     ckpt = load_file(args.pretrained_weights) if args.pretrained_weights else None
     build_size = resolve_model_flags(args, ckpt, default_image_size)
-    check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size")
+    # the normalisation the weights were trained with, unless flags say otherwise; the scripts
+    # build their transforms from args.norm_mean / args.norm_std (data.normalization.with_norm)
+    resolve_eval_norm(args, checkpoint_args(ckpt), ckpt is not None)
+    check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size",
+                     fixed_patch=ckpt is not None)
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size, img_size=[build_size],
                                          cifar_stem=args.cifar_stem, **build_kwargs)
     load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
