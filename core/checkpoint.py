@@ -290,9 +290,13 @@ def extract_backbone_state(ckpt, checkpoint_key="teacher"):
             raise ValueError(f"checkpoint has no {names} entry (keys: {sorted(ckpt)[:8]}); {hint}")
         sd = tensors
     under = f"{checkpoint_key}."
-    if desc != f"key '{checkpoint_key}'" and any(k.startswith(under) for k in sd):
-        sd = {k[len(under):]: v for k, v in sd.items() if k.startswith(under)}
-        desc += f", tensors under '{under}'"
+    if desc != f"key '{checkpoint_key}'":
+        # the prefix as written, or after DDP's 'module.' / the wrapper's 'backbone.'
+        for keys in (sd, strip_prefixes(sd)):
+            if any(k.startswith(under) for k in keys):
+                sd = {k[len(under):]: v for k, v in keys.items() if k.startswith(under)}
+                desc += f", tensors under '{under}'"
+                break
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "module.head."))}
     return strip_prefixes(sd), desc
 
