@@ -195,14 +195,14 @@ def load_backbone(args, default_image_size=None, **build_kwargs):
     (args.norm_mean / args.norm_std, printed). Returns (backbone, embed_dim)."""
     ckpt = load_file(args.pretrained_weights) if args.pretrained_weights else None
     build_size = resolve_model_flags(args, ckpt, default_image_size)
-    # the normalisation the weights were trained with, unless flags say otherwise; the scripts
-    # build their transforms from args.norm_mean / args.norm_std (data.normalization.with_norm)
-    resolve_eval_norm(args, checkpoint_args(ckpt), ckpt is not None)
     check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size",
                      fixed_patch=ckpt is not None)
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size, img_size=[build_size],
                                          cifar_stem=args.cifar_stem, **build_kwargs)
     load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
+    # the normalisation the weights were trained with, unless flags say otherwise; the scripts
+    # build their transforms from args.norm_mean / args.norm_std (data.normalization.with_norm)
+    resolve_eval_norm(args, checkpoint_args(ckpt), ckpt is not None)
     return backbone, embed_dim
 
 

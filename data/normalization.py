@@ -21,7 +21,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .datasets import DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset, dataset_info
+from .datasets import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, build_dataset, dataset_info,
+                       resolve_dataset)
 
 TRAIN_CHOICES = ("dataset", "imagenet", "auto")
 EVAL_CHOICES = ("checkpoint",) + TRAIN_CHOICES
@@ -146,6 +147,8 @@ def _from_choice(choice, args):
     """(mean, std, description) for --norm_stats dataset / imagenet / auto."""
     if choice == "imagenet":
         return list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's (--norm_stats imagenet)"
+    if args.dataset is None:  # (the scripts resolve it first; a library caller may not)
+        args.dataset = resolve_dataset(None, args.data_path)
     if choice == "dataset":
         info = dataset_info(args.dataset, args.data_path or None)
         return list(info.mean), list(info.std), f"the {args.dataset} registry values"

@@ -68,8 +68,8 @@ def add_args(parser):
     group.add_argument("--load_from", default=None, type=str,
                        help="iBOT's name for --resume_from: resume from this checkpoint, a path "
                             "relative to --output_dir as in main_ibot.py (an absolute one as "
-                            "given). Unlike main_ibot.py, <output_dir>/checkpoint.pth is resumed "
-                            "from without it, and a missing file is an error.")
+                            "given); default: unset. Unlike main_ibot.py, <output_dir>/checkpoint.pth "
+                            "is resumed from without it, and a missing file is an error.")
 
     group.add_argument("--use_masked_im_modeling", default=True, type=bool_flag,
                        help="Whether to mask the student's global crops.")
