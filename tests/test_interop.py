@@ -324,3 +324,11 @@ def test_export_help_lists_every_flag_with_its_default(capsys):
     for flag, default in (("--image_size", "224"), ("--layout", "backbone"),
                           ("--fold_normalization", "true"), ("--checkpoint_key", "teacher")):
         assert flag in out and f"(default: {default})" in " ".join(out.split())
+
+
+def test_data_path_at_one_split_names_its_parent(tmp_path):
+    data = grey_folder(tmp_path / "imagenet")
+    with pytest.raises(ValueError, match=f"pass its parent, the folder that holds train/"):
+        train_ssl.parse_args(["--method", "dino", "--data_path", str(data / "train")])
+    assert train_ssl.parse_args(["--method", "dino", "--data_path", str(data)]).dataset == \
+        "imagefolder"
