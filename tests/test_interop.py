@@ -3,8 +3,6 @@ official scripts build theirs (ours stands in: 224px, strict=True), normalisatio
 chosen once and read back by the evaluation scripts, iBOT's flag names, and the load-time
 messages that name the flag that fixes them. CPU, batch 1, random weights."""
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +15,10 @@ import eval_knn
 import export_official
 import train_ssl
 from core import evaluation
-from core.checkpoint import load_pretrained_weights
 from data import dataset_info
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from data.normalization import checkpoint_stats, resolve_train_norm
 from models import build_backbone
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def local(args):
