@@ -120,10 +120,11 @@ def check_args(args):
 
 
 def resolve_model_flags(args):
-    """Fill arch / ViT shape / patch_size / cifar_stem / image_size from the checkpoint, so
-    that the random-init run builds exactly the same network (and a checkpoint that does not
-    fit is refused before any run starts); a variant deeper than the network is refused.
-    Returns the depth: ViT blocks, or ResNet stages (4)."""
+    """Fill arch / ViT shape / patch_size / cifar_stem / image_size and the normalisation
+    statistics from the checkpoint, so that the random-init run builds exactly the same network
+    and reads the same inputs (and a checkpoint that does not fit is refused before any run
+    starts); a variant deeper than the network is refused. Returns the depth: ViT blocks, or
+    ResNet stages (4)."""
     backbone, _ = evaluation.load_backbone(
         args, default_image_size=dataset_info(args.dataset, args.data_path).image_size)
     depth = len(backbone.blocks) if hasattr(backbone, "blocks") else 4
@@ -185,7 +186,8 @@ def command(script, flags, weights, out, args):
               "--batch_size_per_gpu", str(args.batch_size_per_gpu),
               "--num_workers", str(args.num_workers), "--seed", str(args.seed),
               "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb),
-              "--eval_split", args.eval_split]
+              "--eval_split", args.eval_split,
+              "--norm_mean", *map(str, args.norm_mean), "--norm_std", *map(str, args.norm_std)]
     for name in VIT_SHAPE:  # the ViT shape read from the checkpoint, for both inits
         if getattr(args, name, None) is not None:
             common += [f"--{name}", str(getattr(args, name))]

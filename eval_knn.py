@@ -31,6 +31,7 @@ from core.checkpoint import load_file, make_output_dir, save_atomic
 from core.evaluation import extract_dataset_features, knn_classifier, knn_k_used
 from core.logger import bool_flag
 from data import dataset_info, eval_transform
+from data.normalization import with_norm
 from models import is_vit
 
 
@@ -141,6 +142,7 @@ def extract_train_test(args, info):
     """(train features, train labels, test features, test labels, num_classes, the name of the
     scored split) of the backbone."""
     model, _ = evaluation.load_backbone(args, default_image_size=info.image_size)
+    info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     model.to(args.device)
     if not args.use_cls and not is_vit(model):
         print("Note: --use_cls false only changes ViT features; a ResNet's are pooled already.")

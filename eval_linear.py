@@ -38,6 +38,7 @@ from core.optim import lr_for_batch
 from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
 from data.datasets import resolve_split
+from data.normalization import with_norm
 from models import MLPClassifier, feature_dim, is_vit, layerwise_features
 
 
@@ -494,6 +495,7 @@ def _run_linear(args):
 
     # ============ building network ... ============
     model, snapshot, feats_fn, names, dims = build_frozen_backbone(args, info)
+    info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     dataset_train, dataset_val, dataset_test = build_datasets(args, info)
     probe = build_probe(dims, names, args)
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)

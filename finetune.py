@@ -42,6 +42,7 @@ from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
 from data.datasets import resolve_split
+from data.normalization import with_norm
 from models import MLPClassifier, extract_features, feature_dim, is_vit
 
 
@@ -419,6 +420,7 @@ def _run_finetune(args):
     # ============ building the network and the data ... ============
     backbone, _ = evaluation.load_backbone(args, default_image_size=info.image_size,
                                            drop_path_rate=args.drop_path)
+    info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     if not args.pretrained_weights:
         print("=> from-scratch baseline: the same recipe on a randomly initialised backbone.")
     dataset_train, dataset_val, dataset_test = build_datasets(args, info)

@@ -41,6 +41,7 @@ from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_p
                         lr_for_batch)
 from data import DATASETS, dataset_info, resolve_dataset
 from data.loaders import add_data_args, build_train_loader
+from data.normalization import add_norm_args, check_norm_args, resolve_train_norm
 from methods import METHODS
 from models import (ARCHS, ResNet, VisionTransformer, build_backbone, check_patch_size,
                     check_vit_shape, is_vit, vit_shape)
@@ -141,6 +142,7 @@ def get_args_parser(method, add_help=True):
                              "decoded, the next one, naming and counting each on stderr; false "
                              "stops at the first with one line naming the file.")
     add_data_args(parser)  # --data_backend {tensor,pil}, --data_memory_gb (data/loaders.py)
+    add_norm_args(parser)  # --norm_stats {dataset,imagenet,auto}, --norm_mean, --norm_std
 
     # Misc
     parser.add_argument("--output_dir", default="out", type=str,
@@ -222,6 +224,7 @@ def check_args(args):
     if not 0 <= args.drop_path_rate < 1:
         raise ValueError(f"--drop_path_rate {args.drop_path_rate} must be in [0, 1)")
     check_vit_shape(args.arch, args)  # --embed_dim / --depth / --num_heads that fit --arch
+    check_norm_args(args)
 
 
 # Flags a resumed run may change: how long or how it runs, not what it computes (DINO extends
@@ -279,6 +282,8 @@ def train_ssl(args):
 
     # ============ preparing data ... ============
     info = dataset_info(args.dataset, args.data_path)
+    # the mean / std of every Normalize, kept in the checkpoint's args for the evaluations
+    info = resolve_train_norm(args, info)
     args.input_size = method.input_size(args, info)
     check_patch_size(args.arch, args.patch_size, args.input_size, "the dataset's image size")
     transform = method.build_transform(args, info)

@@ -31,8 +31,9 @@ from torchvision import transforms as T
 from core import cli, evaluation
 from core.logger import bool_flag
 from core.report import DPI, figure_to_array, new_figure, save_figure
-from data import build_dataset, dataset_info
+from data import DatasetInfo, build_dataset, dataset_info
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from data.normalization import with_norm
 from models import is_vit
 
 
@@ -41,8 +42,9 @@ def get_args_parser():
         evaluation.model_parser(image_size=False), evaluation.data_parser()])
     group = parser.add_argument_group("Image and maps")
     group.add_argument("--image_path", default=None, type=str,
-                       help="Path of the image to load (normalised with ImageNet statistics); "
-                            "default: a --dataset sample.")
+                       help="Path of the image to load (normalised with the statistics the "
+                            "weights were trained with, see --norm_stats; ImageNet's without "
+                            "weights); default: a --dataset sample.")
     group.add_argument("--sample_index", default=0, type=int,
                        help="Index of the test-split image to show.")
     group.add_argument("--image_size", default=None, type=int, nargs="+",
@@ -164,14 +166,17 @@ def attention_figure(image, attentions, masks=None, threshold=None, title=""):
 # ============ script ============
 
 def load_image(args):
-    """-> (PIL RGB image, mean, std)."""
+    """-> (PIL RGB image, mean, std): the statistics resolved by load_backbone (by default
+    those the weights were trained with), else ImageNet's for --image_path and the dataset's."""
     if args.image_path:
         if not os.path.isfile(args.image_path):
             raise FileNotFoundError(f"--image_path {args.image_path} does not exist; pass the path "
                                     "of an image file")
         with open(args.image_path, "rb") as f:
-            return Image.open(f).convert("RGB"), IMAGENET_MEAN, IMAGENET_STD
-    info = dataset_info(args.dataset, args.data_path or None)
+            info = DatasetInfo(None, 0, IMAGENET_MEAN, IMAGENET_STD)
+            info = with_norm(info, args)
+            return Image.open(f).convert("RGB"), info.mean, info.std
+    info = with_norm(dataset_info(args.dataset, args.data_path or None), args)
     dataset = build_dataset(args.dataset, args.data_path or None, "test", eval_split=args.eval_split)
     if not 0 <= args.sample_index < len(dataset):
         raise ValueError(f"--sample_index {args.sample_index} is outside the {len(dataset)} "
@@ -189,6 +194,8 @@ def main(args):
                          "e.g. 0.6")
     if not args.pretrained_weights and args.patch_size is None:
         args.patch_size = 8  # the official script's default
+    if args.image_path and not args.pretrained_weights and args.norm_stats == "checkpoint":
+        args.norm_stats = "imagenet"  # random init on a picture: ImageNet's, as DINO's script
     requested_size = args.image_size
     args.image_size = None  # load_backbone fills it with the training crop size, if known
     model, _ = evaluation.load_backbone(args)

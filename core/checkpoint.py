@@ -377,7 +377,9 @@ def extract_backbone_state(ckpt, checkpoint_key="teacher"):
     - our and official DINO/iBOT training checkpoints: ckpt[checkpoint_key] ('teacher' or
       'student'), keys 'backbone.*' (head keys dropped);
     - our SimCLR/rotation checkpoints: ckpt['model'] (a single network, so no teacher);
-    - official released backbone weights: a bare state dict, or {'state_dict': ...}.
+    - official released backbone weights: a bare state dict, or {'state_dict': ...};
+    - a checkpoint_key that is no entry but a key prefix of those tensors (e.g.
+      'module.encoder_q' of a MoCo checkpoint): the tensors under it, the prefix removed.
     Returns (state_dict, description)."""
     if not isinstance(ckpt, dict):
         raise ValueError("checkpoint is not a dict of tensors; pass a .pth state dict")
@@ -393,20 +395,90 @@ def extract_backbone_state(ckpt, checkpoint_key="teacher"):
     else:
         tensors = {k: v for k, v in ckpt.items() if torch.is_tensor(v)}
         if not tensors:
-            raise ValueError(f"checkpoint has no '{checkpoint_key}', 'model' or "
-                             f"'state_dict' entry (keys: {sorted(ckpt)[:8]}); pass "
-                             "--checkpoint_key naming the network to evaluate")
+            names = ", ".join(f"'{k}'" for k in dict.fromkeys((checkpoint_key, "model", "state_dict")))
+            entries = [k for k in ckpt if isinstance(ckpt[k], dict)]
+            hint = (f"pass --checkpoint_key {entries[0]}" + (f" (its entries that hold networks: "
+                    f"{', '.join(entries)})" if len(entries) > 1 else "")) if entries else \
+                "pass --checkpoint_key naming the network to evaluate"
+            raise ValueError(f"checkpoint has no {names} entry (keys: {sorted(ckpt)[:8]}); {hint}")
         sd = tensors
+    under = f"{checkpoint_key}."
+    if desc != f"key '{checkpoint_key}'":
+        # the prefix as written, or after DDP's 'module.' / the wrapper's 'backbone.'
+        for keys in (sd, strip_prefixes(sd)):
+            if any(k.startswith(under) for k in keys):
+                sd = {k[len(under):]: v for k, v in keys.items() if k.startswith(under)}
+                desc += f", tensors under '{under}'"
+                break
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "module.head."))}
     return strip_prefixes(sd), desc
 
 
+# ViT widths and ResNet block counts of the archs models/ builds, to name the --arch that fits
+VIT_WIDTHS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+VIT_SHALLOW = {(192, 4): "vit_nano"}  # (width, blocks) of the sizes with fewer than 12 blocks
+RESNET_BLOCKS = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34",
+                 (3, 4, 6, 3, True): "resnet50"}  # (blocks per stage..., bottleneck)
+
+
+def weights_arch(sd):
+    """The --arch of a backbone state dict (prefixes already stripped), read off its tensors: a
+    ViT's width (patch_embed.proj.weight) and number of blocks, a ResNet's blocks per stage and
+    block type. None when it is none of models/'s."""
+    w = sd.get("patch_embed.proj.weight")
+    if torch.is_tensor(w) and w.ndim == 4:
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        width = int(w.shape[0])
+        return VIT_SHALLOW.get((width, depth)) or VIT_WIDTHS.get(width)
+    if torch.is_tensor(sd.get("conv1.weight")):
+        blocks = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")})
+                       for i in range(1, 5))
+        return RESNET_BLOCKS.get(blocks + (any(".conv3." in k for k in sd),))
+    return None
+
+
+def _fit_hint(key, theirs, ours, sd, own):
+    """The flag that makes the model fit a checkpoint tensor `key` of shape `theirs` (the
+    model's: `ours`)."""
+    if key == "conv1.weight" and theirs[-1] != ours[-1]:
+        stem = {3: ("true", "3x3: the CIFAR stem"), 7: ("false", "7x7: torchvision's ImageNet "
+                                                         "stem")}.get(theirs[-1])
+        if stem:
+            return f"pass --cifar_stem {stem[0]} (the checkpoint's conv1 is {stem[1]})"
+    fixes = []
+    arch = weights_arch(sd)
+    if arch and arch != weights_arch(own):
+        fixes.append(f"--arch {arch}")
+    w = sd.get("patch_embed.proj.weight")
+    if torch.is_tensor(w) and own.get("patch_embed.proj.weight") is not None \
+            and w.shape[-1] != own["patch_embed.proj.weight"].shape[-1]:
+        fixes.append(f"--patch_size {w.shape[-1]}")
+    if fixes:
+        return f"pass {' '.join(fixes)} (the checkpoint's network)"
+    return "pass the --arch and --patch_size it was trained with"
+
+
+def _key_prefixes(sd, own):
+    """Leading prefixes ('encoder', 'module.encoder_q') under which the tensors of `sd` carry
+    the model's names, most tensors first."""
+    count = {}
+    for k in sd:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) in own:
+                p = ".".join(parts[:i])
+                count[p] = count.get(p, 0) + 1
+                break
+    return sorted(count, key=lambda p: -count[p])
+
+
 def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing=("fc.", "head."),
                             ckpt=None):
-    """Load a backbone from `path` into `model`. Refuses a file whose tensors do not fit
-    (different arch, patch size, ...) with one line; a different number of positional
-    embeddings is adopted from the checkpoint (the ViT interpolates it to any input size).
-    Prints which keys did not load. Returns the load message."""
+    """Load a backbone from `path` into `model`. Refuses a file whose tensors do not fit with
+    one line naming the flag that fixes it (--arch, --patch_size, --cifar_stem,
+    --checkpoint_key); a different number of positional embeddings is adopted from the
+    checkpoint (the ViT interpolates it to any input size). Prints which keys did not load.
+    Returns the load message."""
     if not path:
         print("No --pretrained_weights: using RANDOM init weights (the baseline to compare with).")
         return None
@@ -416,23 +488,44 @@ def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing
             and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
         # The ViT interpolates its positional embedding to any input size, so adopt the
         # checkpoint's grid (e.g. trained at 224, evaluated on 96px STL-10).
+        n = sd["pos_embed"].shape[1] - 1
+        if int(n ** 0.5) ** 2 != n:
+            raise ValueError(f"the pos_embed of '{path}' holds {n + 1} tokens, not a class token "
+                             "plus a square grid of patches (a DeiT checkpoint with a distillation "
+                             "token?); only ViTs with one class token (DINO, iBOT, timm's "
+                             "vit_*_patch*) load here")
         model.pos_embed = torch.nn.Parameter(torch.zeros_like(sd["pos_embed"]))
         own = model.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
            if k in own and own[k].shape != v.shape]
     if bad:
-        raise ValueError(f"checkpoint '{path}' does not fit --arch/--patch_size "
-                         f"({len(bad)} shape mismatches, e.g. {bad[0]}); pass the --arch and "
-                         "--patch_size it was trained with")
+        k, theirs, ours = next((b for b in bad if b[0] in ("conv1.weight", "patch_embed.proj.weight")),
+                               bad[0])
+        raise ValueError(f"checkpoint '{path}' does not fit the model ({len(bad)} shape "
+                         f"mismatches, e.g. {k} {theirs} vs {ours}); "
+                         f"{_fit_hint(k, theirs, ours, sd, own)}")
     matched = [k for k in sd if k in own]
     if not matched:
+        prefixes = _key_prefixes(sd, own)
+        if prefixes:
+            example = next(k for k in sd if k.startswith(prefixes[0] + "."))
+            others = f" (also under: {', '.join(prefixes[1:4])})" if len(prefixes) > 1 else ""
+            raise ValueError(f"no tensor of '{path}' ({desc}) has the model's names: they sit "
+                             f"under '{prefixes[0]}.' (e.g. '{example}'){others}; pass "
+                             f"--checkpoint_key {prefixes[0]}")
+        arch = weights_arch(sd)
+        hint = f"pass --arch {arch}" if arch and arch != weights_arch(own) else \
+            "wrong --arch or --checkpoint_key?"
         raise ValueError(f"no tensor of '{path}' ({desc}) matches the model's names "
-                         f"(e.g. '{next(iter(sd), '')}'); wrong --arch or --checkpoint_key?")
+                         f"(e.g. '{next(iter(sd), '')}'); {hint}")
     msg = model.load_state_dict(sd, strict=False)
     missing = [k for k in msg.missing_keys if not k.startswith(allow_missing)]
     if missing:
+        arch = weights_arch(sd)
+        hint = f"pass --arch {arch} (the checkpoint's network)" \
+            if arch and arch != weights_arch(own) else "wrong --arch or --checkpoint_key?"
         raise ValueError(f"checkpoint '{path}' ({desc}) lacks {len(missing)} backbone "
-                         f"tensors, e.g. '{missing[0]}'; wrong --arch or --checkpoint_key?")
+                         f"tensors, e.g. '{missing[0]}'; {hint}")
     extra = [k for k in msg.unexpected_keys if k.startswith(("blocks.", "layer"))]
     if extra:  # a deeper network than the model: its last blocks would be dropped silently
         raise ValueError(f"checkpoint '{path}' ({desc}) has {len(extra)} tensors of blocks the "
@@ -440,4 +533,3 @@ def load_pretrained_weights(model, path, checkpoint_key="teacher", allow_missing
                          "trained with")
     print(f"Pretrained weights found at {path} ({desc}) and loaded with msg: {msg}")
     return msg
-

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from core import amp
 from core import dist as distu
 from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_state, load_file,
-                             load_pretrained_weights)
+                             load_pretrained_weights, weights_arch)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
 from data.datasets import EVAL_SPLITS, resolve_split, split_label, train_labels
 from data.loaders import add_data_args, build_train_loader, epoch_indices
+from data.normalization import add_norm_args, check_norm_args, resolve_eval_norm
 from models import (ARCHS, VIT_SHAPE, VIT_SIZES, build_backbone, check_patch_size, check_vit_shape,
                     extract_features, feature_dim, is_vit, vit_shape)
 
@@ -114,7 +115,8 @@ def add_eval_split_arg(parser):
 
 
 def data_parser():
-    """--dataset --data_path --eval_split --output_dir."""
+    """--dataset --data_path --eval_split --output_dir, and --norm_stats --norm_mean --norm_std
+    (data/normalization.py: by default the statistics the weights were trained with)."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Data and outputs")
     group.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
@@ -127,6 +129,7 @@ def data_parser():
                        help="Folder for logs, checkpoints and results.json (default: "
                             "out/<script>/<weights folder>_<weights file>_<dataset>, or "
                             "random_init_<arch>_<dataset>; eval_knn.py writes nothing without it).")
+    add_norm_args(parser, evaluation=True)  # --norm_stats --norm_mean --norm_std
     return parser
 
 
@@ -157,6 +160,8 @@ def check_common_args(args):
     """Before anything starts: --dataset as given or inferred from --data_path (a given path is
     never ignored), and --precision / --use_fp16 not contradicting each other."""
     args.dataset = resolve_dataset(args.dataset, args.data_path)
+    if hasattr(args, "norm_stats"):
+        check_norm_args(args)  # --norm_mean / --norm_std: both or neither, 3 values
     for name, low in (("num_workers", 0), ("batch_size_per_gpu", 1)):
         if getattr(args, name, low) < low:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= {low}")
@@ -239,10 +244,14 @@ def flags_from_weights(ckpt, checkpoint_key="teacher"):
     """Model flags read off the tensors of weights that carry no args (released backbones):
     a ViT's patch size and width from patch_embed.proj.weight (D, 3, p, p) and its depth from
     the blocks.<i> keys: the named size of that width and depth (vit_nano/tiny/small/base),
-    else vit_small with embed_dim, depth and num_heads (guess_num_heads) set; a ResNet's stem
-    from conv1.weight (3x3: CIFAR stem, 7x7: ImageNet stem)."""
+    else vit_small with embed_dim, depth and num_heads (guess_num_heads) set; a ResNet's depth
+    from its blocks (core.checkpoint.weights_arch) and its stem from conv1.weight (3x3: CIFAR
+    stem, 7x7: ImageNet stem)."""
     sd, _ = extract_backbone_state(ckpt, checkpoint_key)
     found = {}
+    arch = weights_arch(sd)
+    if arch:
+        found["arch"] = arch
     w = sd.get("patch_embed.proj.weight")
     if torch.is_tensor(w) and w.ndim == 4:
         found["patch_size"] = int(w.shape[-1])
@@ -274,7 +283,8 @@ def resolve_model_flags(args, ckpt=None, default_image_size=None):
     given on the command line that differs keeps its own). Returns the size to build the
     network at."""
     found = {k: v for k, v in checkpoint_args(ckpt).items() if v is not None}
-    if ckpt is not None and ("arch" not in found or "patch_size" not in found):
+    # (official DINO ResNet checkpoints store arch but no stem: conv1 tells it)
+    if ckpt is not None and any(k not in found for k in ("arch", "patch_size", "cifar_stem")):
         found = {**flags_from_weights(ckpt, args.checkpoint_key), **found}
     for name, default in (("arch", "vit_small"), ("patch_size", 16)):
         if getattr(args, name, None) is None:
@@ -298,14 +308,19 @@ def resolve_model_flags(args, ckpt=None, default_image_size=None):
 def load_backbone(args, default_image_size=None, **build_kwargs):
     """The backbone named by the model flags with --pretrained_weights loaded, the file read
     once; flags left unset come from it (resolve_model_flags), so `--pretrained_weights
-    out/checkpoint.pth` needs no model flags. Returns (backbone, embed_dim)."""
+    out/checkpoint.pth` needs no model flags, and so do the normalisation statistics
+    (args.norm_mean / args.norm_std, printed). Returns (backbone, embed_dim)."""
     ckpt = load_file(args.pretrained_weights) if args.pretrained_weights else None
     build_size = resolve_model_flags(args, ckpt, default_image_size)
-    check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size")
+    check_patch_size(args.arch, args.patch_size, args.image_size or build_size, "--image_size",
+                     fixed_patch=ckpt is not None)
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size, img_size=[build_size],
                                          cifar_stem=args.cifar_stem, **vit_shape(args),
                                          **build_kwargs)
     load_pretrained_weights(backbone, args.pretrained_weights, args.checkpoint_key, ckpt=ckpt)
+    # the normalisation the weights were trained with, unless flags say otherwise; the scripts
+    # build their transforms from args.norm_mean / args.norm_std (data.normalization.with_norm)
+    resolve_eval_norm(args, checkpoint_args(ckpt), ckpt is not None)
     return backbone, embed_dim
 
 

@@ -123,9 +123,23 @@ def resolve_dataset(name, root):
     if found:
         raise ValueError(f"--data_path {root} holds several datasets ({', '.join(found)}); pass "
                          f"--dataset to pick one")
+    if _holds_class_folders(root):
+        raise ValueError(f"--data_path {root} holds class folders of images, i.e. one split "
+                         f"(main_dino.py's --data_path /path/to/imagenet/train/); pass its parent, "
+                         f"the folder that holds train/ (and val/ for the k-NN check)")
     raise ValueError(f"cannot tell which dataset --data_path {root} holds (no train/ folder, no "
                      f"train/images.npy, no CIFAR/STL-10/Tiny ImageNet files); pass --dataset "
                      f"(one of {', '.join(DATASETS)})")
+
+
+def _holds_class_folders(root, look=20):
+    """Whether `root` looks like one split of an ImageFolder: sub-folders holding image files
+    (the first `look` of each listing are checked)."""
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+    for sub in sorted(p for p in root.iterdir() if p.is_dir())[:look]:
+        if any(f.suffix.lower() in exts for f in sorted(sub.iterdir())[:look]):
+            return True
+    return False
 
 
 def dataset_info(name, root=None):

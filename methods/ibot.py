@@ -18,6 +18,7 @@ The head, multi-crop wrapper, EMA and temperature schedule come from methods/din
     DATA=/path/to/imagenet sbatch slurm/ibot_pretrain.sh
 """
 import math
+import os
 import random
 
 import numpy as np
@@ -64,6 +65,11 @@ def add_args(parser):
                        help="Activation in the head MLP.")
     group.add_argument("--drop_path", dest="drop_path_rate", type=float, default=None,
                        help="iBOT's name for --drop_path_rate: stochastic depth of the student.")
+    group.add_argument("--load_from", default=None, type=str,
+                       help="iBOT's name for --resume_from: resume from this checkpoint, a path "
+                            "relative to --output_dir as in main_ibot.py (an absolute one as "
+                            "given); default: unset. Unlike main_ibot.py, <output_dir>/checkpoint.pth "
+                            "is resumed from without it, and a missing file is an error.")
 
     group.add_argument("--use_masked_im_modeling", default=True, type=bool_flag,
                        help="Whether to mask the student's global crops.")
@@ -95,7 +101,15 @@ def add_args(parser):
 
 
 def check_args(args):
-    """Raises ValueError for flags iBOT cannot run with; normalises --norm_in_head none."""
+    """Raises ValueError for flags iBOT cannot run with; normalises --norm_in_head none and
+    turns iBOT's --load_from into --resume_from."""
+    if getattr(args, "load_from", None):
+        if args.resume_from:
+            raise ValueError("--load_from (iBOT's name) and --resume_from both given; pass one")
+        path = os.path.join(args.output_dir, args.load_from)  # main_ibot.py's reading
+        own = os.path.join(args.output_dir, "checkpoint.pth")  # resumed from anyway
+        args.resume_from = "" if os.path.abspath(path) == os.path.abspath(own) else path
+        args.load_from = None  # one flag in the run's record: --resume_from
     check_multicrop_args(args)
     check_head_args(args)
     if args.patch_out_dim < 1 or min(args.warmup_teacher_patch_temp, args.teacher_patch_temp) <= 0:

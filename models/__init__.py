@@ -8,7 +8,8 @@ import torch
 
 from .resnet import ResNet, resnet18, resnet34, resnet50
 from .heads import MLPClassifier
-from .vision_transformer import VIT_SIZES, VisionTransformer, vit_size, vit_base, vit_nano, vit_small, vit_tiny
+from .vision_transformer import (VIT_SIZES, VisionTransformer, resize_pos_embed, vit_base, vit_nano,
+                                 vit_size, vit_small, vit_tiny)
 
 _VITS = {f.__name__: f for f in (vit_nano, vit_tiny, vit_small, vit_base)}
 _RESNETS = {f.__name__: f for f in (resnet18, resnet34, resnet50)}
@@ -61,17 +62,25 @@ def build_backbone(arch, patch_size=16, img_size=224, drop_path_rate=0.0, cifar_
     return model, model.embed_dim
 
 
-def check_patch_size(arch, patch_size, size, what):
+def check_patch_size(arch, patch_size, size, what, fixed_patch=False):
     """A ViT cuts its input into patch_size x patch_size patches and silently drops the pixels
     left over at the right and bottom edges: refuse a size (`what`: the flag or description
-    named in the message) that the patch size does not divide. ResNets take any size."""
+    named in the message) that the patch size does not divide. ResNets take any size.
+    fixed_patch: the patch size is the loaded weights' own, so the message asks for another
+    size (a flag `what`) rather than another patch size."""
     if ALIASES.get(arch, arch) not in _VITS or size % patch_size == 0:
         return
+    lo, hi = size - size % patch_size, size - size % patch_size + patch_size
+    sizes = " or ".join(str(s) for s in (lo, hi) if s > 0)
+    drop = (f"--patch_size {patch_size} does not divide {what} {size}: the ViT would drop the last "
+            f"{size % patch_size} pixel rows and columns; ")
+    if fixed_patch and what.startswith("--"):
+        raise ValueError(f"{drop}the weights have {patch_size}x{patch_size} patches, so pass "
+                         f"{what} {sizes}")
     fits = [p for p in (4, 8, 14, 16) if size % p == 0]
     hint = f", e.g. {' or '.join(map(str, fits))}" if fits else ""
-    raise ValueError(f"--patch_size {patch_size} does not divide {what} {size}: the ViT would drop "
-                     f"the last {size % patch_size} pixel rows and columns; use a patch size that "
-                     f"divides it{hint}")
+    other = f", or {what} {sizes}" if what.startswith("--") else ""
+    raise ValueError(f"{drop}use a patch size that divides it{hint}{other}")
 
 
 def is_vit(model):
@@ -126,4 +135,4 @@ def layerwise_features(model, x):
 
 
 __all__ = ["ARCHS", "ALIASES", "VIT_SHAPE", "VIT_SIZES", "MLPClassifier", "vit_shape", "check_vit_shape", "build_backbone", "check_patch_size", "is_vit", "extract_features", "feature_dim",
-           "layerwise_features", "VisionTransformer", "ResNet"]
+           "layerwise_features", "resize_pos_embed", "VisionTransformer", "ResNet"]

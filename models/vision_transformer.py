@@ -110,6 +110,34 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+def resize_pos_embed(pos_embed, patch_size, w, h):
+    """The positional embedding (1, 1+N, D) of a sqrt(N) x sqrt(N) grid resized for an image of
+    height w, width h: (1, 1 + (w/p)(h/p), D), the class token's row kept.
+
+    Official semantics (facebookresearch/dino `interpolate_pos_encoding`; "w" is the height):
+    bicubic resize of the grid with scale_factor (w0 + 0.1) / sqrt(N). The +0.1 makes the output
+    size floor() land on w0 despite float error (https://github.com/facebookresearch/dino/issues/8);
+    the sampling positions then follow that scale factor, so `size=(w0, h0)` would give other
+    values. The ViT's forward and export_official.py both call this one function, so an exported
+    224px table equals what the ViT computes at 224px.
+    """
+    N = pos_embed.shape[1] - 1
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch_size, h // patch_size
+    side = int(math.sqrt(N))
+    if side * side != N:
+        raise ValueError(f"pos_embed holds {N + 1} tokens, not a class token plus a square grid "
+                         "of patches (e.g. a DeiT checkpoint with a distillation token); only "
+                         "DINO/iBOT-style ViTs (one class token) are supported")
+    # interpolate in float32 whatever the autocast dtype
+    patch_pos = pos_embed[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, scale_factor=((w0 + 0.1) / math.sqrt(N), (h0 + 0.1) / math.sqrt(N)),
+                              mode="bicubic")
+    assert patch_pos.shape[-2:] == (w0, h0), (patch_pos.shape, w0, h0)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, w0 * h0, dim).to(pos_embed.dtype)
+    return torch.cat((pos_embed[:, :1], patch_pos), dim=1)
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone. `forward` returns the normed CLS token (B, D), or all tokens (B, 1+N, D)."""
 
@@ -162,27 +190,14 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, x, w, h):
-        """Positional embedding (1, 1+N', D) for tokens x (B, 1+N', D) of an image of height w, width h.
-
-        Official semantics (names kept: "w" is the image height, "h" its width): bicubic resize of the
-        sqrt(N) x sqrt(N) grid with scale_factor (w0 + 0.1) / sqrt(N). The +0.1 makes the output size
-        floor() land on w0 despite float error (https://github.com/facebookresearch/dino/issues/8); the
-        sampling positions then follow that scale factor, so `size=(w0, h0)` would give other values.
-        """
+        """Positional embedding (1, 1+N', D) for tokens x (B, 1+N', D) of an image of height w,
+        width h: the stored one when it already has N' patch positions and the image is square,
+        else resize_pos_embed of it (the official semantics, names kept)."""
         npatch = x.shape[1] - 1
         N = self.pos_embed.shape[1] - 1
         if npatch == N and w == h:
             return self.pos_embed
-        dim = x.shape[-1]
-        w0, h0 = w // self.patch_size, h // self.patch_size
-        side = int(math.sqrt(N))
-        # interpolate in float32 whatever the autocast dtype
-        patch_pos = self.pos_embed[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, scale_factor=((w0 + 0.1) / math.sqrt(N), (h0 + 0.1) / math.sqrt(N)),
-                                  mode="bicubic")
-        assert patch_pos.shape[-2:] == (w0, h0), (patch_pos.shape, w0, h0)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, w0 * h0, dim).to(self.pos_embed.dtype)
-        return torch.cat((self.pos_embed[:, :1], patch_pos), dim=1)
+        return resize_pos_embed(self.pos_embed, self.patch_size, w, h)
 
     def prepare_tokens(self, x, mask=None):
         """Images (B, C, H, W) -> tokens (B, 1+N, D) with N = (H/p)(W/p), CLS first, positions added.
