@@ -186,8 +186,9 @@ def command(script, flags, weights, out, args):
               "--batch_size_per_gpu", str(args.batch_size_per_gpu),
               "--num_workers", str(args.num_workers), "--seed", str(args.seed),
               "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb),
-              "--eval_split", args.eval_split,
-              "--norm_mean", *map(str, args.norm_mean), "--norm_std", *map(str, args.norm_std)]
+              "--eval_split", args.eval_split]
+    if getattr(args, "norm_mean", None) is not None:  # the checkpoint's, read by load_backbone
+        common += ["--norm_mean", *map(str, args.norm_mean), "--norm_std", *map(str, args.norm_std)]
     for name in VIT_SHAPE:  # the ViT shape read from the checkpoint, for both inits
         if getattr(args, name, None) is not None:
             common += [f"--{name}", str(getattr(args, name))]
