@@ -143,25 +143,30 @@ class _Loader:
     def _seed(self, i):
         return batch_seed(self.seed, self.epoch, i, self.rank)
 
-    def _init_masks(self, transform, workers, device):
-        """iBOT: its masks drawn ahead in `workers` processes (0: inline, in this process)."""
-        self._mask_loader = None
-        if workers > 0 and hasattr(transform, "host_masks"):
-            self._mask_keys = _MaskKeys()
-            self._mask_loader = DataLoader(
-                _MaskBatches(transform.host_masks, self.seed, self.rank), sampler=self._mask_keys,
+    def _init_extras(self, transform, workers, device):
+        """A batched transform may offer batch_extras, a picklable callable (batch_size, seed)
+        -> a host tensor, a function of the batch seed alone (methods/__init__.py; e.g. patch
+        masks). With `workers` > 0 they are drawn ahead in that many processes and passed to
+        the transform as `extras`; else the transform draws them itself, inline."""
+        self._extras_loader = None
+        draw = getattr(transform, "batch_extras", None)
+        if workers > 0 and draw is not None:
+            self._extras_keys = _BatchKeys()
+            self._extras_loader = DataLoader(
+                _BatchExtras(draw, self.seed, self.rank), sampler=self._extras_keys,
                 batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                 persistent_workers=True, generator=_quiet_generator())
-        return f", masks drawn in {workers} workers" if self._mask_loader is not None else ""
+            return f", {draw} drawn in {workers} workers"
+        return ""
 
-    def _masks(self):
-        """{"masks": prefetched masks} for each batch left in this epoch ({} when drawn inline)."""
-        if self._mask_loader is None:
+    def _extras(self):
+        """{"extras": prefetched value} for each batch left in this epoch ({} when drawn inline)."""
+        if self._extras_loader is None:
             return itertools.repeat({})
         per_rank = math.ceil(self.num_images / self.world_size)
-        self._mask_keys.keys = [(self.epoch, i, min(self.batch_size, per_rank - i * self.batch_size))
-                                for i in range(self.start_iter, self._len)]
-        return ({"masks": m} for m in self._mask_loader)
+        self._extras_keys.keys = [(self.epoch, i, min(self.batch_size, per_rank - i * self.batch_size))
+                                  for i in range(self.start_iter, self._len)]
+        return ({"extras": e} for e in self._extras_loader)
 
 
 def _quiet_generator():
@@ -169,11 +174,11 @@ def _quiet_generator():
     starts. Without one it draws from torch's global generator, at the first batch of the
     epoch; a run resumed mid-epoch (core/preempt.py) would then consume that draw at another
     step than the uninterrupted run and shift the stream stochastic depth draws from. The
-    workers here draw nothing at random (masks are keyed by batch, files are only read)."""
+    workers here draw nothing at random (batch extras are keyed by batch, files are only read)."""
     return torch.Generator().manual_seed(0)
 
 
-class _MaskKeys:
+class _BatchKeys:
     """Sampler of (epoch, iteration, batch size) keys, refilled every epoch (a persistent
     DataLoader re-reads it at each new iteration)."""
 
@@ -187,15 +192,15 @@ class _MaskKeys:
         return len(self.keys)
 
 
-class _MaskBatches(Dataset):
-    """(epoch, iteration, n) -> the iBOT masks of that batch, the same as drawn inline."""
+class _BatchExtras(Dataset):
+    """(epoch, iteration, n) -> batch_extras(n, seed of that batch), the same as drawn inline."""
 
-    def __init__(self, host_masks, seed, rank):
-        self.host_masks, self.seed, self.rank = host_masks, seed, rank
+    def __init__(self, draw, seed, rank):
+        self.draw, self.seed, self.rank = draw, seed, rank
 
     def __getitem__(self, key):
         epoch, it, n = key
-        return self.host_masks(n, batch_seed(self.seed, epoch, it, self.rank))
+        return self.draw(n, batch_seed(self.seed, epoch, it, self.rank))
 
 
 # ============ tensor backend: resident datasets ============
@@ -465,7 +470,7 @@ class ResidentLoader(_Loader):
     Yields (views, labels) on `device`."""
 
     def __init__(self, images, labels, transform, batch_size, device, seed=0, rank=0,
-                 world_size=1, shuffle=True, drop_last=True, mask_workers=0, sizes=None,
+                 world_size=1, shuffle=True, drop_last=True, extras_workers=0, sizes=None,
                  note=""):
         super().__init__(len(images), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.images, self.labels, self.transform = images, labels.to(images.device), transform
@@ -473,11 +478,11 @@ class ResidentLoader(_Loader):
         self.device = torch.device(device)
         self.describe = f"resident uint8 {tuple(images.shape)} on {images.device}, no workers"
         self.describe += f"; {note}" if note else ""
-        self.describe += self._init_masks(transform, mask_workers, self.device)
+        self.describe += self._init_extras(transform, extras_workers, self.device)
 
     def __iter__(self):
         on_device = self.images.device == self.device
-        for (i, idx), extra in zip(self._batches(), self._masks()):
+        for (i, idx), extra in zip(self._batches(), self._extras()):
             idx = torch.tensor(idx)
             if on_device:  # indices through pinned memory: no host-device sync
                 if self.device.type == "cuda":
@@ -591,7 +596,7 @@ class StreamingLoader(_Loader):
     describe."""
 
     def __init__(self, files, transform, batch_size, device, seed=0, rank=0, world_size=1,
-                 shuffle=True, drop_last=True, num_workers=4, max_side=1024, mask_workers=0,
+                 shuffle=True, drop_last=True, num_workers=4, max_side=1024, extras_workers=0,
                  note=""):
         super().__init__(len(files), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.device, self.transform, self.max_side = torch.device(device), transform, max_side
@@ -607,7 +612,7 @@ class StreamingLoader(_Loader):
         self.describe = (f"JPEG bytes read by {num_workers} workers, {where}, images over "
                          f"{max_side} px on a side shrunk to it")
         self.describe += f"; {note}" if note else ""
-        self.describe += self._init_masks(transform, mask_workers, self.device)
+        self.describe += self._init_extras(transform, extras_workers, self.device)
 
     def set_epoch(self, epoch, start_iter=0):
         super().set_epoch(epoch, start_iter)
@@ -641,7 +646,7 @@ class StreamingLoader(_Loader):
 
     def __iter__(self):
         cuda = self.device.type == "cuda"
-        masks = self._masks()
+        extras = self._extras()
         for i, batch in enumerate(self.loader, start=self.start_iter):
             if cuda:
                 data, labels, index = batch
@@ -651,7 +656,7 @@ class StreamingLoader(_Loader):
                 images, sizes, labels = batch
                 images = images.to(self.device)
             labels = labels.to(self.device, non_blocking=True)
-            yield self.transform(images, seed=self._seed(i), sizes=sizes, **next(masks)), labels
+            yield self.transform(images, seed=self._seed(i), sizes=sizes, **next(extras)), labels
 
 
 # ============ pil backend: today's DataLoader ============
@@ -685,13 +690,13 @@ class PILLoader(_Loader):
 def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_size, *, device,
                        seed=0, rank=0, world_size=1, num_workers=4, memory_gb=4.0,
                        download=False, split="train", shuffle=True, drop_last=True,
-                       store_size=None, max_side=1024, mask_workers=None, **dataset_kwargs):
+                       store_size=None, max_side=1024, extras_workers=None, **dataset_kwargs):
     """The loader of `split` of a dataset for one process; see the module docstring.
 
     backend: "tensor" or "pil". pil_transform: the method's PIL transform (the tensor backend
     builds its batched twin from it). device: the training device. memory_gb: the resident
-    budget in GiB. mask_workers: processes drawing iBOT's masks ahead (default
-    min(num_workers, 4); 0 draws them inline). dataset_kwargs: passed to build_dataset (e.g.
+    budget in GiB. extras_workers: processes drawing the batched transform's batch_extras
+    ahead, when it has them (default min(num_workers, 4); 0: drawn inline). dataset_kwargs: passed to build_dataset (e.g.
     val_split, held out with `seed` as well).
     -> a loader with __len__ (batches per epoch), set_epoch(epoch, start_iter=0), start_iter,
     num_images, describe, and iteration over (views, labels)."""
@@ -708,7 +713,7 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
         return PILLoader(dataset, batch_size, device, num_workers=num_workers, **common)
 
     transform = batched_transform(pil_transform)
-    common["mask_workers"] = min(num_workers, 4) if mask_workers is None else mask_workers
+    common["extras_workers"] = min(num_workers, 4) if extras_workers is None else extras_workers
     dataset = build_dataset(dataset_name, data_path, split, None, seed=seed, download=download,
                             **dataset_kwargs)
     budget = memory_gb * 2**30
