@@ -502,7 +502,8 @@ def _certain(op, p):
 def _geometry(slot):
     def read(op, p, recipe):
         _certain(op, p)
-        if recipe.ops or recipe.crop is not None or (slot == "resize" and recipe.resize is not None):
+        late = recipe.ops or recipe.crop is not None
+        if late or (slot == "resize" and recipe.resize is not None):
             raise ValueError(f"{type(op).__name__} at this place has no batched version; the "
                              "geometry must be [Resize] [one crop] at the start")
         setattr(recipe, slot, op)

@@ -167,7 +167,8 @@ class _Loader:
         if self._extras_loader is None:
             return itertools.repeat({})
         per_rank = math.ceil(self.num_images / self.world_size)
-        self._extras_keys.keys = [(self.epoch, i, min(self.batch_size, per_rank - i * self.batch_size))
+        b = self.batch_size
+        self._extras_keys.keys = [(self.epoch, i, min(b, per_rank - i * b))
                                   for i in range(self.start_iter, self._len)]
         return ({"extras": e} for e in self._extras_loader)
 
