@@ -33,7 +33,6 @@ from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_re
                              lock_output_dir, make_output_dir, remove_stale_tmp,
                              restart_from_checkpoint, save_atomic)
 from core.curves import save_curves
-from core.diagnostics import check_collapse
 from core.evaluation import KNNEvaluator, add_eval_split_arg, check_knn_data
 from core.logger import MetricLogger, bool_flag
 from core.syncbn import sync_batchnorm
@@ -391,8 +390,8 @@ def train_ssl(args):
         start_iter, rank_states = 0, None
         if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
             break
-        # one warning line when DINO/iBOT's teacher collapsed for this whole epoch
-        check_collapse(train_stats, getattr(args, "out_dim", None), epoch, args.warmup_epochs)
+        # the method's own check of the epoch (DINO/iBOT: one warning line if the teacher collapsed)
+        method.diagnose(train_stats, args, epoch)
         knn_top1 = None
         if knn is not None and args.knn_freq and (epoch + 1) % args.knn_freq == 0:
             knn_top1 = knn_during_training(knn, model.eval_backbone(), epoch, args)

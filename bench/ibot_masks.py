@@ -1,8 +1,8 @@
 """Where should iBOT's block masks be drawn for --data_backend tensor? Times per batch:
 
     host inline     the method's MaskGenerator in the training process (what the PIL path runs
-                    in its workers), as HostMasks does without mask workers
-    host workers    the same, drawn ahead by data/loaders.py's mask workers: the time the
+                    in its workers), as methods/ibot.py's BatchMasks does without extras workers
+    host workers    the same, drawn ahead by data/loaders.py's extras workers: the time the
                     training process waits for a batch of masks
     device sketch   a vectorised version of the BEiT block algorithm (below, for this
                     measurement only): all masks advance one attempt per tensor op; a mask's
@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from data.gpu_transforms import HostMasks  # noqa: E402
-from data.loaders import _MaskBatches, _MaskKeys  # noqa: E402
-from methods.ibot import MaskGenerator  # noqa: E402
+from data.loaders import _BatchExtras, _BatchKeys  # noqa: E402
+from methods.ibot import BatchMasks, MaskGenerator  # noqa: E402
 
 
 def device_block_masks(n, size, ratio, rounds, device, gen, aspect=(0.3, 1 / 0.3)):
@@ -81,15 +80,15 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     b, g, ng = args.batch_size, args.grid, args.global_crops_number
-    masks = HostMasks(MaskGenerator(), ng, (g, g))
+    masks = BatchMasks(MaskGenerator(), ng, (g, g))
 
     inline, m = timed(lambda: masks(b, seed=0), args.repeat)
     print(f"host inline: {1000 * inline:.1f} ms per batch ({ng} x {b} masks {g}x{g}), "
           f"ratio {m.float().mean():.3f}")
 
-    keys = _MaskKeys()
+    keys = _BatchKeys()
     keys.keys = [(0, i, b) for i in range(args.repeat * 4)]
-    loader = torch.utils.data.DataLoader(_MaskBatches(masks, 0, 0), sampler=keys, batch_size=None,
+    loader = torch.utils.data.DataLoader(_BatchExtras(masks, 0, 0), sampler=keys, batch_size=None,
                                          num_workers=args.workers)
     it = iter(loader)
     next(it)

@@ -97,16 +97,6 @@ def embedding_stats(z, it, rank_every):
 # One bit: below it, the teacher's output says almost nothing about which image it saw.
 MIN_INFORMATION = math.log(2)
 
-ADVICE = {
-    "uniform": "sharpen the teacher (lower --teacher_temp and --warmup_teacher_temp, 0.04 is "
-               "DINO's default) and raise --momentum_teacher (e.g. 0.9995 for small batches); "
-               "this is why a loss sits at ln K",
-    "one-dimension": "soften the teacher (raise --teacher_temp towards 0.07), raise "
-                     "--momentum_teacher, use a larger batch (the centre is a batch mean), "
-                     "or normalise the head (--use_bn_in_head true; iBOT: --norm_in_head bn)",
-}
-
-
 def collapse_mode(stats, out_dim):
     """stats: an epoch's averaged stats (names as the methods log them, optionally with a
     'train_' prefix); out_dim: K. Returns "uniform", "one-dimension" or None.
@@ -145,18 +135,21 @@ def collapse_mode(stats, out_dim):
     return "uniform" if math.log(out_dim) - entropy < MIN_INFORMATION else "one-dimension"
 
 
-def check_collapse(stats, out_dim, epoch, warmup_epochs=0):
+def check_collapse(stats, out_dim, epoch, warmup_epochs=0, advice=None):
     """Once per epoch, after the epoch's stats are averaged: from epoch max(warmup_epochs, 1)
     on (epoch 0's teacher is near its random init, which reads as collapsed), print one
-    warning line naming the collapse mode and what to change. Training goes on. Returns the
-    mode or None. Methods without teacher statistics (SimCLR, rotation) always get None."""
+    warning line naming the collapse mode, and what to change when the method's `advice`
+    ({mode: text naming its flags}) has it. Training goes on. Returns the mode or None (always
+    None for stats without teacher statistics). A teacher-student method calls it from its
+    diagnose() (methods/__init__.py)."""
     if epoch < max(warmup_epochs, 1):
         return None
     mode = collapse_mode(stats, out_dim)
     if mode is not None:
         entropy = stats.get("teacher_entropy", stats.get("train_teacher_entropy"))
         batch = stats.get("teacher_batch_entropy", stats.get("train_teacher_batch_entropy"))
+        fix = (advice or {}).get(mode)
         print(f"warning: {mode} collapse at epoch {epoch}: the teacher's output hardly depends "
               f"on the image (teacher entropy {entropy:.3g}, batch entropy {batch:.3g}, "
-              f"ln K = {math.log(out_dim):.3g}); {ADVICE[mode]}.", flush=True)
+              f"ln K = {math.log(out_dim):.3g})" + (f"; {fix}." if fix else "."), flush=True)
     return mode

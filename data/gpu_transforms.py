@@ -4,13 +4,17 @@ parameters for every sample. They are the batched twins of the PIL recipes in
 data/transforms.py, built from the very same objects, so one recipe serves both backends:
 
     pil = method.build_transform(args, info)      # TwoViewTransform, MultiCropTransform, ...
-    batched = batched_transform(pil)              # dispatch on its class, read its parameters
+    batched = batched_transform(pil)              # its batched() or its row of BATCHED_RECIPES
     views = batched(images, seed=batch_seed(args.seed, epoch, it, rank))
     # views: what DataLoader(build_dataset(..., transform=pil)) collates for the same images:
     #   TwoViewTransform     [v1, v2], each float (B, 3, S, S), normalised
     #   MultiCropTransform   [g1, g2, ..., l1, ..., ln]
     #   SingleViewTransform / eval_transform   one float (B, 3, S, S)
-    #   iBOT's MultiCropMaskTransform          (crops, masks): masks bool (B, S/p, S/p) per global
+    #   a method's own transform: what its batched() twin returns (methods/__init__.py)
+
+Each view recipe is a torchvision Compose; BATCHED_OPS maps every op class it may hold to its
+batched op (one table: a new augmentation is added there, an op missing from it is refused in
+one line naming it, with --data_backend pil as the way out).
 
 `images` may be a padded batch of images of different sizes: `sizes` (B, 2) gives each one's
 (height, width), stored in its top-left corner; crops are drawn inside it.
@@ -44,8 +48,6 @@ from PIL's by ~0.3 grey levels on average), and no host-device sync (no .item(),
 augmentation queues behind the previous training step.
 """
 import math
-import random
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ from .transforms import (MultiCropTransform, RandomGaussianBlur, RandomSolarize,
 
 __all__ = ["batch_seed", "make_generator", "batched_transform", "resized_crop",
            "sample_resized_crop_boxes", "BatchedView", "BatchedTwoView", "BatchedMultiCrop",
-           "BatchedSingleView", "BatchedMultiCropMask", "HostMasks"]
+           "BatchedSingleView", "BATCHED_OPS", "BATCHED_RECIPES"]
 
 # ============ randomness ============
 
@@ -479,41 +481,117 @@ class _Normalize:
         return (x - mean) / std
 
 
-# ============ one view recipe ============
+# ============ one view recipe: the table of batched ops ============
 
-def _only(random_apply):
-    if len(random_apply.transforms) != 1:
-        raise ValueError(f"RandomApply of {len(random_apply.transforms)} transforms has no batched "
+class _Recipe:
+    """What BatchedView reads out of one Compose: the geometry (at most one Resize and one crop,
+    before any pixel op, and a horizontal flip anywhere), the pixel ops in order, ToTensor."""
+
+    def __init__(self):
+        self.resize = self.crop = self.flip_p = None
+        self.ops, self.to_tensor = [], False
+
+
+def _certain(op, p):
+    """Ops that have no random-application version refuse a RandomApply around them."""
+    if p != 1.0:
+        raise ValueError(f"RandomApply of {type(op).__name__} has no batched version; apply it "
+                         "always, or use --data_backend pil")
+
+
+def _geometry(slot):
+    def read(op, p, recipe):
+        _certain(op, p)
+        late = recipe.ops or recipe.crop is not None
+        if late or (slot == "resize" and recipe.resize is not None):
+            raise ValueError(f"{type(op).__name__} at this place has no batched version; the "
+                             "geometry must be [Resize] [one crop] at the start")
+        setattr(recipe, slot, op)
+    return read
+
+
+def _flip(op, p, recipe):
+    # folded into the geometry: it commutes with the pixel ops
+    if recipe.flip_p is not None:
+        raise ValueError("a second RandomHorizontalFlip has no batched version; keep one")
+    recipe.flip_p = p * op.p
+
+
+def _to_tensor(op, p, recipe):
+    _certain(op, p)
+    recipe.to_tensor = True
+
+
+def _normalize(op, p, recipe):
+    _certain(op, p)
+    if not recipe.to_tensor:
+        raise ValueError("Normalize before ToTensor; put ToTensor first")
+    recipe.ops.append(_Normalize(op.mean, op.std))
+
+
+def _random_apply(op, p, recipe):
+    if len(op.transforms) != 1:
+        raise ValueError(f"RandomApply of {len(op.transforms)} transforms has no batched "
                          "version; wrap each transform in its own RandomApply")
-    return random_apply.transforms[0], random_apply.p
+    _read_op(op.transforms[0], p * op.p, recipe)
 
 
-def _pixel_op(op, p=1.0):
-    if isinstance(op, T.ColorJitter):
-        return _ColorJitter(op, p)
-    if isinstance(op, T.GaussianBlur):
-        return _GaussianBlur(p, op.sigma, tuple(op.kernel_size), "reflect")
-    if isinstance(op, RandomGaussianBlur):
-        taps = 2 * math.ceil(3 * op.radius_max) + 1
-        return _GaussianBlur(p * op.p, (op.radius_min, op.radius_max), (taps, taps), "replicate")
-    if isinstance(op, RandomSolarize):
-        return _Solarize(p * op.p, op.threshold)
-    if isinstance(op, T.RandomSolarize):
-        return _Solarize(p * op.p, op.threshold)
-    if isinstance(op, T.RandomGrayscale):
-        return _Grayscale(p * op.p)
-    if isinstance(op, T.Grayscale) and op.num_output_channels == 3:
-        return _Grayscale(p)
-    if isinstance(op, T.Normalize):
-        return _Normalize(op.mean, op.std)
-    raise ValueError(f"{type(op).__name__} has no batched version; supported: RandomResizedCrop, "
-                     "Resize, RandomCrop, CenterCrop, RandomHorizontalFlip, ColorJitter, "
-                     "RandomGrayscale, GaussianBlur, RandomGaussianBlur, RandomSolarize, "
-                     "ToTensor, Normalize (RandomApply of one of them)")
+def _pixel(build):
+    """A pixel op: build(op, p) -> its batched op, p the probability of a RandomApply around it."""
+    def read(op, p, recipe):
+        recipe.ops.append(build(op, p))
+    return read
+
+
+def _pil_blur(op, p):
+    taps = 2 * math.ceil(3 * op.radius_max) + 1  # PIL's blur has no size: +-3 sigma_max
+    return _GaussianBlur(p * op.p, (op.radius_min, op.radius_max), (taps, taps), "replicate")
+
+
+def _grayscale(op, p):
+    if op.num_output_channels != 3:
+        raise ValueError("Grayscale(num_output_channels=1) has no batched version; the views "
+                         "have 3 channels (num_output_channels=3)")
+    return _Grayscale(p)
+
+
+# Every op a recipe of data/transforms.py may contain -> how a batched view runs it:
+# read(op, p, recipe) adds it to the _Recipe (p: the probability of a RandomApply around it).
+# One recipe, two executors: torchvision/PIL run the op image by image (--data_backend pil),
+# this table runs its batched twin. A new augmentation is added here; an op missing from the
+# table is refused with one line naming it. Keyed by the exact class: a subclass may do
+# something else, so it needs its own row.
+BATCHED_OPS = {
+    T.Resize: _geometry("resize"),
+    T.RandomResizedCrop: _geometry("crop"),
+    T.RandomCrop: _geometry("crop"),
+    T.CenterCrop: _geometry("crop"),
+    T.RandomHorizontalFlip: _flip,
+    T.ColorJitter: _pixel(lambda op, p: _ColorJitter(op, p)),
+    T.RandomGrayscale: _pixel(lambda op, p: _Grayscale(p * op.p)),
+    T.Grayscale: _pixel(_grayscale),
+    T.GaussianBlur: _pixel(lambda op, p: _GaussianBlur(p, op.sigma, tuple(op.kernel_size),
+                                                       "reflect")),
+    RandomGaussianBlur: _pixel(_pil_blur),
+    RandomSolarize: _pixel(lambda op, p: _Solarize(p * op.p, op.threshold)),
+    T.RandomSolarize: _pixel(lambda op, p: _Solarize(p * op.p, op.threshold)),
+    T.ToTensor: _to_tensor,
+    T.Normalize: _normalize,
+    T.RandomApply: _random_apply,
+}
+
+
+def _read_op(op, p, recipe):
+    read = BATCHED_OPS.get(type(op))
+    if read is None:
+        raise ValueError(f"{type(op).__name__} has no batched version; use --data_backend pil, "
+                         "or add it to the table data/gpu_transforms.BATCHED_OPS")
+    read(op, p, recipe)
 
 
 class BatchedView:
-    """One view recipe, a torchvision Compose of data/transforms.py's ops, run on a batch.
+    """One view recipe, a torchvision Compose of data/transforms.py's ops, run on a batch; every
+    op is read through BATCHED_OPS.
 
         view = BatchedView(compose)
         params = view.sample(n, heights, widths, gen)     # per-sample random parameters
@@ -522,33 +600,13 @@ class BatchedView:
     """
 
     def __init__(self, compose):
-        ops = list(compose.transforms) if isinstance(compose, T.Compose) else [compose]
-        resize = crop = None
-        flip_p = 0.0
-        self.ops, to_tensor = [], False
-        for op in ops:
-            if isinstance(op, T.RandomApply):
-                inner, p = _only(op)
-                self.ops.append(_pixel_op(inner, p))
-            elif isinstance(op, T.RandomHorizontalFlip) and not flip_p:
-                flip_p = op.p  # folded into the geometry: it commutes with the pixel ops
-            elif isinstance(op, T.Resize) and crop is None and not self.ops:
-                resize = op
-            elif isinstance(op, (T.RandomResizedCrop, T.RandomCrop, T.CenterCrop)) \
-                    and crop is None and not self.ops:
-                crop = op
-            elif isinstance(op, T.ToTensor):
-                to_tensor = True
-            elif isinstance(op, T.Normalize) and not to_tensor:
-                raise ValueError("Normalize before ToTensor; put ToTensor first")
-            else:
-                if isinstance(op, (T.Resize, T.RandomResizedCrop, T.RandomCrop, T.CenterCrop)):
-                    raise ValueError(f"{type(op).__name__} at this place has no batched version; "
-                                     "the geometry must be [Resize] [one crop] at the start")
-                self.ops.append(_pixel_op(op))
-        if not to_tensor:
+        recipe = _Recipe()
+        for op in (compose.transforms if isinstance(compose, T.Compose) else [compose]):
+            _read_op(op, 1.0, recipe)
+        if not recipe.to_tensor:
             raise ValueError(f"{compose} does not end in tensors; add ToTensor()")
-        self.geometry = _Geometry(resize, crop, flip_p)
+        self.ops = recipe.ops
+        self.geometry = _Geometry(recipe.resize, recipe.crop, recipe.flip_p or 0.0)
         self.size = self.geometry.out
 
     def sample(self, n, heights, widths, gen=None):
@@ -628,71 +686,29 @@ class BatchedSingleView:
         return self.view(images, make_generator(seed, images.device), sizes)[0]
 
 
-@contextmanager
-def _python_random_seeded(seed):
-    """Run with Python's `random` seeded by `seed`, then restore its state (None: unseeded)."""
-    if seed is None:
-        yield
-        return
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state)
-
-
-class HostMasks:
-    """(batch_size, seed) -> bool (global_number, batch_size, h, w) on the host: the masks of
-    one batch, a function of the seed alone. Small and picklable, for worker processes."""
-
-    def __init__(self, mask_generator, global_number, shape):
-        self.mask_generator, self.global_number, self.shape = mask_generator, global_number, shape
-
-    def __call__(self, batch_size, seed=None):
-        with _python_random_seeded(None if seed is None else seed ^ 0x5EED):
-            return torch.stack([torch.stack([self.mask_generator(*self.shape)
-                                             for _ in range(batch_size)])
-                                for _ in range(self.global_number)])
-
-
-class BatchedMultiCropMask:
-    """iBOT's MultiCropMaskTransform -> (crops, masks), masks: global_number bool (B, h, w).
-
-    The masks are drawn on the host by the method's own MaskGenerator (the BEiT block algorithm
-    is a data-dependent loop per mask), with Python's `random` seeded from the batch seed.
-    host_masks() is what the loaders run in worker processes ahead of time (pass the result as
-    `masks`); without it they are drawn here, in the calling process. Either way they reach the
-    device through pinned memory. docs/benchmarks.md has the cost of both."""
-
-    def __init__(self, pil):
-        self.multicrop = BatchedMultiCrop(pil.multicrop)
-        size = self.multicrop.global1.size
-        self.host_masks = HostMasks(pil.mask_generator, pil.global_number,
-                                    (size[0] // pil.patch_size, size[1] // pil.patch_size))
-
-    def __call__(self, images, seed=None, sizes=None, masks=None):
-        crops = self.multicrop(images, seed, sizes)
-        if masks is None:
-            masks = self.host_masks(images.shape[0], seed)
-        if images.device.type == "cuda" and not masks.is_pinned():
-            masks = masks.pin_memory()
-        return crops, list(masks.to(images.device, non_blocking=True).unbind(0))
+# The recipes of data/transforms.py -> their batched twins, by exact class. A method whose
+# transform is its own class gives it a batched() method instead (methods/__init__.py).
+BATCHED_RECIPES = {
+    TwoViewTransform: BatchedTwoView,
+    MultiCropTransform: BatchedMultiCrop,
+    SingleViewTransform: BatchedSingleView,
+    T.Compose: BatchedSingleView,
+}
 
 
 def batched_transform(pil_transform):
-    """The batched equivalent of a PIL transform of data/transforms.py, built from its own
-    parameters: TwoViewTransform, MultiCropTransform, SingleViewTransform, eval_transform's
-    Compose, or iBOT's MultiCropMaskTransform (any object with .multicrop and
-    .mask_generator). The result is called as f(images uint8 (B, 3, H, W), seed=None,
-    sizes=None) and returns what the DataLoader collates from the PIL transform."""
-    if isinstance(pil_transform, TwoViewTransform):
-        return BatchedTwoView(pil_transform)
-    if isinstance(pil_transform, MultiCropTransform):
-        return BatchedMultiCrop(pil_transform)
-    if isinstance(pil_transform, (SingleViewTransform, T.Compose)):
-        return BatchedSingleView(pil_transform)
-    if hasattr(pil_transform, "multicrop") and hasattr(pil_transform, "mask_generator"):
-        return BatchedMultiCropMask(pil_transform)
-    raise ValueError(f"{type(pil_transform).__name__} has no batched version; use "
-                     "--data_backend pil, or add it to data/gpu_transforms.batched_transform")
+    """The batched equivalent of a method's PIL transform, built from its own parameters: the
+    transform's batched() when it has one (the method contract's hook for transforms of its own,
+    e.g. iBOT's views with masks), else the row of BATCHED_RECIPES for its class (TwoViewTransform,
+    MultiCropTransform, SingleViewTransform, eval_transform's Compose). The result is called as
+    f(images uint8 (B, 3, H, W), seed=None, sizes=None) and returns what the DataLoader collates
+    from the PIL transform; it may offer batch_extras (see data/loaders.py)."""
+    batched = getattr(pil_transform, "batched", None)
+    if callable(batched):
+        return batched()
+    build = BATCHED_RECIPES.get(type(pil_transform))
+    if build is None:
+        raise ValueError(f"{type(pil_transform).__name__} has no batched version; use "
+                         "--data_backend pil, or give it a batched() method or a row of "
+                         "data/gpu_transforms.BATCHED_RECIPES")
+    return build(pil_transform)

@@ -26,8 +26,10 @@ backend "tensor": no PIL in the loop; batches come already on `device`.
     on CUDA) and only their batches are copied.
   - StreamingLoader: ImageFolder trees above the budget (ImageNet). DataLoader workers only read
     file bytes; on CUDA the batch is decoded by torchvision.io.decode_jpeg(device="cuda") (nvJPEG),
-    on the CPU the workers decode it. Images of a batch are zero-padded to the largest one and
-    the crops are drawn inside each image's own size.
+    on the CPU the workers decode it. decode_on="device" forces the CUDA path's batch decoding
+    on the CPU too (decode_jpeg there), decode_on="workers" the workers' decoding on CUDA; with
+    memory_gb=0 every ImageFolder streams. Images of a batch are zero-padded to the largest one
+    and the crops are drawn inside each image's own size.
   The random parameters of a batch come from batch_seed(seed, epoch, iteration, rank), so the
   views of a run resumed at iteration i are those of an uninterrupted run.
 
@@ -59,6 +61,7 @@ from .datasets import (ArrayDataset, BadImageError, _Subset, bad_image, build_da
 from .gpu_transforms import batch_seed, batched_transform
 
 BACKENDS = ("tensor", "pil")
+DECODE_ON = ("device", "workers")  # where StreamingLoader decodes JPEGs
 
 
 def add_data_args(parser):
@@ -143,25 +146,31 @@ class _Loader:
     def _seed(self, i):
         return batch_seed(self.seed, self.epoch, i, self.rank)
 
-    def _init_masks(self, transform, workers, device):
-        """iBOT: its masks drawn ahead in `workers` processes (0: inline, in this process)."""
-        self._mask_loader = None
-        if workers > 0 and hasattr(transform, "host_masks"):
-            self._mask_keys = _MaskKeys()
-            self._mask_loader = DataLoader(
-                _MaskBatches(transform.host_masks, self.seed, self.rank), sampler=self._mask_keys,
+    def _init_extras(self, transform, workers, device):
+        """A batched transform may offer batch_extras, a picklable callable (batch_size, seed)
+        -> a host tensor, a function of the batch seed alone (methods/__init__.py; e.g. patch
+        masks). With `workers` > 0 they are drawn ahead in that many processes and passed to
+        the transform as `extras`; else the transform draws them itself, inline."""
+        self._extras_loader = None
+        draw = getattr(transform, "batch_extras", None)
+        if workers > 0 and draw is not None:
+            self._extras_keys = _BatchKeys()
+            self._extras_loader = DataLoader(
+                _BatchExtras(draw, self.seed, self.rank), sampler=self._extras_keys,
                 batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                 persistent_workers=True, generator=_quiet_generator())
-        return f", masks drawn in {workers} workers" if self._mask_loader is not None else ""
+            return f", {draw} drawn in {workers} workers"
+        return ""
 
-    def _masks(self):
-        """{"masks": prefetched masks} for each batch left in this epoch ({} when drawn inline)."""
-        if self._mask_loader is None:
+    def _extras(self):
+        """{"extras": prefetched value} for each batch left in this epoch ({} when drawn inline)."""
+        if self._extras_loader is None:
             return itertools.repeat({})
         per_rank = math.ceil(self.num_images / self.world_size)
-        self._mask_keys.keys = [(self.epoch, i, min(self.batch_size, per_rank - i * self.batch_size))
-                                for i in range(self.start_iter, self._len)]
-        return ({"masks": m} for m in self._mask_loader)
+        b = self.batch_size
+        self._extras_keys.keys = [(self.epoch, i, min(b, per_rank - i * b))
+                                  for i in range(self.start_iter, self._len)]
+        return ({"extras": e} for e in self._extras_loader)
 
 
 def _quiet_generator():
@@ -169,11 +178,11 @@ def _quiet_generator():
     starts. Without one it draws from torch's global generator, at the first batch of the
     epoch; a run resumed mid-epoch (core/preempt.py) would then consume that draw at another
     step than the uninterrupted run and shift the stream stochastic depth draws from. The
-    workers here draw nothing at random (masks are keyed by batch, files are only read)."""
+    workers here draw nothing at random (batch extras are keyed by batch, files are only read)."""
     return torch.Generator().manual_seed(0)
 
 
-class _MaskKeys:
+class _BatchKeys:
     """Sampler of (epoch, iteration, batch size) keys, refilled every epoch (a persistent
     DataLoader re-reads it at each new iteration)."""
 
@@ -187,15 +196,15 @@ class _MaskKeys:
         return len(self.keys)
 
 
-class _MaskBatches(Dataset):
-    """(epoch, iteration, n) -> the iBOT masks of that batch, the same as drawn inline."""
+class _BatchExtras(Dataset):
+    """(epoch, iteration, n) -> batch_extras(n, seed of that batch), the same as drawn inline."""
 
-    def __init__(self, host_masks, seed, rank):
-        self.host_masks, self.seed, self.rank = host_masks, seed, rank
+    def __init__(self, draw, seed, rank):
+        self.draw, self.seed, self.rank = draw, seed, rank
 
     def __getitem__(self, key):
         epoch, it, n = key
-        return self.host_masks(n, batch_seed(self.seed, epoch, it, self.rank))
+        return self.draw(n, batch_seed(self.seed, epoch, it, self.rank))
 
 
 # ============ tensor backend: resident datasets ============
@@ -465,7 +474,7 @@ class ResidentLoader(_Loader):
     Yields (views, labels) on `device`."""
 
     def __init__(self, images, labels, transform, batch_size, device, seed=0, rank=0,
-                 world_size=1, shuffle=True, drop_last=True, mask_workers=0, sizes=None,
+                 world_size=1, shuffle=True, drop_last=True, extras_workers=0, sizes=None,
                  note=""):
         super().__init__(len(images), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.images, self.labels, self.transform = images, labels.to(images.device), transform
@@ -473,11 +482,11 @@ class ResidentLoader(_Loader):
         self.device = torch.device(device)
         self.describe = f"resident uint8 {tuple(images.shape)} on {images.device}, no workers"
         self.describe += f"; {note}" if note else ""
-        self.describe += self._init_masks(transform, mask_workers, self.device)
+        self.describe += self._init_extras(transform, extras_workers, self.device)
 
     def __iter__(self):
         on_device = self.images.device == self.device
-        for (i, idx), extra in zip(self._batches(), self._masks()):
+        for (i, idx), extra in zip(self._batches(), self._extras()):
             idx = torch.tensor(idx)
             if on_device:  # indices through pinned memory: no host-device sync
                 if self.device.type == "cuda":
@@ -584,74 +593,89 @@ def _collate_encoded(batch):
 
 
 class StreamingLoader(_Loader):
-    """An ImageFolder too large to keep (ImageFiles): workers read (CPU: and decode) the files,
-    the batch is decoded on the GPU with nvJPEG when `device` is CUDA (JPEGs of 1 or 3 8-bit
-    components; other files as on the CPU), then augmented on `device`. Images longer than
-    max_side are shrunk to it first (bounds the padded batch). note: why it streams, for
-    describe."""
+    """An ImageFolder too large to keep (ImageFiles), read file by file in `num_workers`
+    DataLoader workers, decoded where decode_on says, then augmented on `device`:
+      "device"   the workers only read the bytes; the main process decodes each batch with one
+                 torchvision.io.decode_jpeg call on `device`: nvJPEG on CUDA, libjpeg-turbo on
+                 the CPU (the same code path, the CPU decoder standing in for nvJPEG). JPEGs of
+                 1 or 3 8-bit components go there; other files (PNG, CMYK, ...) and files the
+                 decoder refuses are decoded as by the workers.
+      "workers"  the workers decode (ImageFiles.decoded) and pad the batch.
+    Default (None): "device" on CUDA, "workers" on the CPU. On the CPU both give the same views
+    (the same decoder). Images longer than max_side are shrunk to it first (bounds the padded
+    batch). note: why it streams, for describe."""
 
     def __init__(self, files, transform, batch_size, device, seed=0, rank=0, world_size=1,
-                 shuffle=True, drop_last=True, num_workers=4, max_side=1024, mask_workers=0,
-                 note=""):
+                 shuffle=True, drop_last=True, num_workers=4, max_side=1024, extras_workers=0,
+                 note="", decode_on=None):
         super().__init__(len(files), batch_size, seed, rank, world_size, shuffle, drop_last)
         self.device, self.transform, self.max_side = torch.device(device), transform, max_side
         cuda = self.device.type == "cuda"
-        self.dataset = EncodedImages(files, decode=not cuda, max_side=max_side)
+        self.decode_on = decode_on or ("device" if cuda else "workers")
+        if self.decode_on not in DECODE_ON:
+            raise ValueError(f"decode_on '{decode_on}' is unknown; use one of "
+                             f"{', '.join(DECODE_ON)}")
+        on_device = self.decode_on == "device"
+        self.dataset = EncodedImages(files, decode=not on_device, max_side=max_side)
         self.sampler = _EpochSampler(self.dataset, num_replicas=world_size, rank=rank,
                                      shuffle=shuffle, seed=seed)
         self.loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=batch_size,
                                  num_workers=num_workers, pin_memory=cuda, drop_last=drop_last,
-                                 collate_fn=_collate_encoded if cuda else _collate_decoded,
+                                 collate_fn=_collate_encoded if on_device else _collate_decoded,
                                  persistent_workers=num_workers > 0, generator=_quiet_generator())
-        where = "decoded on the GPU (nvJPEG)" if cuda else "decoded in the workers"
+        where = ("decoded in the workers" if not on_device else
+                 "decoded on the GPU (nvJPEG)" if cuda else
+                 "decoded in batches in the main process (decode_jpeg on the CPU)")
         self.describe = (f"JPEG bytes read by {num_workers} workers, {where}, images over "
                          f"{max_side} px on a side shrunk to it")
         self.describe += f"; {note}" if note else ""
-        self.describe += self._init_masks(transform, mask_workers, self.device)
+        self.describe += self._init_extras(transform, extras_workers, self.device)
 
     def set_epoch(self, epoch, start_iter=0):
         super().set_epoch(epoch, start_iter)
         self.sampler.set_epoch(epoch)
         self.sampler.start = start_iter * self.batch_size
 
-    def _decode_gpu(self, data, labels, index):
-        """Bytes of a batch -> padded uint8 batch and sizes on the device; labels (host) are
-        updated for the files replaced by skip_bad_images."""
+    def _decode_batch(self, data, labels, index):
+        """Bytes of a batch -> padded uint8 batch on the device and its sizes (host); labels
+        (host) are updated for the files replaced by skip_bad_images."""
         images = [None] * len(data)
-        gpu = [k for k, d in enumerate(data) if _jpeg_components(d) in (1, 3)]
-        if gpu:
+        jpegs = [k for k, d in enumerate(data) if _jpeg_components(d) in (1, 3)]
+        if jpegs:
             try:
-                out = torchvision.io.decode_jpeg([data[k] for k in gpu], mode=ImageReadMode.RGB,
+                out = torchvision.io.decode_jpeg([data[k] for k in jpegs], mode=ImageReadMode.RGB,
                                                  device=self.device)
-            except RuntimeError:  # one file nvJPEG refuses fails the batch: one by one
+            except RuntimeError:  # one file the decoder refuses fails the batch: one by one
                 out = []
-                for k in gpu:
+                for k in jpegs:
                     try:
                         out.append(torchvision.io.decode_jpeg(data[k], mode=ImageReadMode.RGB,
                                                               device=self.device))
                     except RuntimeError:
                         out.append(None)
-            for k, img in zip(gpu, out):
+            for k, img in zip(jpegs, out):
                 images[k] = img
         for k, img in enumerate(images):
-            if img is None:  # PNG, CMYK, other formats, bad files: decoded as on the CPU
+            if img is None:  # PNG, CMYK, other formats, bad files: decoded as by the workers
                 img, labels[k] = self.dataset.files.decoded(index[k])
                 images[k] = img.to(self.device)
         return pad_batch([_shrink(img, self.max_side) for img in images], self.device)
 
     def __iter__(self):
         cuda = self.device.type == "cuda"
-        masks = self._masks()
+        extras = self._extras()
         for i, batch in enumerate(self.loader, start=self.start_iter):
-            if cuda:
+            if self.decode_on == "device":
                 data, labels, index = batch
-                images, sizes = self._decode_gpu(data, labels, index)
-                sizes = sizes.pin_memory().to(self.device, non_blocking=True)
+                images, sizes = self._decode_batch(data, labels, index)
+                if cuda:
+                    sizes = sizes.pin_memory()
             else:
-                images, sizes, labels = batch
-                images = images.to(self.device)
+                images, sizes, labels = batch  # pinned by the DataLoader on CUDA
+                images = images.to(self.device, non_blocking=True)
+            sizes = sizes.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield self.transform(images, seed=self._seed(i), sizes=sizes, **next(masks)), labels
+            yield self.transform(images, seed=self._seed(i), sizes=sizes, **next(extras)), labels
 
 
 # ============ pil backend: today's DataLoader ============
@@ -685,20 +709,26 @@ class PILLoader(_Loader):
 def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_size, *, device,
                        seed=0, rank=0, world_size=1, num_workers=4, memory_gb=4.0,
                        download=False, split="train", shuffle=True, drop_last=True,
-                       store_size=None, max_side=1024, mask_workers=None, **dataset_kwargs):
+                       store_size=None, max_side=1024, extras_workers=None, decode_on=None,
+                       **dataset_kwargs):
     """The loader of `split` of a dataset for one process; see the module docstring.
 
     backend: "tensor" or "pil". pil_transform: the method's PIL transform (the tensor backend
     builds its batched twin from it). device: the training device. memory_gb: the resident
-    budget in GiB. mask_workers: processes drawing iBOT's masks ahead (default
-    min(num_workers, 4); 0 draws them inline). dataset_kwargs: passed to build_dataset (e.g.
-    val_split, held out with `seed` as well).
+    budget in GiB. extras_workers: processes drawing the batched transform's batch_extras
+    ahead, when it has them (default min(num_workers, 4); 0: drawn inline). decode_on: where a
+    streamed ImageFolder's JPEGs are decoded, "device" or "workers" (StreamingLoader; default:
+    "device" on CUDA, "workers" on the CPU). memory_gb=0 streams every ImageFolder, so
+    memory_gb=0, decode_on="device" runs the CUDA streaming path, on the CPU too.
+    dataset_kwargs: passed to build_dataset (e.g. val_split, held out with `seed` as well).
     -> a loader with __len__ (batches per epoch), set_epoch(epoch, start_iter=0), start_iter,
     num_images, describe, and iteration over (views, labels)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend '{backend}'; use one of {', '.join(BACKENDS)}")
     if not memory_gb >= 0:
         raise ValueError(f"--data_memory_gb {memory_gb} must be >= 0 (GiB per process)")
+    if decode_on not in (None,) + DECODE_ON:
+        raise ValueError(f"decode_on '{decode_on}' is unknown; use one of {', '.join(DECODE_ON)}")
     device = torch.device(device)
     common = dict(seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
                   drop_last=drop_last)
@@ -708,13 +738,13 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
         return PILLoader(dataset, batch_size, device, num_workers=num_workers, **common)
 
     transform = batched_transform(pil_transform)
-    common["mask_workers"] = min(num_workers, 4) if mask_workers is None else mask_workers
+    common["extras_workers"] = min(num_workers, 4) if extras_workers is None else extras_workers
     dataset = build_dataset(dataset_name, data_path, split, None, seed=seed, download=download,
                             **dataset_kwargs)
     budget = memory_gb * 2**30
     if _folder_samples(dataset) is not None and not store_size:
         return _folder_loader(dataset, transform, batch_size, device, budget, memory_gb,
-                              num_workers, max_side, common)
+                              num_workers, max_side, common, decode_on)
     n, c, h, w = stored_shape(dataset, store_size)
     fits = n * c * h * w <= budget
     if not fits and _folder_samples(dataset) is not None:
@@ -722,7 +752,7 @@ def build_train_loader(backend, dataset_name, data_path, pil_transform, batch_si
                                num_workers=num_workers, max_side=max_side, note=(
                                    f"streamed: {n} images stored at {h}x{w} (store_size) would "
                                    f"take {_gib(n * c * h * w)}, over --data_memory_gb "
-                                   f"{memory_gb:g}"), **common)
+                                   f"{memory_gb:g}"), decode_on=decode_on, **common)
     images, labels = decode_dataset(dataset, store_size, num_workers)
     if fits:
         images = images.to(device)
@@ -740,7 +770,7 @@ def _gib(num_bytes):
 
 
 def _folder_loader(dataset, transform, batch_size, device, budget, memory_gb, num_workers,
-                   max_side, common):
+                   max_side, common, decode_on=None):
     """An ImageFolder on the tensor backend: resident at each image's own size (zero-padded to
     the largest) when that fits the budget, else streamed; the loader's describe says which
     and why."""
@@ -759,7 +789,7 @@ def _folder_loader(dataset, transform, batch_size, device, budget, memory_gb, nu
                 f"{'' if complete else 'at least '}{_gib(need)}, over --data_memory_gb "
                 f"{memory_gb:g}")
         return StreamingLoader(files, transform, batch_size, device, num_workers=num_workers,
-                               max_side=max_side, note=note, **common)
+                               max_side=max_side, note=note, decode_on=decode_on, **common)
     images, stored_sizes, labels = decode_files(files, h, w, num_workers)
     note = _size_note(images, stored_sizes)
     return ResidentLoader(images.to(device), labels, transform, batch_size, device,

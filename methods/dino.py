@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core import dist as distu
-from core.diagnostics import teacher_stats
+from core.diagnostics import check_collapse, teacher_stats
 from core.logger import bool_flag
 from core.optim import cancel_gradients_last_layer, cosine_scheduler
 from data import MultiCropTransform
@@ -451,3 +451,26 @@ def build(args, backbone, embed_dim, niter_per_ep):
                     args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs)
     return DINO(student, teacher, loss, teacher_momentum_schedule(args, niter_per_ep),
                 args.freeze_last_layer)
+
+
+# ============ diagnostics (the method contract's diagnose) ============
+
+def collapse_advice(normalise_head):
+    """What to change for each collapse mode (core/diagnostics.collapse_mode), in this family's
+    flags; normalise_head: the flag that puts a normalisation into the head."""
+    return {
+        "uniform": "sharpen the teacher (lower --teacher_temp and --warmup_teacher_temp, 0.04 "
+                   "is DINO's default) and raise --momentum_teacher (e.g. 0.9995 for small "
+                   "batches); this is why a loss sits at ln K",
+        "one-dimension": "soften the teacher (raise --teacher_temp towards 0.07), raise "
+                         "--momentum_teacher, use a larger batch (the centre is a batch mean), "
+                         f"or normalise the head ({normalise_head})",
+    }
+
+
+COLLAPSE_ADVICE = collapse_advice("--use_bn_in_head true")
+
+
+def diagnose(stats, args, epoch):
+    """One warning line when the teacher collapsed over this epoch (after --warmup_epochs)."""
+    return check_collapse(stats, args.out_dim, epoch, args.warmup_epochs, COLLAPSE_ADVICE)

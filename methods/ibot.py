@@ -6,6 +6,7 @@ patch. Details follow https://github.com/bytedance/ibot (main_ibot.py, models/he
 loader.py):
 
     masks           block-wise (BEiT) or random, drawn per global crop in the data workers
+                    (--data_backend tensor: per batch from its seed, BatchedMultiCropMask)
     iBOTHead        DINO's MLP on every token; [CLS] -> last_layer, patches -> last_layer2
                     (the same module with --shared_head true)
     iBOTLoss        DINO loss on [CLS] for different views + masked-patch loss for the same view
@@ -20,15 +21,17 @@ The head, multi-crop wrapper, EMA and temperature schedule come from methods/din
 import math
 import os
 import random
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.diagnostics import TEACHER_KEYS, teacher_stats
+from core.diagnostics import TEACHER_KEYS, check_collapse, teacher_stats
 from core.logger import bool_flag
 from data import MultiCropTransform
+from data.gpu_transforms import batched_transform
 from methods import dino
 from methods.dino import (MultiCropWrapper, TeacherStudent, WeightNormLinear, add_head_args,
                           add_multicrop_args, add_teacher_temp_args, check_head_args,
@@ -243,9 +246,70 @@ class MultiCropMaskTransform:
                  for c in crops[:self.global_number]]
         return crops, masks
 
+    def batched(self):
+        """The batched twin for --data_backend tensor (the method contract's hook)."""
+        return BatchedMultiCropMask(self)
+
     def __repr__(self):
         return (f"{type(self).__name__}({self.multicrop}, one mask per global crop, "
                 f"patch {self.patch_size})")
+
+
+@contextmanager
+def _python_random_seeded(seed):
+    """Run with Python's `random` seeded by `seed`, then restore its state (None: unseeded)."""
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+class BatchMasks:
+    """(batch_size, seed) -> bool (global_number, batch_size, h, w) on the host: the masks of
+    one batch, a function of the seed alone (MaskGenerator with Python's `random` seeded from
+    it). Small and picklable: the loaders may draw it ahead in worker processes, as the
+    batch_extras of BatchedMultiCropMask (data/loaders.py)."""
+
+    def __init__(self, mask_generator, global_number, shape):
+        self.mask_generator, self.global_number, self.shape = mask_generator, global_number, shape
+
+    def __call__(self, batch_size, seed=None):
+        with _python_random_seeded(None if seed is None else seed ^ 0x5EED):
+            return torch.stack([torch.stack([self.mask_generator(*self.shape)
+                                             for _ in range(batch_size)])
+                                for _ in range(self.global_number)])
+
+    def __repr__(self):
+        return f"iBOT masks ({self.global_number} x {self.shape[0]}x{self.shape[1]} per image)"
+
+
+class BatchedMultiCropMask:
+    """MultiCropMaskTransform on a batch (--data_backend tensor) -> (crops, masks): the batched
+    multi-crop views and global_number bool (B, h, w) masks.
+
+    The masks are drawn on the host by the method's own MaskGenerator (the BEiT block algorithm
+    is a data-dependent loop per mask), from the batch seed. batch_extras (a BatchMasks) is what
+    the loaders run in worker processes ahead of time and pass back as `extras`; without it
+    they are drawn here, in the calling process. Either way they reach the device through pinned
+    memory. docs/benchmarks.md has the cost of both."""
+
+    def __init__(self, pil):
+        self.multicrop = batched_transform(pil.multicrop)
+        size = self.multicrop.global1.size
+        self.batch_extras = BatchMasks(pil.mask_generator, pil.global_number,
+                                       (size[0] // pil.patch_size, size[1] // pil.patch_size))
+
+    def __call__(self, images, seed=None, sizes=None, extras=None):
+        crops = self.multicrop(images, seed, sizes)
+        masks = self.batch_extras(images.shape[0], seed) if extras is None else extras
+        if images.device.type == "cuda" and not masks.is_pinned():
+            masks = masks.pin_memory()
+        return crops, list(masks.to(images.device, non_blocking=True).unbind(0))
 
 
 # ============ head (models/head.py) ============
@@ -482,3 +546,12 @@ def build(args, backbone, embed_dim, niter_per_ep):
     return iBOT(student, teacher, loss, teacher_momentum_schedule(args, niter_per_ep),
                 args.freeze_last_layer, args.global_crops_number, args.use_masked_im_modeling,
                 args.pred_start_epoch)
+
+
+COLLAPSE_ADVICE = dino.collapse_advice("--norm_in_head bn")
+
+
+def diagnose(stats, args, epoch):
+    """One warning line when the teacher's [CLS] output collapsed over this epoch (after
+    --warmup_epochs), as DINO's."""
+    return check_collapse(stats, args.out_dim, epoch, args.warmup_epochs, COLLAPSE_ADVICE)

@@ -122,3 +122,8 @@ class RotationPrediction(nn.Module):
 def build(args, backbone, embed_dim, niter_per_ep):
     return RotationPrediction(backbone, embed_dim, args.rot_hidden_dim,
                               getattr(args, "print_freq", 10))
+
+
+def diagnose(stats, args, epoch):
+    """Nothing to check once per epoch: emb_std and erank are logged for the reader."""
+    return None

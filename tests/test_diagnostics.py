@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from core.diagnostics import (EffectiveRankEvery, check_collapse, collapse_mode, effective_rank,
                               embedding_std, teacher_stats)
-from methods import METHODS
+from methods import METHODS, dino, ibot
 from methods.dino import DINOHead, DINOLoss
 from methods.ibot import iBOTLoss
 
@@ -91,10 +91,16 @@ def test_constant_teacher_is_one_dimension_collapse(capsys):
     teacher = torch.randn(1, K).expand(2 * B, K)
     stats = dino_stats(teacher)
     assert stats["teacher_batch_entropy"] < 0.3 and stats["kl"] > 0
-    assert check_collapse(stats, K, epoch=3, warmup_epochs=2) == "one-dimension"
+    assert dino.diagnose(stats, _epoch_args(out_dim=K, warmup_epochs=2), epoch=3) == "one-dimension"
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and "one-dimension collapse at epoch 3" in lines[0]
-    assert "--teacher_temp" in lines[0] and "batch" in lines[0]
+    assert "--teacher_temp" in lines[0] and "batch" in lines[0] and "--use_bn_in_head" in lines[0]
+    # iBOT's advice names its own head flag; the bare check names no flag at all
+    assert ibot.diagnose(stats, _epoch_args(out_dim=K, warmup_epochs=2), epoch=3) == "one-dimension"
+    assert check_collapse(stats, K, epoch=3) == "one-dimension"
+    ibot_line, bare = capsys.readouterr().out.strip().splitlines()
+    assert "--norm_in_head bn" in ibot_line and "--use_bn_in_head" not in ibot_line
+    assert "--" not in bare and bare.endswith(")."), bare
 
 
 def test_uniform_teacher_is_uniform_collapse(capsys):
@@ -104,7 +110,7 @@ def test_uniform_teacher_is_uniform_collapse(capsys):
     assert stats["kl"] == pytest.approx(0, abs=1e-4)
     # the epoch averages as train_ssl.py writes them to log.txt work too
     logged = {f"train_{k}": v for k, v in stats.items()}
-    assert check_collapse(logged, K, epoch=5, warmup_epochs=5) == "uniform"
+    assert dino.diagnose(logged, _epoch_args(out_dim=K, warmup_epochs=5), epoch=5) == "uniform"
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and "uniform collapse at epoch 5" in lines[0]
     assert "ln K" in lines[0] and "--momentum_teacher" in lines[0]
@@ -130,6 +136,20 @@ def test_no_collapse_warning_on_epoch_0_without_warmup(capsys):
     assert capsys.readouterr().out == ""
     assert check_collapse(flat, K, epoch=1, warmup_epochs=0) == "uniform"
     assert "uniform collapse at epoch 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["simclr", "rotation"])
+def test_methods_without_a_teacher_diagnose_nothing(method, capsys):
+    """The contract's diagnose(stats, args, epoch): train_ssl.py calls it for every method."""
+    collapsed = {f"train_{k}": v for k, v in dino_stats(torch.full((2 * B, K), 0.3)).items()}
+    args = _epoch_args(warmup_epochs=0)
+    assert METHODS[method].diagnose({**collapsed, "train_loss": 1.0}, args, epoch=3) is None
+    assert capsys.readouterr().out == ""
+
+
+def _epoch_args(**kw):
+    import argparse
+    return argparse.Namespace(**kw)
 
 
 def test_collapse_needs_identical_outputs_and_uniform_needs_flat_ones():

@@ -13,8 +13,9 @@ from torchvision.transforms import functional as F
 
 from data import (DATASETS, MultiCropTransform, SingleViewTransform, TwoViewTransform,
                   build_dataset, eval_transform)
-from data.gpu_transforms import (HUE, BatchedView, _ColorJitter, _GaussianBlur, batch_seed,
-                                 batched_transform, make_generator, resized_crop,
+from data.transforms import RandomGaussianBlur, RandomSolarize
+from data.gpu_transforms import (BATCHED_OPS, HUE, BatchedView, _ColorJitter, _GaussianBlur,
+                                 batch_seed, batched_transform, make_generator, resized_crop,
                                  sample_resized_crop_boxes)
 from data.loaders import (PILLoader, ResidentLoader, StreamingLoader, build_train_loader,
                           epoch_indices)
@@ -244,6 +245,75 @@ def test_unsupported_ops_are_refused():
         batched_transform(T.Compose([T.CenterCrop(8)]))
 
 
+def _ops_of(obj, depth=0):
+    """The classes of every op in the Composes a transform object holds (RandomApply and the
+    op it wraps both count)."""
+    if isinstance(obj, T.Compose):
+        return set().union(*(_ops_of(t, depth) for t in obj.transforms))
+    if isinstance(obj, T.RandomApply):
+        return {T.RandomApply}.union(*(_ops_of(t, depth) for t in obj.transforms))
+    if type(obj).__module__.startswith("torchvision") or isinstance(obj, (RandomGaussianBlur,
+                                                                           RandomSolarize)):
+        return {type(obj)}
+    if depth < 3 and hasattr(obj, "__dict__"):  # a recipe object: its attributes
+        return set().union(set(), *(_ops_of(v, depth + 1) for v in vars(obj).values()))
+    return set()
+
+
+def test_batched_ops_table_covers_every_method_recipe():
+    """Every op of the four methods' recipes, at a size without blur and one with, and of the
+    evaluation recipes, has its row in BATCHED_OPS, and each recipe builds its batched twin."""
+    from methods import METHODS
+    from train_ssl import get_args_parser
+    seen = set()
+    for name, method in METHODS.items():
+        for size in (32, 64):
+            flags = (["--global_crops_size", str(size), "--local_crops_size", str(size // 2)]
+                     if name in ("dino", "ibot") else
+                     ["--crop_size", str(size)])
+            args = get_args_parser(name).parse_args(flags)
+            args.patch_size = 4
+            tf = method.build_transform(args, INFO)
+            ops = _ops_of(tf)
+            assert ops and ops <= set(BATCHED_OPS), (name, size, ops - set(BATCHED_OPS))
+            batched_transform(tf)
+            seen |= ops
+    for tf in (eval_transform(128, INFO.mean, INFO.std),
+               SingleViewTransform(32, INFO.mean, INFO.std),
+               SingleViewTransform(96, INFO.mean, INFO.std)):
+        ops = _ops_of(tf)
+        assert ops <= set(BATCHED_OPS)
+        batched_transform(tf)
+        seen |= ops
+    assert {T.RandomResizedCrop, T.RandomCrop, T.Resize, T.CenterCrop, T.RandomHorizontalFlip,
+            T.ColorJitter, T.RandomGrayscale, T.GaussianBlur, RandomGaussianBlur, RandomSolarize,
+            T.RandomApply, T.ToTensor, T.Normalize} <= seen  # the walk found the recipes' ops
+
+
+def test_unknown_op_fails_in_one_line_naming_it(monkeypatch):
+    recipe = [T.RandomResizedCrop(8), T.RandomApply([T.RandomRotation(10)], p=0.5), T.ToTensor()]
+    with pytest.raises(ValueError) as e:
+        batched_transform(T.Compose(recipe))
+    msg = str(e.value)
+    assert "RandomRotation has no batched version" in msg and "--data_backend pil" in msg
+    assert "BATCHED_OPS" in msg and "\n" not in msg
+
+    class SharperJitter(T.ColorJitter):  # a subclass may do something else: not run as its parent
+        pass
+    jitter = SharperJitter(0.4, 0.4, 0.4, 0.1)
+    with pytest.raises(ValueError, match="SharperJitter has no batched version"):
+        batched_transform(T.Compose([T.CenterCrop(8), jitter, T.ToTensor()]))
+    # one row of the table is all a new op needs
+    monkeypatch.setitem(BATCHED_OPS, SharperJitter, BATCHED_OPS[T.ColorJitter])
+    out = batched_transform(T.Compose([T.CenterCrop(8), jitter, T.ToTensor()]))(
+        _smooth_images(4, 8, 8), seed=0)
+    assert out.shape == (4, 3, 8, 8)
+    with pytest.raises(ValueError, match="Unknown has no batched version.*--data_backend pil"):
+        batched_transform(type("Unknown", (), {})())
+    with pytest.raises(ValueError, match="RandomApply of CenterCrop"):  # no random geometry
+        batched_transform(T.Compose([T.RandomApply([T.CenterCrop(8)]), T.ToTensor()]))
+
+
 # ============ loaders ============
 
 def test_resident_loader_visits_distributed_sampler_order():
@@ -310,7 +380,7 @@ def test_ibot_masks_drawn_in_workers_equal_inline_ones():
     runs = []
     for workers in (0, 1):
         loader = ResidentLoader(images, labels, batched_transform(tf), 8, "cpu", seed=1,
-                                mask_workers=workers)
+                                extras_workers=workers)
         loader.set_epoch(2, start_iter=3)
         runs.append([views[1] for views, _ in loader])
     assert len(runs[0]) == 2 and [m.shape for m in runs[1][0]] == [(8, 8, 8)] * 2

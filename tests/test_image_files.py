@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -19,7 +20,8 @@ import eval_knn
 import train_ssl
 from core import cli, evaluation
 from core.evaluation import extract_dataset_features
-from data import BadImageError, build_dataset, dataset_info, eval_transform, resolve_dataset
+from data import (BadImageError, TwoViewTransform, build_dataset, dataset_info, eval_transform,
+                  resolve_dataset)
 from data.datasets import decode_image
 from data.gpu_transforms import BatchedView, make_generator
 from data.loaders import (ResidentLoader, StreamingLoader, _jpeg_components, build_train_loader,
@@ -285,6 +287,56 @@ def test_skip_bad_images_on_both_backends(tmp_path, memory_gb, capfd):
             assert f"warning: skipped {root / 'train' / name}" in err, (backend, err)
     assert out["tensor"][1].tolist() == out["pil"][1].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
     torch.testing.assert_close(out["tensor"][0], out["pil"][0], atol=0.02, rtol=0)
+
+
+def test_streamed_device_decoding_on_cpu_gives_the_workers_views(tmp_path, monkeypatch, capfd):
+    """decode_on="device", the branch CUDA takes (workers read bytes, the main process decodes
+    each batch in one decode_jpeg call on the device), run on the CPU: the same views and labels
+    as the worker-decoded branch with the same seeds, a resumed epoch included; grey JPEGs go
+    to the batch decoder, PNGs, CMYK and bad files to the workers' decoding."""
+    rng = np.random.default_rng(2)
+    for i, (h, w) in enumerate([(20, 30), (50, 24), (31, 31), (18, 44), (24, 24), (45, 45)]):
+        folder = tmp_path / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_smooth(h, w, i)).save(folder / f"{i}.jpg", quality=90)
+    c0, c1 = tmp_path / "train" / "c0", tmp_path / "train" / "c1"
+    Image.fromarray(_smooth(22, 26, 7)[..., 0]).save(c0 / "grey.jpg")
+    Image.fromarray(np.dstack([_smooth(26, 22, 8), _smooth(26, 22, 9)[..., :1]]), "CMYK").save(
+        c1 / "cmyk.jpg")
+    Image.fromarray(_smooth(28, 20, 10)).save(c1 / "png.png")
+    (c0 / "3_garbage.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    calls = []
+    decode_jpeg = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg",
+                        lambda data, **kw: calls.append(len(data) if isinstance(data, list) else 1)
+                        or decode_jpeg(data, **kw))
+    tf = TwoViewTransform(16, MEAN, STD, scale=(0.2, 1.0), blur=True)  # random views, kernel 1
+    runs = {}
+    for decode_on in ("workers", "device"):
+        loader = build_train_loader("tensor", "imagefolder", str(tmp_path), tf, 3, device="cpu",
+                                    num_workers=0, memory_gb=0, max_side=40, seed=5,
+                                    decode_on=decode_on, skip_bad_images=True)
+        assert isinstance(loader, StreamingLoader) and loader.decode_on == decode_on
+        batches = []
+        for epoch, start in ((1, 0), (1, 1)):
+            loader.set_epoch(epoch, start_iter=start)
+            batches.append([(torch.stack(views), labels) for views, labels in loader])
+        runs[decode_on] = batches, loader.describe
+        assert (calls != []) == (decode_on == "device")
+    (workers, described_w), (device, described_d) = runs["workers"], runs["device"]
+    assert "decoded in the workers" in described_w
+    assert "decoded in batches in the main process (decode_jpeg on the CPU)" in described_d
+    assert max(calls) > 1  # a batch of JPEGs in one call
+    assert [len(b) for b in device] == [len(b) for b in workers] == [3, 2]  # 10 files, 3 a batch
+    for got, want in zip(device, workers):
+        for (v_got, y_got), (v_want, y_want) in zip(got, want):
+            assert torch.equal(y_got, y_want) and torch.equal(v_got, v_want)
+    for (v_tail, _), (v_full, _) in zip(device[1], device[0][1:]):  # resumed at batch 1
+        assert torch.equal(v_tail, v_full)
+    assert "3_garbage.jpg" in capfd.readouterr().err
+    with pytest.raises(ValueError, match="decode_on 'gpu' is unknown; use one of device, workers"):
+        build_train_loader("tensor", "imagefolder", str(tmp_path), tf, 3, device="cpu",
+                           num_workers=0, memory_gb=0, decode_on="gpu")
 
 
 def test_train_ssl_knn_check_reads_with_skip_bad_images(tmp_path):
