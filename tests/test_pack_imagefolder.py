@@ -1,6 +1,7 @@
 """tools/pack_imagefolder.py: an ImageFolder as one file and back, byte for byte; damaged or
 foreign packs and an over-budget pack end in one clear error and leave nothing behind."""
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.pack_imagefolder import MAGIC, info, pack, read_index, unpack
+from tools.pack_imagefolder import MAGIC, info, pack, read_index, unpack, working_tree_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,3 +98,26 @@ def test_cli_packs_checks_the_budget_and_says_why(tmp_path):
     back = subprocess.run([*run, "--unpack", str(tmp_path / "a.pack"), str(tmp_path / "u")],
                           cwd=REPO, capture_output=True, text=True)
     assert back.returncode == 0 and read_tree(tmp_path / "u") == read_tree(tmp_path / "src")
+
+
+def _cifar10_jpeg():
+    """The CIFAR-10 JPEG ImageFolder next to the checkout, if this machine has it."""
+    candidates = [os.environ.get("MINISSL_CIFAR10_JPEG", ""),
+                  REPO.parent / "shared" / "data" / "cifar10-jpeg",
+                  REPO.parents[1] / "shared" / "data" / "cifar10-jpeg"]  # from a worktree
+    return next((Path(c) for c in candidates if c and (Path(c) / "train").is_dir()), None)
+
+
+def test_cifar10_pack_and_the_working_tree_fit_a_lent_machine(tmp_path):
+    """What bench/gpu_suite.py needs on a GPU machine: the pack of CIFAR-10 plus this checkout
+    stays under the 64 MiB a lent machine copies (the packer's default --max_mib check)."""
+    src = _cifar10_jpeg()
+    if src is None:
+        pytest.skip("no CIFAR-10 JPEG folder next to the checkout (MINISSL_CIFAR10_JPEG)")
+    proc = subprocess.run([sys.executable, "tools/pack_imagefolder.py", str(src),
+                           str(tmp_path / "cifar10.pack")], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = info(tmp_path / "cifar10.pack")
+    assert summary["files"] == 60000
+    assert summary["pack_bytes"] + working_tree_bytes() < 64 * 2**20, proc.stdout
