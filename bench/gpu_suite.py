@@ -104,6 +104,7 @@ ROW_LIMIT_S = {
             "torchrun": 120, "two_ranks": 90, "settings": 60, "tta": 120, "throughput": 90,
             "compiled": 400},
 }
+TTA_MIN_S = {"cuda": 60, "cpu": 30}  # time-to-accuracy is not started with less than this left
 GRACE_S = 5            # past a row's limit before its worker is killed (it may be writing)
 WORKER_START_S = 120   # a worker must start its first row within this (imports, CUDA init)
 FAILED_ROW_EXIT = 3    # a worker's exit code after a failed row (the next row gets a new one)
@@ -960,6 +961,9 @@ def tta_row(ctx):
     run_dir = ctx.scratch / "tta"
     recipe = tta_recipe(ctx.device, repo_relative(data), ctx.args.tta_epochs)
     t = time.time()
+    budget_cut = ctx.deadline >= ctx.args.worker_deadline  # the suite's minutes end first
+    if budget_cut and ctx.deadline - t < TTA_MIN_S[ctx.device]:
+        return "not run", {}, "out of time (--minutes)"
     tta.start(run_dir, recipe, eval_every=ctx.args.tta_eval_every,
               eval_workers=0 if ctx.tiny else 8, new_session=False)
     shown = 0
@@ -988,8 +992,10 @@ def tta_row(ctx):
         ok = bool(progress) and progress[-1]["knn_top1"] > 20  # 10 classes: chance is 10 %
         return ("pass" if ok else "fail"), values, \
             note if ok else "k-NN top-1 not above 2x chance; " + note
-    if stopped or state.get("status") == "stopped":
-        return "timeout", values, f"stopped at the row's time limit; {note}"
+    if stopped or state.get("status") == "stopped":  # the curve so far is the result
+        why = "out of time (--minutes)" if budget_cut else "at the row's time limit"
+        return ("info" if progress else "killed" if budget_cut else "timeout"), values, \
+            f"stopped {why} after {values['epochs_done']} epochs; {note}"
     log = ctx.logs / "tta_train.log"
     return "fail", values, f"training {state.get('status', 'failed')}: " + \
         (tail(log.read_text(errors="replace")) if log.is_file() else state.get("error", ""))
@@ -1209,6 +1215,7 @@ def _die_with_parent():
 
 def start_worker(args, queue, scratch, log):
     cmd = [sys.executable, str(Path(__file__).resolve()), *(args.argv or sys.argv[1:]),
+           "--out", args.out, "--data_path", args.data_path,  # absolute: the worker's cwd differs
            "--worker_rows", ",".join(map(str, queue)), "--scratch", str(scratch),
            "--worker_deadline", str(args.deadline)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -1387,6 +1394,7 @@ def parse_args(argv=None):
     args.tta_epochs = args.tta_epochs or (2 if tiny else 12)
     args.tta_eval_every = args.tta_eval_every or (1 if tiny else 4)
     args.out = str(Path(args.out).resolve())
+    args.data_path = str(Path(args.data_path).resolve()) if args.data_path else ""
     if args.worker_deadline is not None:
         args.worker_deadline = float(args.worker_deadline)
     return args
@@ -1401,9 +1409,10 @@ def main(argv=None):
     if args.worker_rows is not None:
         return worker_main(args)
     out = Path(args.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    for old in ("suite.json", "suite.md"):
+    for old in ("suite.json", "suite.md"):  # a run's --out holds that run's results only
         (out / old).unlink(missing_ok=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     os.environ[MARKER_ENV] = f"{os.getpid()}:{out}"  # inherited by every process it starts
     suite = Suite(args, plan(args))
     args.deadline = suite.deadline

@@ -5,8 +5,9 @@ against the training wall time, resumable across sessions of at most 10 minutes.
     python bench/tta.py status --dir runs/tta
     python bench/tta.py stop   --dir runs/tta
 
-bench/gpu_suite.py calls these itself with the minutes it has left (the recipe is there). `start`
-returns at once: a watcher process, in its own session, runs train_ssl.py with
+bench/gpu_suite.py's time-to-accuracy row starts one short run (the recipe is there) in its own
+process group and stops it when the row's time is up. `start` returns at once: a watcher
+process (in its own session unless new_session=False) runs train_ssl.py with
 --output_dir <dir>/train and evaluates its checkpoint.pth while it trains. Starting again after
 a stop (or after the machine went away, if <dir> was kept) resumes the same run: train_ssl.py
 restarts from <dir>/train/checkpoint.pth, and the first start's command is kept.

@@ -35,6 +35,7 @@ def read_tree(root):
 
 def test_round_trip(tmp_path):
     files = tiny_tree(tmp_path / "src")
+    (tmp_path / ".out.unpacking-99999" / "train").mkdir(parents=True)  # an unpack killed midway
     summary = pack(tmp_path / "src", tmp_path / "p" / "tiny.pack", max_mib=0)
     assert summary["files"] == 5 and summary["bytes"] == sum(map(len, files.values()))
     assert not list((tmp_path / "p").glob("*.tmp"))

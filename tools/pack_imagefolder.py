@@ -15,7 +15,7 @@ The format (standard library only, little-endian):
     16 bytes:  uint64 length of the compressed index, then the magic b"MSSLPACK"
 A pack is written to <dest>.tmp and renamed when complete; an unpack is written to a sibling
 folder and renamed, with <dest>/.pack-sha256 naming the pack it came from (the next unpack of
-the same pack is then a no-op).
+the same pack is then a no-op; one unpack into a folder at a time).
 
 --max_mib (default 64): a lent GPU machine copies the working tree and the carried packs, at
 most 64 MiB together; packing fails (and leaves nothing) when the pack plus this checkout's
@@ -165,8 +165,9 @@ def unpack(pack_path, dest):
     if marker.is_file() and marker.read_text().strip() == index["sha256"]:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.unpacking-*"):  # of an unpack killed midway
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dest.with_name(f".{dest.name}.unpacking-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     digest = hashlib.sha256()
     try:
         with open(pack_path, "rb") as blob:
