@@ -561,8 +561,9 @@ def torchrun_row(ctx, nproc, backend_flags=()):
     shutil.rmtree(run_dir, ignore_errors=True)
     flags = small_flags("dino", "vit_tiny", 16 if ctx.tiny else 32)
     flags[flags.index("--patch_size") + 1] = "4" if ctx.tiny else "8"
-    data = ["--dataset", "npy", "--data_path", make_tiny_digits(ctx.scratch / "digits-64", 64, 32)] \
-        if ctx.tiny else ["--dataset", "digits"]
+    data = ["--dataset", "npy", "--data_path",
+            str(make_tiny_digits(ctx.scratch / "digits-64", 64, 32))] if ctx.tiny \
+        else ["--dataset", "digits"]
     batch = (32 if ctx.tiny else 128) // nproc
     flags += [*data, "--batch_size_per_gpu", str(batch), "--warmup_epochs", "0",
               "--num_workers", "0" if ctx.tiny else "4", "--knn_eval", "false", "--tensorboard",
