@@ -45,6 +45,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from core.checkpoint import load_file  # noqa: E402  (the one safe torch.load)
 
 CHECKS = {"ddp": ("rotation", "vit_tiny"), "syncbn": ("rotation", "resnet18"),
           "simclr": ("simclr", "vit_tiny")}
@@ -164,7 +165,7 @@ def ranks_main(argv=None):
     dist.all_reduce(mean_loss)
     mean_loss /= world_size
     if rank == 0:
-        errors = compare(mean_loss, grads, torch.load(args.ref, weights_only=True))
+        errors = compare(mean_loss, grads, load_file(args.ref))
         tmp = f"{args.out}.tmp"
         Path(tmp).write_text(json.dumps({**errors, "world_size": world_size,
                                          "backend": dist.get_backend(),
