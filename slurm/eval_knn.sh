@@ -2,6 +2,10 @@
 # Weighted k-NN of a pre-trained backbone, 1 node x 4 GPUs (features extracted in parallel).
 #   DATA=/path/to/cifar10 WEIGHTS=out/simclr_resnet18_cifar10/checkpoint.pth sbatch slurm/eval_knn.sh
 #   WEIGHTS=dino_deitsmall16_pretrain.pth DATA=/datasets/imagenet sbatch slurm/eval_knn.sh --arch vit_small --patch_size 16
+#   DATA=/path/to/other_dataset WEIGHTS=out/dino_vit_tiny16/checkpoint.pth sbatch slurm/eval_knn.sh \
+#       --n_shot 5 --n_episodes 20 --logreg true       # 5-shot 1-NN / 5-NN (and logistic regression)
+#   ... sbatch slurm/eval_knn.sh --use_cls false       # mean-pooled patch tokens instead of [CLS]
+# Extra flags go to eval_knn.py.
 #SBATCH --job-name=eval_knn
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4

@@ -5,6 +5,9 @@
 #       sbatch slurm/eval_linear.sh --arch vit_small --patch_size 16 --n_last_blocks 4
 #   DATA=... WEIGHTS=... sbatch slurm/eval_linear.sh --cached_features true --probe_layers true   # minutes
 # Extra flags go to eval_linear.py; a requeued job resumes from <OUT>/checkpoint.pth.tar.
+# The MLP probe (Linear-BN-ReLU per hidden width, the iBOT ViT-S/4 recipe's [512, 256]) on .npy data:
+#   DATA=/path/to/cifar10_npy WEIGHTS=out/ibot_cifar10/checkpoint.pth OUT=out/mlp_probe \
+#       sbatch slurm/eval_linear.sh --dataset npy --head mlp --mlp_dims 512 256
 #SBATCH --job-name=eval_linear
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4

@@ -3,6 +3,9 @@
 #   DATA=/path/to/cifar10 sbatch slurm/simclr_pretrain.sh                      # defaults below
 #   DATA=/path/to/cifar10 sbatch --nodes=1 slurm/simclr_pretrain.sh --epochs 100 # extra flags go to train_ssl.py
 #   DATA=/datasets/imagenet OUT=out/simclr_in1k sbatch slurm/simclr_pretrain.sh --arch resnet50 --crop_size 224
+#   DATA=/path/to/images OUT=out/simclr_128px sbatch --nodes=1 slurm/simclr_pretrain.sh --crop_size 128 \
+#       --proj_hidden_dim 512 --proj_output_dim 256 --temperature 0.07 --optimizer adam --lr 5e-4 \
+#       --lr_scaling none                  # the 128px recipe: 512-512-256, Adam 5e-4 at 4 x 64 = 256
 #SBATCH --job-name=simclr_pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4
