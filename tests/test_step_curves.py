@@ -134,3 +134,38 @@ def test_feature_extraction_prints_count_and_eta(capsys):
     assert capsys.readouterr().out.splitlines() == ["features: 40/40 images in 0:00:00"]
     extract(progress_secs=None)
     assert capsys.readouterr().out == ""
+
+
+def test_curves_draw_schedules_as_lines_and_flat_metrics_on_a_band(tmp_path):
+    """curves.png: a learning rate logged per step is its schedule, without epoch-average dots
+    off its own line; a constant logged in float32 (DINO's teacher temperature) is not magnified
+    into rounding noise."""
+    import matplotlib.figure
+    from core.curves import save_curves
+    from core.logger import MetricLogger, StepLog
+    steps = StepLog(tmp_path, prefix="train")
+    for epoch in range(2):
+        logger = MetricLogger(print_freq=1, print_secs=None, on_print=steps.for_epoch(epoch, 4))
+        for i in logger.log_every(range(4)):
+            logger.update(loss=torch.tensor(2.0 - i / 8), lr_head=1e-3 * (8 - 4 * epoch - i) / 8,
+                          teacher_temp=torch.tensor(0.04))  # float32: 0.03999999910593033
+    with open(tmp_path / "log.txt", "w") as f:
+        for e in range(2):
+            f.write(json.dumps({"train_loss": 1.8, "train_lr_head": 1e-3 / (e + 1),
+                                "train_teacher_temp": 0.040000006, "epoch": e}) + "\n")
+    captured = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **kw):
+        captured["fig"] = fig
+        return real(fig, *a, **kw)
+    matplotlib.figure.Figure.savefig = savefig
+    try:
+        assert save_curves(tmp_path) == ["train_loss", "train_lr_head", "train_teacher_temp"]
+    finally:
+        matplotlib.figure.Figure.savefig = real
+    loss_ax, lr_ax, temp_ax = captured["fig"].axes
+    assert len(loss_ax.get_lines()) == 2 and loss_ax.get_legend() is not None  # steps + dots
+    assert len(lr_ax.get_lines()) == 1 and lr_ax.get_title() == "head learning rate"
+    low, high = temp_ax.get_ylim()
+    assert low == pytest.approx(0.036, rel=1e-3) and high == pytest.approx(0.044, rel=1e-3)
