@@ -391,7 +391,7 @@ def train_ssl(args):
                 log_stats["knn_top1"] = knn_top1
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
-            save_curves(args.output_dir)  # curves.png: every metric of log.txt per epoch
+            save_curves(args.output_dir)  # curves.png: log.txt per epoch, log_steps.txt per step
             if writer is not None:  # (train/<name>: per step, StepLog)
                 for k, v in train_stats.items():
                     writer.add_scalar(f"train_epoch/{k}", v, epoch)
