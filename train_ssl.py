@@ -144,6 +144,7 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL used to set up distributed training (launch with torchrun, "
                              "which passes the ranks in the environment).")
+    distu.add_dist_args(parser)  # --dist_backend {nccl,gloo}
     parser.add_argument("--cpu", action="store_true", help="Train on CPU even if CUDA is there.")
     parser.add_argument("--knn_eval", default=True, type=bool_flag,
                         help="After training, print the 20-NN accuracy of the trained backbone "
@@ -182,7 +183,9 @@ def parse_args(argv=None, make_parser=None):
     METHODS[args.method].check_args(args)
     preempt.check_args(args)
     args.dataset = resolve_dataset(args.dataset, args.data_path)
-    amp.resolve_precision(args, "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    amp.resolve_precision(args, device)
+    distu.process_group_backend(device, args.dist_backend)  # nccl without CUDA: one clear line
     return args
 
 
@@ -207,7 +210,8 @@ def check_args(args):
 # Flags a resumed run may change: how long or how it runs, not what it computes (DINO extends
 # runs with a larger --epochs). Every other flag stored in checkpoint.pth defines the run:
 # method, model, head, data, crops, optimisation, batch size, seed.
-RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
+RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "dist_backend",
+             "cpu", "download",
              "tensorboard", "knn_eval", "knn_k", "knn_freq", "saveckp_freq", "skip_bad_images",
              "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
              "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
