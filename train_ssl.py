@@ -84,6 +84,7 @@ def get_args_parser(method, add_help=True):
 
     # Training/Optimization parameters
     amp.add_precision_args(parser)
+    amp.add_tf32_arg(parser)
     parser.add_argument("--weight_decay", type=float, default=None,
                         help="Initial weight decay (DINO: 0.04; SimCLR with LARS: 1e-6).")
     parser.add_argument("--weight_decay_end", type=float, default=None,
@@ -213,7 +214,7 @@ def check_args(args):
 RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "dist_backend",
              "cpu", "download",
              "tensorboard", "knn_eval", "knn_k", "knn_freq", "saveckp_freq", "skip_bad_images",
-             "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
+             "precision", "use_fp16", "tf32", "compile", "data_backend", "data_memory_gb",
              "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 FIRST = ("method", "arch", "patch_size", "dataset", "data_path")  # named first when several differ
@@ -248,8 +249,7 @@ def train_ssl(args):
     method = METHODS[args.method]
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    amp.set_tf32(args.tf32)  # the exact parts keep full float32 (amp.full_fp32)
 
     # ============ preparing data ... ============
     info = dataset_info(args.dataset, args.data_path)

@@ -379,16 +379,12 @@ def device_vs_cpu(method, arch, device, tiny):
                                        "cpu")
     batch = fixed_batch(args, info, transform, batch_size, device=torch.device("cpu"))
     if device == "cuda":
-        flags = dict(tf32=torch.backends.cuda.matmul.allow_tf32,
-                     cudnn_tf32=torch.backends.cudnn.allow_tf32,
-                     bench=torch.backends.cudnn.benchmark, det=torch.backends.cudnn.deterministic)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        flags = dict(bench=torch.backends.cudnn.benchmark, det=torch.backends.cudnn.deterministic)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
         try:
-            a = step_loss_and_grad_norm(args, batch, torch.device("cuda", 0))
+            with amp.full_fp32():  # TF32 off
+                a = step_loss_and_grad_norm(args, batch, torch.device("cuda", 0))
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = flags["tf32"]
-            torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
             torch.backends.cudnn.benchmark = flags["bench"]
             torch.backends.cudnn.deterministic = flags["det"]
         b = step_loss_and_grad_norm(args, batch, torch.device("cpu"))
@@ -904,8 +900,7 @@ def main(argv=None):
     with contextlib.redirect_stdout(io.StringIO()):
         distu.init_distributed_mode(argparse.Namespace(cpu=tiny, dist_url="env://"))
     torch.backends.cudnn.benchmark = True  # train_ssl.py's settings
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    amp.set_tf32(True)  # --tf32's default
 
     # the background time-to-accuracy run would share the device with the measurements
     if tta.is_running(suite.out / "tta") and sections - {"tta"}:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core import amp
 from core import dist as distu
 from core.diagnostics import teacher_stats
 from core.logger import bool_flag
@@ -167,9 +168,9 @@ class WeightNormLinear(nn.Module):
     Same parameters, names and shapes as `torch.nn.utils.weight_norm(nn.Linear(in, out,
     bias=False))` (weight_g (out, 1), weight_v (out, in)), so official DINO/iBOT checkpoints
     load, without the deprecated API (its replacement, parametrizations.weight_norm, renames the
-    keys). Like the official norm there is no epsilon. Runs in float32 even under autocast: the
-    teacher divides these cosine logits by 0.04, and bfloat16's 8 bits of mantissa would leave
-    them with steps of up to 0.1.
+    keys). Like the official norm there is no epsilon. Runs in float32 even under autocast, and in
+    full float32 under --tf32: the teacher divides these cosine logits by 0.04, and bfloat16's 8
+    bits of mantissa would leave them with steps of up to 0.1 (TF32's 10 bits: 0.025).
     """
 
     def __init__(self, in_features, out_features):
@@ -181,7 +182,7 @@ class WeightNormLinear(nn.Module):
 
     def forward(self, x):
         """x: (..., in_features) -> (..., out_features) in float32."""
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), amp.full_fp32():
             weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
             return F.linear(x.float(), weight.float())
 

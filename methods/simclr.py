@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.amp import full_fp32
 from core.diagnostics import EffectiveRankEvery, embedding_stats
 from core.dist import all_gather_with_grad, get_rank
 from data import TwoViewTransform
@@ -73,10 +74,11 @@ def projection_head(in_dim, hidden_dim, out_dim):
 
 def similarity_logits(z1, z2, temperature):
     """(2B, 2BW) cosine similarities / temperature of this rank's 2B embeddings [z1; z2] with
-    every rank's (gathered with gradients, rank-major), in float32 even under autocast: at
+    every rank's (gathered with gradients, rank-major), in full float32 even under autocast and
+    --tf32: at
     temperature 0.1 a bfloat16 product would move the logits by up to ~0.04, enough to reorder
     the candidates (DINO's last layer is kept in float32 for the same reason)."""
-    with torch.autocast(z1.device.type, enabled=False):
+    with torch.autocast(z1.device.type, enabled=False), full_fp32():
         z = F.normalize(torch.cat([z1, z2]).float(), dim=1)         # (2B, D)
         candidates = all_gather_with_grad(z)                         # (2BW, D), rank-major
         return z @ candidates.T / temperature

@@ -319,6 +319,84 @@ def test_backward_step_is_a_plain_step_without_fp16():
         torch.testing.assert_close(pa, pb)
 
 
+# ============ TF32: a visible flag, and the exact parts in full float32 ============
+
+@pytest.fixture
+def restore_tf32():
+    state = amp.tf32_state()
+    yield
+    amp.set_tf32_state(state)
+
+
+def _precisions():
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+needs_new_api = pytest.mark.skipif(not amp._new_tf32_api(), reason="torch < 2.9: no fp32_precision")
+
+
+@needs_new_api
+def test_tf32_flag_sets_the_precision_and_full_fp32_restores_it(restore_tf32):
+    from train_ssl import get_args_parser, parse_args
+    assert parse_args(["--method", "dino"]).tf32 is True
+    assert parse_args(["--method", "dino", "--tf32", "false"]).tf32 is False
+    assert "--tf32" in get_args_parser("dino").format_help()
+    amp.set_tf32(True)
+    assert _precisions() == ("tf32", "tf32")
+    with amp.full_fp32():
+        assert _precisions() == ("ieee", "ieee")
+        with amp.full_fp32():  # nested: the outer state comes back
+            pass
+        assert _precisions() == ("ieee", "ieee")
+    assert _precisions() == ("tf32", "tf32")
+    with pytest.raises(RuntimeError), amp.full_fp32():
+        raise RuntimeError  # restored on the way out of an error too
+    assert _precisions() == ("tf32", "tf32")
+    amp.set_tf32(False)
+    assert _precisions() == ("ieee", "ieee")
+
+
+@needs_new_api
+def test_exact_parts_run_in_full_fp32_under_tf32(restore_tf32):
+    """Under --tf32 true, the products that must be exact see "ieee" when they launch: the
+    device augmentation's resampling products and blur, DINO's last layer, SimCLR's logits."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    from data import MultiCropTransform
+    from data.gpu_transforms import batched_transform
+    from methods.dino import WeightNormLinear
+    from methods.simclr import similarity_logits
+
+    products = {F.linear, F.conv2d, torch.bmm, torch.matmul, torch.Tensor.matmul,
+                torch.Tensor.__matmul__}
+
+    class Spy(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                self.seen.append((func.__name__, _precisions()))
+            return func(*args, **(kwargs or {}))
+
+    amp.set_tf32(True)
+    crops = batched_transform(MultiCropTransform(16, 8, (0.4, 1.0), (0.05, 0.4), local_number=2,
+                                                 mean=(0.5,) * 3, std=(0.2,) * 3, blur=True))
+    images = torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8)
+    z = torch.randn(4, 8)
+    with Spy() as spy:
+        crops(images, seed=0)
+        WeightNormLinear(8, 5)(z)
+        similarity_logits(z, z, 0.1)
+        z @ z.T  # the control: an ordinary product under --tf32
+    names = {name for name, _ in spy.seen}
+    assert {"bmm", "conv2d", "linear"} <= names and names & {"matmul", "__matmul__"}, names
+    assert all(p == ("ieee", "ieee") for _, p in spy.seen[:-1]), spy.seen
+    assert spy.seen[-1][1] == ("tf32", "tf32")
+
+
 # ============ the edge: one line, exit code 2 ============
 
 def test_cli_run_prints_one_line_and_exits_2(capsys):
