@@ -2,6 +2,7 @@
 backbones from every supported checkpoint layout, checkpoint args, bool_flag, the precision
 flags and step, the one-line error edge."""
 import argparse
+import copy
 import os
 
 import numpy as np
@@ -92,6 +93,41 @@ def test_clip_gradients_is_per_parameter():
     assert net[0].weight.grad is None
 
 
+def dino_clip_gradients(model, clip):
+    """facebookresearch/dino utils.clip_gradients, a loop over the parameters (the reference)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+
+
+def _random_grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(model.parameters()):
+        if i % 7 != 3:  # a few parameters without a gradient
+            scale = 10 ** torch.empty(()).uniform_(-3, 2, generator=g)  # below and above clip
+            p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+def test_clip_gradients_equals_dino_loop_exactly():
+    ours, _ = build_backbone("vit_nano", patch_size=4, img_size=[16])
+    dinos, _ = build_backbone("vit_nano", patch_size=4, img_size=[16])
+    _random_grads(ours, 0)
+    _random_grads(dinos, 0)
+    clip_gradients(ours, 3.0)
+    dino_clip_gradients(dinos, 3.0)
+    clipped = kept = 0
+    for (n, a), b in zip(ours.named_parameters(), dinos.parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), n
+            clipped += bool(a.grad.norm() > 2.99)
+            kept += bool(a.grad.norm() < 2.99)
+    assert clipped > 0 and kept > 0  # both cases occurred
+
+
 def test_cancel_gradients_last_layer():
     class Head(nn.Module):
         def __init__(self):
@@ -137,6 +173,121 @@ def test_lars_adapts_matrices_and_leaves_vectors_alone():
     mu_w = momentum * mu_w + dw * (eta * w1.norm() / dw.norm())
     torch.testing.assert_close(w.detach(), w1 - lr * mu_w)
     torch.testing.assert_close(b.detach(), b1 - lr * (momentum * gb + gb))
+
+
+class LoopLARS(torch.optim.Optimizer):
+    """The LARS step as a loop over the parameters (this repository's until issue 20): the
+    reference the multi-tensor LARS must equal bit for bit."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0, torch.where(
+                        update_norm > 0, g["eta"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(g["momentum"]).add_(dp)
+                p.add_(state["mu"], alpha=-g["lr"])
+
+
+def _lars_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        net[3].weight.zero_()  # a zero norm: trust ratio 1
+    return net
+
+
+def _lars(cls, net, lr=0.3):
+    groups = get_params_groups(net)
+    groups[0]["weight_decay"] = 1e-2
+    return cls(groups, lr=lr)
+
+
+def _lars_steps(cls, steps=3, scaler=None, unscale=True):
+    net = _lars_net()
+    opt = _lars(cls, net)
+    for it in range(steps):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(it))
+        loss = net(x).square().mean()
+        if scaler is None:
+            opt.zero_grad()
+            loss.backward()
+            if it == 1:
+                net[2].bias.grad = None  # a parameter without a gradient this step
+            opt.step()
+        elif unscale:
+            amp.backward_step(loss, opt, scaler, after_unscale=lambda: clip_gradients(net, 0.5))
+        else:  # no unscale_: the step gets grad_scale and unscales the gradients itself
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return net, opt
+
+
+def _same(net_a, opt_a, net_b, opt_b):
+    for (n, a), b in zip(net_a.named_parameters(), net_b.parameters()):
+        assert torch.equal(a, b), n
+        assert torch.equal(opt_a.state[a]["mu"], opt_b.state[b]["mu"]), n
+
+
+def test_lars_equals_the_per_parameter_loop_exactly():
+    _same(*_lars_steps(LARS), *_lars_steps(LoopLARS))
+
+
+@pytest.mark.parametrize("unscale", [True, False])
+def test_lars_under_fp16_scaler_has_no_host_sync_and_skips_non_finite_steps(monkeypatch,
+                                                                            unscale):
+    """GradScaler.step reads found_inf on the host (.item()) before stepping an optimizer that
+    cannot skip the step itself; LARS takes found_inf (and grad_scale) and skips on the device.
+    A CPU GradScaler stands in for the fp16 one."""
+    def scaler():
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+
+    want = _lars_steps(LoopLARS, scaler=scaler(), unscale=unscale)
+
+    def no_sync(*args):
+        raise AssertionError("host sync in the step")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    got = _lars_steps(LARS, scaler=scaler(), unscale=unscale)
+    _same(*got, *want)
+    with pytest.raises(AssertionError, match="host sync"):
+        _lars_steps(LoopLARS, scaler=scaler(), unscale=unscale)
+
+    # a step with a non-finite gradient leaves parameters and momentum exactly as they were
+    net, opt = got
+    before = copy.deepcopy((net.state_dict(), opt.state_dict()))
+    s = scaler()
+    loss = net(torch.full((2, 6), float("inf"))).sum()
+    if unscale:
+        amp.backward_step(loss, opt, s, after_unscale=lambda: clip_gradients(net, 0.5))
+    else:
+        opt.zero_grad()
+        s.scale(loss).backward()
+        s.step(opt)
+        s.update()
+    monkeypatch.undo()
+    assert s.get_scale() == 2.0 ** 9  # the scaler saw the inf
+    after = (net.state_dict(), opt.state_dict())
+    for k, v in before[0].items():
+        assert torch.equal(after[0][k], v), k
+    for k, v in before[1]["state"].items():
+        assert torch.equal(after[1]["state"][k]["mu"], v["mu"]), k
 
 
 # ============ save_atomic ============
