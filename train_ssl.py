@@ -469,6 +469,7 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
                           batch_size=args.batch_size_per_gpu)
     ddp_model.train()
     nonfinite = torch.zeros((), device=args.device)
+    channels_last = input_channels_last(model, args.device)
     niter = len(data_loader)  # iterations of the whole epoch, wherever it starts
 
     def edit_gradients():  # between backward and step, on the unscaled gradients
@@ -487,7 +488,7 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
             if j == 0:  # only the first group is regularized
                 group["weight_decay"] = float(wd_schedule[it])
 
-        views = to_device(views, args.device)
+        views = to_device(views, args.device, channels_last)
         with amp.autocast(args.precision, args.device):
             loss, stats = ddp_model(views, epoch, it)
         # Checked on the host only every print_freq steps, so the step has no device sync.
@@ -529,17 +530,26 @@ def check_finite(nonfinite, epoch, i):
         sys.exit(1)
 
 
-def to_device(obj, device):
+def to_device(obj, device, channels_last=False):
+    """Tensors (in lists, tuples, dicts) to `device`; with channels_last, image batches in the
+    channels-last layout (see input_channels_last)."""
     if torch.is_tensor(obj):
         obj = obj.to(device, non_blocking=True)
-        if obj.ndim == 4 and obj.is_floating_point() and device.type == "cuda":
+        if channels_last and obj.ndim == 4 and obj.is_floating_point():
             obj = obj.contiguous(memory_format=torch.channels_last)
         return obj
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, channels_last) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
     return obj
+
+
+def input_channels_last(model, device):
+    """Channels-last images only for a convolutional backbone on CUDA (build_networks converts
+    its weights): a ViT's only convolution is its patch embedding, and the layout change would
+    be one more copy of every batch."""
+    return device.type == "cuda" and not is_vit(model.eval_backbone())
 
 
 def vars_plain(args):

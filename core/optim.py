@@ -90,9 +90,20 @@ def _zero_if(found_inf, tensors):
     return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
+def fused_supported(device):
+    """Whether torch has fused AdamW/SGD kernels for this device type: CUDA, and the CPU since
+    torch 2.4 (one kernel per parameter for the whole update instead of one per operation)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 def build_optimizer(name, param_groups, device, betas=(0.9, 0.999)):
-    """adamw | sgd | lars. lr and weight decay are set every iteration from the schedules."""
-    fused = {"fused": True} if device.type == "cuda" else {}
+    """adamw | sgd | lars. lr and weight decay are set every iteration from the schedules.
+    AdamW and SGD use torch's fused kernels wherever torch has them (CUDA and CPU)."""
+    fused = {"fused": True} if fused_supported(device) else {}
     if name == "adamw":
         return torch.optim.AdamW(param_groups, betas=tuple(betas), **fused)  # eps 1e-8 as DINO
     if name == "sgd":

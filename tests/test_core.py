@@ -290,6 +290,41 @@ def test_lars_under_fp16_scaler_has_no_host_sync_and_skips_non_finite_steps(monk
         assert torch.equal(after[1]["state"][k]["mu"], v["mu"]), k
 
 
+def test_adamw_and_sgd_are_fused_on_cpu_where_torch_has_the_kernels():
+    from core.optim import build_optimizer, fused_supported
+    net = nn.Linear(3, 2)
+    cpu = torch.device("cpu")
+    assert fused_supported(torch.device("cuda"))
+    for name in ("adamw", "sgd"):
+        opt = build_optimizer(name, get_params_groups(net), cpu)
+        assert bool(opt.defaults.get("fused")) == fused_supported(cpu)
+    if torch.__version__ >= "2.4":
+        assert fused_supported(cpu)
+
+
+def test_channels_last_inputs_only_for_convolutional_backbones_on_cuda():
+    from train_ssl import input_channels_last, to_device
+
+    class Method(nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def eval_backbone(self):
+            return self.backbone
+
+    vit, _ = build_backbone("vit_nano", patch_size=4, img_size=[16])
+    resnet, _ = build_backbone("resnet18", cifar_stem=True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert input_channels_last(Method(resnet), cuda)
+    assert not input_channels_last(Method(vit), cuda) and not input_channels_last(Method(resnet), cpu)
+    views = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    moved = to_device(views, cpu, channels_last=True)
+    assert all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+               for v in moved)
+    assert all(v.is_contiguous() for v in to_device(views, cpu))
+
+
 # ============ save_atomic ============
 
 def test_save_atomic_replaces_and_leaves_no_temp_file(tmp_path):
