@@ -111,12 +111,15 @@ def init_distributed_mode(args):
     if use_cuda:
         args.gpu = local_gpu(args.gpu, backend)
         torch.cuda.set_device(args.gpu)
-        args.device = device_id = torch.device("cuda", args.gpu)
+        args.device = torch.device("cuda", args.gpu)
+        if "nccl" in backend:
+            device_id = args.device
     else:
         args.device = torch.device("cpu")
     dist_url = getattr(args, "dist_url", "env://")
     # device_id binds the group to this rank's GPU (NCCL connects at once, and barriers and
-    # object collectives know the device); CPU tensors still go to the group's gloo half
+    # object collectives know the device); CPU tensors still go to the group's gloo half.
+    # (With gloo alone, which copies CUDA tensors through the host, nothing is bound.)
     dist.init_process_group(backend, init_method=dist_url, world_size=args.world_size,
                             rank=args.rank, timeout=datetime.timedelta(minutes=30),
                             device_id=device_id)

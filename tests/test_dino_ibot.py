@@ -714,3 +714,15 @@ def test_visualize_attention_on_trained_checkpoint(runs, tmp_path):
     assert names == sorted(["img.png", "attention.png"] + [f"attn-head{j}.png" for j in range(3)]
                            + [f"mask_th0.6_head{j}.png" for j in range(3)])
     assert Image.open(tmp_path / "attn-head0.png").size == (256, 256)  # 16px x display scale 16
+
+
+# ============ bench/official_dino.py ============
+
+def test_official_side_by_side_needs_the_official_clone(tmp_path):
+    """The side-by-side imports facebookresearch/dino from --official_path (nothing vendored):
+    without a clone there, one line saying what to clone."""
+    from bench import official_dino
+    with pytest.raises(ValueError, match="no main_dino.py, utils.py, vision_transformer.py; "
+                                         "clone https://github.com/facebookresearch/dino"):
+        official_dino.main(["--official_path", str(tmp_path)])
+    assert "--official_path" in official_dino.get_args_parser().format_help()

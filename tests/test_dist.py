@@ -368,6 +368,7 @@ def test_dist_backend_gloo_lets_two_processes_share_one_gpu(monkeypatch):
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}  # torchrun's second process
     args, call = _fake_cuda_init(monkeypatch, env, dist_backend="gloo")
     assert call["backend"] == "gloo" and args.gpu == 0 and args.device == torch.device("cuda", 0)
+    assert call["device_id"] is None
     # NCCL cannot put two ranks on one GPU: one clear line instead of NCCL's error later
     with pytest.raises(ValueError, match="--dist_backend gloo"):
         _fake_cuda_init(monkeypatch, env, dist_backend="nccl")
