@@ -79,7 +79,9 @@ def backward_step(loss, optimizer, scaler, after_unscale=None):
 # matrix products: off), so the training scripts set both from --tf32. The current API is
 # torch.backends.{cuda.matmul,cudnn.conv}.fp32_precision ("tf32" / "ieee", torch >= 2.9); the
 # older allow_tf32 flags are deprecated, and reading them after the new API was used raises,
-# so everything in this repository goes through set_tf32 / full_fp32.
+# so everything in this repository goes through set_tf32 / full_fp32. (In torch 2.14 only
+# inductor's max-autotune and graph-deduplication paths still read the old flags; --compile
+# uses neither.)
 
 def _new_tf32_api():
     return hasattr(torch.backends.cuda.matmul, "fp32_precision") and \
