@@ -95,6 +95,7 @@ def get_args_parser(method, add_help=True):
 
     # Training/Optimization parameters
     amp.add_precision_args(parser)
+    amp.add_tf32_arg(parser)
     parser.add_argument("--weight_decay", type=float, default=None,
                         help="Initial weight decay (DINO: 0.04; SimCLR with LARS: 1e-6).")
     parser.add_argument("--weight_decay_end", type=float, default=None,
@@ -163,6 +164,7 @@ def get_args_parser(method, add_help=True):
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="URL used to set up distributed training (launch with torchrun, "
                              "which passes the ranks in the environment).")
+    distu.add_dist_args(parser)  # --dist_backend {nccl,gloo}
     parser.add_argument("--cpu", action="store_true", help="Train on CPU even if CUDA is there.")
     parser.add_argument("--knn_eval", default=True, type=bool_flag,
                         help="After training, print the 20-NN accuracy of the trained backbone "
@@ -202,7 +204,9 @@ def parse_args(argv=None, make_parser=None):
     METHODS[args.method].check_args(args)
     preempt.check_args(args)
     args.dataset = resolve_dataset(args.dataset, args.data_path)
-    amp.resolve_precision(args, "cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    amp.resolve_precision(args, device)
+    distu.process_group_backend(device, args.dist_backend)  # nccl without CUDA: one clear line
     return args
 
 
@@ -229,10 +233,11 @@ def check_args(args):
 # Flags a resumed run may change: how long or how it runs, not what it computes (DINO extends
 # runs with a larger --epochs). Every other flag stored in checkpoint.pth defines the run:
 # method, model, head, data, crops, optimisation, batch size, seed.
-RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "cpu", "download",
+RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "dist_backend",
+             "cpu", "download",
              "tensorboard", "knn_eval", "knn_k", "knn_freq", "eval_split", "saveckp_freq",
              "skip_bad_images",
-             "precision", "use_fp16", "compile", "data_backend", "data_memory_gb",
+             "precision", "use_fp16", "tf32", "compile", "data_backend", "data_memory_gb",
              "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
 FIRST = ("method", "arch", "patch_size", "dataset", "data_path")  # named first when several differ
@@ -276,8 +281,7 @@ def train_ssl(args):
     method = METHODS[args.method]
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    amp.set_tf32(args.tf32)  # the exact parts keep full float32 (amp.full_fp32)
 
     # ============ preparing data ... ============
     info = dataset_info(args.dataset, args.data_path)
@@ -511,6 +515,7 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
                           on_print=steps.for_epoch(epoch, niter) if steps is not None else None)
     ddp_model.train()
     nonfinite = torch.zeros((), device=args.device)
+    channels_last = input_channels_last(model, args.device)
 
     def edit_gradients():  # between backward and step, on the unscaled gradients
         if args.clip_grad:
@@ -529,7 +534,7 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
             if j == 0:  # only the first group is regularized
                 group["weight_decay"] = wd
 
-        views = to_device(views, args.device)
+        views = to_device(views, args.device, channels_last)
         with amp.autocast(args.precision, args.device):
             loss, stats = ddp_model(views, epoch, it)
         # Checked on the host only every print_freq steps, so the step has no device sync.
@@ -571,17 +576,26 @@ def check_finite(nonfinite, epoch, i):
         sys.exit(1)
 
 
-def to_device(obj, device):
+def to_device(obj, device, channels_last=False):
+    """Tensors (in lists, tuples, dicts) to `device`; with channels_last, image batches in the
+    channels-last layout (see input_channels_last)."""
     if torch.is_tensor(obj):
         obj = obj.to(device, non_blocking=True)
-        if obj.ndim == 4 and obj.is_floating_point() and device.type == "cuda":
+        if channels_last and obj.ndim == 4 and obj.is_floating_point():
             obj = obj.contiguous(memory_format=torch.channels_last)
         return obj
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)(to_device(o, device, channels_last) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
     return obj
+
+
+def input_channels_last(model, device):
+    """Channels-last images only for a convolutional backbone on CUDA (build_networks converts
+    its weights): a ViT's only convolution is its patch embedding, and the layout change would
+    be one more copy of every batch."""
+    return device.type == "cuda" and not is_vit(model.eval_backbone())
 
 
 def vars_plain(args):

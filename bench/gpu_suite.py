@@ -738,12 +738,12 @@ def setting_channels_last(device, tiny):
     for on in (False, True):
         fmt = torch.channels_last if on else torch.contiguous_format
 
-        def to_device(obj, dev, fmt=fmt):  # train_ssl.to_device with the chosen layout
+        def to_device(obj, dev, channels_last=False, fmt=fmt):  # with the chosen layout
             if torch.is_tensor(obj):
                 obj = obj.to(dev)
                 return obj.contiguous(memory_format=fmt) if obj.ndim == 4 else obj
             if isinstance(obj, (list, tuple)):
-                return type(obj)(to_device(o, dev) for o in obj)
+                return type(obj)(to_device(o, dev, fmt=fmt) for o in obj)
             return obj
         with mock.patch.object(train_ssl, "to_device", to_device):
             res.append(_steps_ms(args, info, transform, batch_size, n,

@@ -226,8 +226,7 @@ def main(argv=None):
     with contextlib.redirect_stdout(io.StringIO()):
         distu.init_distributed_mode(args)
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    amp.set_tf32(args.tf32)  # train_ssl.py's --tf32 (default true)
     info = dataset_info(args.dataset, args.data_path or None)
     # the same order as train_ssl: input size, then the transform, then the networks
     args.input_size = METHODS[args.method].input_size(args, info)

@@ -6,6 +6,8 @@ the autocast context, the GradScaler, and the one optimizer step every training 
     autocast(precision, device)         context for the forward pass
     grad_scaler(precision, device)      GradScaler, enabled only for fp16
     backward_step(loss, optimizer, scaler, after_unscale=None)
+    add_tf32_arg(parser)                --tf32 true/false (CUDA float32 products in TF32)
+    set_tf32(enabled)                   applies it; full_fp32() keeps a block in full float32
 
 The step body is the same for all three precisions: with bf16/fp32 the scaler is disabled and
 scale/unscale_/step/update reduce to backward and optimizer.step().
@@ -78,3 +80,70 @@ def backward_step(loss, optimizer, scaler, after_unscale=None):
         after_unscale()
     scaler.step(optimizer)
     scaler.update()
+
+
+# ============ TF32 ============
+# On Ampere and later GPUs, float32 matrix products and convolutions may run on tensor cores in
+# TF32 (10 bits of mantissa instead of 23). PyTorch's defaults differ per op (convolutions: on,
+# matrix products: off), so the training scripts set both from --tf32. The current API is
+# torch.backends.{cuda.matmul,cudnn.conv}.fp32_precision ("tf32" / "ieee", torch >= 2.9); the
+# older allow_tf32 flags are deprecated, and reading them after the new API was used raises,
+# so everything in this repository goes through set_tf32 / full_fp32. (In torch 2.14 only
+# inductor's max-autotune and graph-deduplication paths still read the old flags; --compile
+# uses neither.)
+
+def _new_tf32_api():
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and \
+        hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+
+def add_tf32_arg(parser):
+    parser.add_argument("--tf32", default=True, type=bool_flag,
+                        help="On CUDA, run float32 matrix products and convolutions on TF32 "
+                             "tensor cores (10-bit mantissa; several times faster on A100/H100 "
+                             "for --precision fp32 and the float32 parts of a bf16 step). "
+                             "Default: true. Exact either way: the device augmentation's "
+                             "resize products and blur, DINO/iBOT's last layer, SimCLR's logits "
+                             "run in full float32. No effect on CPU.")
+
+
+def tf32_state():
+    """The current float32 precision of CUDA matrix products and cuDNN convolutions, as a value
+    set_tf32_state takes back."""
+    if _new_tf32_api():
+        return (torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cudnn.conv.fp32_precision)
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+
+def set_tf32_state(state):
+    if _new_tf32_api():
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state
+    else:
+        torch.set_float32_matmul_precision(state[0])
+        torch.backends.cudnn.allow_tf32 = state[1]
+
+
+def set_tf32(enabled):
+    """--tf32: float32 matrix products and convolutions on CUDA in TF32 (True) or in full
+    IEEE float32 (False)."""
+    if _new_tf32_api():
+        value = "tf32" if enabled else "ieee"
+        set_tf32_state((value, value))
+    else:
+        set_tf32_state(("high" if enabled else "highest", bool(enabled)))
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Inside: float32 matrix products and convolutions in full IEEE precision whatever --tf32
+    says (the settings are global, read when an op is launched); restored on the way out. For
+    the forward of the parts that must be exact (their backward runs later, outside, as set):
+    TF32 rounds the inputs of a product to ~5e-4 relative, which moves a resampled pixel in
+    [0, 1] by up to ~1e-3 and a cosine logit divided by a temperature of 0.04 by ~0.02."""
+    state = tf32_state()
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        set_tf32_state(state)

@@ -21,6 +21,8 @@ Methods with an embedding (SimCLR, rotation):
 
 Everything here is computed from tensors the losses already have, under no_grad, and returned
 as 0-d tensors for the method's stats dict: no `.item()`, no host-device sync in the step.
+DINO and iBOT compute the teacher statistics only every print interval (Every) and repeat them
+in between: they are read on printed lines and in the epoch's average only.
 The one exception is the SVD behind erank (torch's CUDA solvers check convergence on the host),
 so EffectiveRankEvery computes it once every print interval and repeats the value in between.
 """
@@ -84,6 +86,24 @@ class EffectiveRankEvery:
     def __call__(self, z, it):
         if self.value is None or it % self.freq == 0:
             self.value = effective_rank(z)
+        return self.value
+
+
+class Every:
+    """For statistics only looked at on printed lines: due(it) is true at iterations
+    it % freq == 0 (and on the first call); keep(value) stores a fresh value (None: keep the
+    last) and returns it, so that every step's stats have the keys and their epoch average stays
+    a mean over steps. freq: train_ssl's --print_freq."""
+
+    def __init__(self, freq=10):
+        self.freq, self.value = max(int(freq), 1), None
+
+    def due(self, it):
+        return self.value is None or it % self.freq == 0
+
+    def keep(self, value):
+        if value is not None:
+            self.value = value
         return self.value
 
 

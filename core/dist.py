@@ -1,8 +1,12 @@
 """Distributed setup: torchrun env vars, then SLURM, then a single process.
 
-Mirrors facebookresearch/dino utils.init_distributed_mode, with two changes: it falls back to
-gloo on CPU (the official code refuses to run without a GPU) and a single process still gets a
-(world size 1) process group, so code that all-reduces (DINO's centre) runs unchanged.
+Mirrors facebookresearch/dino utils.init_distributed_mode, with three changes: it falls back to
+gloo on CPU (the official code refuses to run without a GPU); a single process still gets a
+(world size 1) process group, so code that all-reduces (DINO's centre) runs unchanged; and on
+CUDA the group serves CPU tensors too ("cpu:gloo,cuda:nccl": NCCL alone serves CUDA tensors
+only, and a CPU all-reduce would fail with "No backend type associated with device type cpu").
+--dist_backend gloo lets several processes share one GPU (NCCL refuses two ranks on one
+device), so DDP, SyncBatchNorm and SimCLR's gathered negatives can be checked on one GPU.
 """
 import builtins
 import ctypes
@@ -39,8 +43,51 @@ def exit_with_launcher():
         os._exit(1)
 
 
+DIST_BACKENDS = ("nccl", "gloo")
+
+
+def add_dist_args(parser):
+    """--dist_backend, for every script that calls init_distributed_mode."""
+    parser.add_argument("--dist_backend", default=None, choices=DIST_BACKENDS,
+                        help="Collective backend: nccl (default on CUDA, with gloo beside it for "
+                             "CPU tensors) or gloo (the default on CPU; on CUDA it lets several "
+                             "processes share one GPU, e.g. torchrun --nproc_per_node=2 on a "
+                             "one-GPU machine).")
+
+
+def process_group_backend(device_type, requested=None):
+    """The backend string for init_process_group on `device_type` ("cpu" or "cuda"), from
+    --dist_backend (None: nccl on CUDA, gloo on CPU). On CUDA with nccl, CPU tensors go to gloo:
+    "cpu:gloo,cuda:nccl". gloo serves both CPU and CUDA tensors."""
+    if requested not in (None,) + DIST_BACKENDS:
+        raise ValueError(f"--dist_backend {requested} is not supported; use nccl or gloo")
+    if device_type != "cuda":
+        if requested == "nccl":
+            raise ValueError("--dist_backend nccl needs CUDA, and this run is on the CPU; use "
+                             "--dist_backend gloo (the default on CPU)")
+        return "gloo"
+    if requested == "gloo":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
+
+
+def local_gpu(local_rank, backend):
+    """The GPU of the process with this node-local rank. With more processes than GPUs, gloo
+    lets them share the GPUs (local_rank % count); NCCL refuses two ranks on one device, so that
+    is a clear error here rather than NCCL's "Duplicate GPU detected" later."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if "nccl" in backend:
+        raise ValueError(f"process {local_rank} of this node has no GPU of its own ({count} "
+                         "visible) and NCCL cannot share one; start at most one process per "
+                         "GPU, or pass --dist_backend gloo to let processes share the GPUs")
+    return local_rank % count
+
+
 def init_distributed_mode(args):
-    """Sets args.rank, args.world_size, args.gpu, args.device, args.distributed."""
+    """Sets args.rank, args.world_size, args.gpu, args.device, args.distributed; reads
+    args.dist_url, args.cpu and args.dist_backend (each optional)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
         exit_with_launcher()
         args.rank = int(os.environ["RANK"])
@@ -58,15 +105,24 @@ def init_distributed_mode(args):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     use_cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
+    backend = process_group_backend("cuda" if use_cuda else "cpu",
+                                    getattr(args, "dist_backend", None))
+    device_id = None
     if use_cuda:
+        args.gpu = local_gpu(args.gpu, backend)
         torch.cuda.set_device(args.gpu)
         args.device = torch.device("cuda", args.gpu)
+        if "nccl" in backend:
+            device_id = args.device
     else:
         args.device = torch.device("cpu")
-    backend = "nccl" if use_cuda else "gloo"
     dist_url = getattr(args, "dist_url", "env://")
+    # device_id binds the group to this rank's GPU (NCCL connects at once, and barriers and
+    # object collectives know the device); CPU tensors still go to the group's gloo half.
+    # (With gloo alone, which copies CUDA tensors through the host, nothing is bound.)
     dist.init_process_group(backend, init_method=dist_url, world_size=args.world_size,
-                            rank=args.rank, timeout=datetime.timedelta(minutes=30))
+                            rank=args.rank, timeout=datetime.timedelta(minutes=30),
+                            device_id=device_id)
     args.distributed = args.world_size > 1
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}, {args.device})",
           flush=True)

@@ -21,38 +21,90 @@ def get_params_groups(model):
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as used by DINO (from barlowtwins): parameters with ndim == 1 get
-    neither weight decay nor the trust-ratio adaptation."""
+    neither weight decay nor the trust-ratio adaptation.
+
+    Per group, multi-tensor kernels over all parameters instead of a Python loop per parameter
+    (the same arithmetic, so the same numbers as that loop). Under fp16 GradScaler.step hands
+    the step its found_inf (_step_supports_amp_scaling): a step with non-finite gradients is
+    skipped on the device, leaving parameters and momentum bit-for-bit as they were, instead of
+    the scaler reading found_inf on the host (a sync every step)."""
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
     def step(self, closure=None):
+        # set by GradScaler.step: grad_scale when it has not unscaled the gradients yet
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if p.ndim != 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0,
-                                    torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one),
-                                    one)
-                    dp = dp.mul(q)
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if grad_scale is not None:  # as GradScaler.unscale_ does it
+                grads = torch._foreach_mul(grads, grad_scale.double().reciprocal().float())
+            if found_inf is not None:
+                grads = _zero_if(found_inf, grads)  # finite, so that the skip below is exact
+            updates = list(grads)
+            matrices = [i for i, p in enumerate(params) if p.ndim != 1]
+            if matrices:
+                weights = [params[i] for i in matrices]
+                dp = torch._foreach_add([grads[i] for i in matrices], weights,
+                                        alpha=g["weight_decay"])
+                param_norm = torch.stack(torch._foreach_norm(weights))
+                update_norm = torch.stack(torch._foreach_norm(dp))
+                one = torch.ones_like(param_norm)
+                q = torch.where(param_norm > 0.0,
+                                torch.where(update_norm > 0, g["eta"] * param_norm / update_norm,
+                                            one), one)
+                torch._foreach_mul_(dp, q.unbind(0))
+                for i, d in zip(matrices, dp):
+                    updates[i] = d
+            mus = []
+            for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+                mus.append(state["mu"])
+            if found_inf is None:
+                torch._foreach_mul_(mus, g["momentum"])
+                torch._foreach_add_(mus, updates)
+                torch._foreach_add_(params, mus, alpha=-g["lr"])
+            else:  # the same step out of place, kept (weight 1: exactly) or dropped (weight 0)
+                new_mus = torch._foreach_mul(mus, g["momentum"])
+                torch._foreach_add_(new_mus, updates)
+                new_params = torch._foreach_add(params, new_mus, alpha=-g["lr"])
+                keep = (found_inf == 0).to(params[0].dtype)
+                torch._foreach_lerp_(mus, new_mus, [keep.expand_as(m) for m in mus])
+                torch._foreach_lerp_(params, new_params, [keep.expand_as(p) for p in params])
+
+
+def _zero_if(found_inf, tensors):
+    """The tensors, or zeros of their shapes where found_inf > 0, decided on the device (a
+    multiplication by 0 would keep NaN and inf): one select over their concatenation."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = torch.where(found_inf > 0, torch.zeros((), dtype=flat.dtype, device=flat.device), flat)
+    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def fused_supported(device):
+    """Whether torch has fused AdamW/SGD kernels for this device type: CUDA, and the CPU since
+    torch 2.4 (one kernel per parameter for the whole update instead of one per operation)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
 
 
 def build_optimizer(name, param_groups, device, betas=(0.9, 0.999)):
     """adamw | adam | sgd | lars. lr and weight decay are set every iteration from the
-    schedules; betas: AdamW's and Adam's."""
-    fused = {"fused": True} if device.type == "cuda" else {}
+    schedules; betas: AdamW's and Adam's. AdamW, Adam and SGD use torch's fused kernels wherever
+    torch has them (CUDA and CPU)."""
+    fused = {"fused": True} if fused_supported(device) else {}
     if name == "adamw":
         return torch.optim.AdamW(param_groups, betas=tuple(betas), **fused)  # eps 1e-8 as DINO
     if name == "adam":  # weight decay as an L2 term of the gradient, not decoupled as AdamW's
@@ -82,13 +134,15 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
 @torch.no_grad()
 def clip_gradients(model, clip):
     """DINO's clipping: each parameter's gradient separately to norm <= clip (not the global
-    norm). One fused norm kernel for all gradients, and no host sync: the scale is a tensor."""
+    norm), as utils.clip_gradients's loop computes it (scale clip / (norm + 1e-6) where below
+    1), in three multi-tensor kernels and no host sync: the norms, the scales as one tensor,
+    the products."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, scales.unbind(0))
 
 
 def cancel_gradients_last_layer(epoch, model, freeze_last_layer):

@@ -54,6 +54,8 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from core.amp import full_fp32
+
 from .transforms import (MultiCropTransform, RandomGaussianBlur, RandomSolarize, SingleViewTransform,
                          TwoViewTransform)
 
@@ -165,6 +167,7 @@ def _apply_axes(images, wy, wx):
     return wy.reshape(k * b, 1, sy, h).matmul(t)
 
 
+@full_fp32()  # the resampling products stay exact under --tf32
 def resized_crop(images, boxes, size, interpolation=InterpolationMode.BICUBIC, flip=None):
     """Crop boxes (B, 4) = (top, left, height, width) of images (B, C, H, W) (uint8 0..255 or
     float 0..1), resize each to `size` (int or (h, w)), optionally flip ((B,) bool).
@@ -616,6 +619,7 @@ class BatchedView:
             params.update(op.sample(n, gen, device))
         return params
 
+    @full_fp32()  # the resampling products and the blur stay exact under --tf32
     def apply(self, images, params, sizes=None, views=1):
         b = images.shape[0]
         heights, widths = _sizes(images, sizes, views)

@@ -31,8 +31,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core import amp
 from core import dist as distu
-from core.diagnostics import check_collapse, teacher_stats
+from core.diagnostics import Every, check_collapse, teacher_stats
 from core.logger import bool_flag
 from core.optim import cancel_gradients_last_layer, cosine_scheduler
 from data import MultiCropTransform
@@ -167,9 +168,9 @@ class WeightNormLinear(nn.Module):
     Same parameters, names and shapes as `torch.nn.utils.weight_norm(nn.Linear(in, out,
     bias=False))` (weight_g (out, 1), weight_v (out, in)), so official DINO/iBOT checkpoints
     load, without the deprecated API (its replacement, parametrizations.weight_norm, renames the
-    keys). Like the official norm there is no epsilon. Runs in float32 even under autocast: the
-    teacher divides these cosine logits by 0.04, and bfloat16's 8 bits of mantissa would leave
-    them with steps of up to 0.1.
+    keys). Like the official norm there is no epsilon. Runs in float32 even under autocast, and in
+    full float32 under --tf32: the teacher divides these cosine logits by 0.04, and bfloat16's 8
+    bits of mantissa would leave them with steps of up to 0.1 (TF32's 10 bits: 0.025).
     """
 
     def __init__(self, in_features, out_features):
@@ -181,7 +182,7 @@ class WeightNormLinear(nn.Module):
 
     def forward(self, x):
         """x: (..., in_features) -> (..., out_features) in float32."""
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), amp.full_fp32():
             weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
             return F.linear(x.float(), weight.float())
 
@@ -301,6 +302,24 @@ def ema_center_(center, batch_sum, count, momentum):
     center.copy_(center * momentum + batch_center * (1 - momentum))
 
 
+def cross_view_entropy(teacher_probs, student_logp, nt):
+    """Mean over the (teacher view t, student view s != t) pairs of the batch mean of
+    -sum_k q_t log p_s: DINO's (and iBOT's [CLS]) cross-entropy.
+
+    teacher_probs: (nt * B, K), views [t_1..t_nt]; student_logp: (ns * B, K), views
+    [s_1..s_ns], whose first nt are the teacher's views (ns >= nt), crop-major. Instead of one
+    product per pair (2 * (ns - 1) for DINO), two: the sum over every pair is
+    (sum_t q_t) . (sum_s log p_s), and the same-view pairs sum_t q_t . log p_t are taken off.
+    Equal to the pairwise sum up to float32 rounding."""
+    k = teacher_probs.shape[-1]
+    q = teacher_probs.reshape(nt, -1, k)                 # (nt, B, K)
+    logp = student_logp.reshape(-1, q.shape[1], k)       # (ns, B, K)
+    all_pairs = torch.dot(q.sum(0).flatten(), logp.sum(0).flatten())
+    same_view = torch.dot(q.flatten(), logp[:nt].flatten())
+    n_pairs = nt * logp.shape[0] - nt
+    return (same_view - all_pairs) / (n_pairs * q.shape[1])
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher softmax of the 2 global crops and
     the student softmax of every other crop (main_dino.DINOLoss).
@@ -328,22 +347,13 @@ class DINOLoss(nn.Module):
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
 
     def forward(self, student_output, teacher_output, epoch, return_stats=False):
-        student_out = (student_output / self.student_temp).chunk(self.ncrops)
-        # log-softmax once per crop (the official code recomputes it for every pair)
-        student_logp = [F.log_softmax(s, dim=-1, dtype=torch.float32) for s in student_out]
+        # log-softmax once for all crops (the official code recomputes it for every pair)
+        student_logp = F.log_softmax(student_output / self.student_temp, dim=-1,
+                                     dtype=torch.float32)
         temp = self.teacher_temp_schedule[epoch]
         with torch.no_grad():
             teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1)
-            teacher_out = teacher_probs.chunk(2)
-
-        total_loss, n_loss_terms = 0, 0
-        for iq, q in enumerate(teacher_out):
-            for v, logp in enumerate(student_logp):
-                if v == iq:
-                    continue  # the student's copy of the very view the teacher saw
-                total_loss = total_loss + torch.sum(-q * logp, dim=-1).mean()
-                n_loss_terms += 1
-        total_loss = total_loss / n_loss_terms
+        total_loss = cross_view_entropy(teacher_probs, student_logp, 2)
         self.update_center(teacher_output)
         if return_stats:  # each teacher view is in ncrops - 1 pairs, as teacher_stats needs
             return total_loss, teacher_stats(teacher_probs, total_loss)
@@ -370,10 +380,10 @@ def matched_parameters(student, teacher):
 
 @torch.no_grad()
 def ema_update_(student_params, teacher_params, momentum):
-    """teacher <- m * teacher + (1 - m) * student, as two fused multi-tensor kernels.
-    Buffers (BatchNorm running statistics) are not averaged, as in DINO."""
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+    """teacher <- m * teacher + (1 - m) * student, as one multi-tensor kernel (a lerp towards
+    the student by 1 - m: teacher + (1 - m) * (student - teacher)). Buffers (BatchNorm running
+    statistics) are not averaged, as in DINO."""
+    torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)
 
 
 class TeacherStudent(nn.Module):
@@ -418,9 +428,11 @@ def teacher_momentum_schedule(args, niter_per_ep):
 
 
 class DINO(TeacherStudent):
-    def __init__(self, student, teacher, dino_loss, momentum_schedule, freeze_last_layer):
+    def __init__(self, student, teacher, dino_loss, momentum_schedule, freeze_last_layer,
+                 stats_every=10):
         super().__init__(student, teacher, momentum_schedule, freeze_last_layer)
         self.dino_loss = dino_loss  # main_dino.py's name, also its checkpoint key
+        self.teacher_stats = Every(stats_every)  # collapse diagnostics on printed steps only
 
     def checkpoint_modules(self):
         return {**super().checkpoint_modules(), "dino_loss": self.dino_loss}
@@ -430,7 +442,10 @@ class DINO(TeacherStudent):
         with torch.no_grad():
             teacher_output = self.teacher(views[:2])  # only the 2 global views go to the teacher
         student_output = self.student(views)
-        loss, stats = self.dino_loss(student_output, teacher_output, epoch, return_stats=True)
+        due = self.teacher_stats.due(it)
+        out = self.dino_loss(student_output, teacher_output, epoch, return_stats=due)
+        loss, stats = out if due else (out, None)
+        stats = self.teacher_stats.keep(stats)
         temp = float(self.dino_loss.teacher_temp_schedule[epoch])
         return loss, {"teacher_temp": torch.full((), temp, device=loss.device), **stats}
 
@@ -450,27 +465,7 @@ def build(args, backbone, embed_dim, niter_per_ep):
     loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
                     args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs)
     return DINO(student, teacher, loss, teacher_momentum_schedule(args, niter_per_ep),
-                args.freeze_last_layer)
+                args.freeze_last_layer, stats_every=getattr(args, "print_freq", 10))
 
 
-# ============ diagnostics (the method contract's diagnose) ============
-
-def collapse_advice(normalise_head):
-    """What to change for each collapse mode (core/diagnostics.collapse_mode), in this family's
-    flags; normalise_head: the flag that puts a normalisation into the head."""
-    return {
-        "uniform": "sharpen the teacher (lower --teacher_temp and --warmup_teacher_temp, 0.04 "
-                   "is DINO's default) and raise --momentum_teacher (e.g. 0.9995 for small "
-                   "batches); this is why a loss sits at ln K",
-        "one-dimension": "soften the teacher (raise --teacher_temp towards 0.07), raise "
-                         "--momentum_teacher, use a larger batch (the centre is a batch mean), "
-                         f"or normalise the head ({normalise_head})",
-    }
-
-
-COLLAPSE_ADVICE = collapse_advice("--use_bn_in_head true")
-
-
-def diagnose(stats, args, epoch):
-    """One warning line when the teacher collapsed over this epoch (after --warmup_epochs)."""
-    return check_collapse(stats, args.out_dim, epoch, args.warmup_epochs, COLLAPSE_ADVICE)
+# ============ diagnostics (the method contract's diagnose) =====

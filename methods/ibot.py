@@ -28,13 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.diagnostics import TEACHER_KEYS, check_collapse, teacher_stats
+from core.diagnostics import TEACHER_KEYS, Every, check_collapse, teacher_stats
 from core.logger import bool_flag
 from data import MultiCropTransform
 from data.gpu_transforms import batched_transform
 from methods import dino
 from methods.dino import (MultiCropWrapper, TeacherStudent, WeightNormLinear, add_head_args,
-                          add_multicrop_args, add_teacher_temp_args, check_head_args,
+                          add_multicrop_args, cross_view_entropy, add_teacher_temp_args, check_head_args,
                           check_multicrop_args, ema_center_, init_head_weights, init_teacher,
                           teacher_momentum_schedule, teacher_temp_schedule)
 from models import build_backbone, vit_shape
@@ -389,7 +389,7 @@ class iBOTLoss(nn.Module):
     Returns {"cls": lambda1 * mean over the ng*(ng+nl) - ng pairs of different views of the
     [CLS] cross-entropy, "patch": lambda2 * mean over the ng global views of the per-image mean
     cross-entropy over masked patches (an image without masked patches counts as 0),
-    "loss": cls + patch, and the [CLS] teacher's collapse diagnostics of
+    "loss": cls + patch, and with return_stats the [CLS] teacher's collapse diagnostics of
     core.diagnostics.teacher_stats: "teacher_entropy", "teacher_batch_entropy", "kl"}.
     Then `center` (1, K) and `center2` (1, 1, Kp) move towards the all-reduced batch means of
     the raw teacher [CLS] logits and patch logits (mean over all patches, masked or not).
@@ -414,44 +414,35 @@ class iBOTLoss(nn.Module):
             teacher_temp_schedule(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs,
                                   nepochs - mim_start_epoch)))
 
-    def forward(self, student_output, teacher_output, student_local_cls, student_mask, epoch):
+    def forward(self, student_output, teacher_output, student_local_cls, student_mask, epoch,
+                return_stats=True):
         student_cls, student_patch = student_output
         teacher_cls, teacher_patch = teacher_output
         if student_local_cls is not None:
             student_cls = torch.cat([student_cls, student_local_cls])
 
-        student_cls_logp = [F.log_softmax(s, dim=-1, dtype=torch.float32)
-                            for s in (student_cls / self.student_temp).chunk(self.ncrops)]
-        student_patch_c = (student_patch / self.student_temp).chunk(self.ngcrops)
+        student_cls_logp = F.log_softmax(student_cls / self.student_temp, dim=-1,
+                                         dtype=torch.float32)
+        student_patch_logp = F.log_softmax(student_patch / self.student_temp, dim=-1,
+                                           dtype=torch.float32)
         temp = self.teacher_temp_schedule[epoch]
         temp2 = self.teacher_temp2_schedule[epoch]
         with torch.no_grad():
             teacher_cls_probs = F.softmax((teacher_cls.float() - self.center) / temp, dim=-1)
-            teacher_cls_c = teacher_cls_probs.chunk(self.ngcrops)
-            teacher_patch_c = F.softmax((teacher_patch.float() - self.center2) / temp2, dim=-1)
-            teacher_patch_c = teacher_patch_c.chunk(self.ngcrops)
+            teacher_patch_probs = F.softmax((teacher_patch.float() - self.center2) / temp2, dim=-1)
 
-        total_loss1, n_loss_terms1 = 0, 0
-        total_loss2, n_loss_terms2 = 0, 0
-        for q in range(self.ngcrops):
-            for v in range(self.ncrops):
-                if v == q:  # same view: predict the teacher's tokens at the masked patches
-                    loss2 = torch.sum(-teacher_patch_c[q] * F.log_softmax(
-                        student_patch_c[v], dim=-1, dtype=torch.float32), dim=-1)   # (B, N)
-                    mask = student_mask[v].flatten(-2, -1)                          # (B, N)
-                    # mean over the masked patches of each image; 0 for an image without any
-                    loss2 = torch.sum(loss2 * mask.float(), dim=-1) / mask.sum(dim=-1).clamp(min=1)
-                    total_loss2 = total_loss2 + loss2.mean()
-                    n_loss_terms2 += 1
-                else:  # different views: DINO's [CLS] loss
-                    loss1 = torch.sum(-teacher_cls_c[q] * student_cls_logp[v], dim=-1)
-                    total_loss1 = total_loss1 + loss1.mean()
-                    n_loss_terms1 += 1
-        total_loss1 = total_loss1 / n_loss_terms1
+        # different views: DINO's [CLS] loss over every (global, other crop) pair, two products
+        total_loss1 = cross_view_entropy(teacher_cls_probs, student_cls_logp, self.ngcrops)
+        # same view: predict the teacher's tokens at the masked patches, all global views at once
+        loss2 = torch.sum(-teacher_patch_probs * student_patch_logp, dim=-1)       # (ng*B, N)
+        mask = torch.cat(list(student_mask[:self.ngcrops])).flatten(-2, -1)        # (ng*B, N)
+        # mean over the masked patches of each image; 0 for an image without any; then the
+        # mean over images, which is the mean over the ng views of their batch means
+        loss2 = torch.sum(loss2 * mask.float(), dim=-1) / mask.sum(dim=-1).clamp(min=1)
+        total_loss2 = loss2.mean() * self.lambda2
         # every global view is the teacher of ncrops - 1 pairs, as teacher_stats needs
-        diagnostics = teacher_stats(teacher_cls_probs, total_loss1)
+        diagnostics = teacher_stats(teacher_cls_probs, total_loss1) if return_stats else {}
         total_loss1 = total_loss1 * self.lambda1
-        total_loss2 = total_loss2 / n_loss_terms2 * self.lambda2
         self.update_center(teacher_cls, teacher_patch)
         return dict(cls=total_loss1, patch=total_loss2, loss=total_loss1 + total_loss2,
                     **diagnostics)
@@ -469,8 +460,9 @@ class iBOTLoss(nn.Module):
 
 class iBOT(TeacherStudent):
     def __init__(self, student, teacher, ibot_loss, momentum_schedule, freeze_last_layer, ngcrops,
-                 use_masked_im_modeling, pred_start_epoch):
+                 use_masked_im_modeling, pred_start_epoch, stats_every=10):
         super().__init__(student, teacher, momentum_schedule, freeze_last_layer)
+        self.teacher_stats = Every(stats_every)  # collapse diagnostics on printed steps only
         self.ibot_loss = ibot_loss  # main_ibot.py's name, also its checkpoint key
         self.ngcrops = ngcrops
         self.use_masked_im_modeling = use_masked_im_modeling
@@ -495,7 +487,10 @@ class iBOT(TeacherStudent):
         # local crops are never masked, and only their [CLS] output is used
         student_local_cls = self.student(crops[ng:], return_all_tokens=True)[0] \
             if len(crops) > ng else None
-        losses = self.ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch)
+        due = self.teacher_stats.due(it)
+        losses = self.ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch,
+                                return_stats=due)
+        diagnostics = self.teacher_stats.keep({k: losses[k] for k in TEACHER_KEYS} if due else None)
 
         device = losses["loss"].device
         temp = float(self.ibot_loss.teacher_temp_schedule[epoch])
@@ -503,7 +498,7 @@ class iBOT(TeacherStudent):
         stats = {"cls": losses["cls"].detach(), "patch": losses["patch"].detach(),
                  "teacher_temp": torch.full((), temp, device=device),
                  "teacher_patch_temp": torch.full((), temp2, device=device),
-                 **{k: losses[k] for k in TEACHER_KEYS}}
+                 **diagnostics}
         if ng > 1:  # main_ibot's "acc": student (view 2) and teacher (view 1) agree on the argmax
             with torch.no_grad():
                 t1 = teacher_output[0].chunk(ng)[0].argmax(-1)
@@ -545,7 +540,7 @@ def build(args, backbone, embed_dim, niter_per_ep):
                     mim_start_epoch=args.pred_start_epoch)
     return iBOT(student, teacher, loss, teacher_momentum_schedule(args, niter_per_ep),
                 args.freeze_last_layer, args.global_crops_number, args.use_masked_im_modeling,
-                args.pred_start_epoch)
+                args.pred_start_epoch, stats_every=getattr(args, "print_freq", 10))
 
 
 COLLAPSE_ADVICE = dino.collapse_advice("--norm_in_head bn")

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.amp import full_fp32
 from core.diagnostics import EffectiveRankEvery, embedding_stats
 from core.dist import all_gather_with_grad, get_rank
 from data import TwoViewTransform
@@ -71,6 +72,18 @@ def projection_head(in_dim, hidden_dim, out_dim):
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
+def similarity_logits(z1, z2, temperature):
+    """(2B, 2BW) cosine similarities / temperature of this rank's 2B embeddings [z1; z2] with
+    every rank's (gathered with gradients, rank-major), in full float32 even under autocast and
+    --tf32: at
+    temperature 0.1 a bfloat16 product would move the logits by up to ~0.04, enough to reorder
+    the candidates (DINO's last layer is kept in float32 for the same reason)."""
+    with torch.autocast(z1.device.type, enabled=False), full_fp32():
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)         # (2B, D)
+        candidates = all_gather_with_grad(z)                         # (2BW, D), rank-major
+        return z @ candidates.T / temperature
+
+
 def info_nce_loss(z1, z2, temperature=0.1):
     """NT-Xent over the global batch.
 
@@ -80,10 +93,8 @@ def info_nce_loss(z1, z2, temperature=0.1):
     gradients). Returns (loss: mean over the 2B local anchors, top1, top5: % of anchors whose
     positive ranks first / in the first five among the 2BW - 1 candidates)."""
     b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)             # (2B, D), fp32 for 1/T
-    candidates = all_gather_with_grad(z)                             # (2BW, D), rank-major
-    logits = z @ candidates.T / temperature                          # (2B, 2BW)
-    idx = torch.arange(2 * b, device=z.device)
+    logits = similarity_logits(z1, z2, temperature)                  # (2B, 2BW) float32
+    idx = torch.arange(2 * b, device=logits.device)
     offset = get_rank() * 2 * b
     self_mask = torch.zeros_like(logits, dtype=torch.bool)
     self_mask[idx, offset + idx] = True

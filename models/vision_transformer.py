@@ -34,9 +34,9 @@ class DropPath(nn.Module):
         if self.drop_prob == 0. or not self.training:
             return x
         keep_prob = 1. - self.drop_prob
-        # one Bernoulli draw per sample, broadcast over the remaining dims
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
-        return x * keep / keep_prob
+        # one Bernoulli draw per sample, scaled on its own B values, then one pass over x
+        scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * scale.div_(keep_prob)
 
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"

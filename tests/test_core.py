@@ -2,6 +2,7 @@
 backbones from every supported checkpoint layout, checkpoint args, bool_flag, the precision
 flags and step, the one-line error edge."""
 import argparse
+import copy
 import os
 
 import numpy as np
@@ -92,6 +93,41 @@ def test_clip_gradients_is_per_parameter():
     assert net[0].weight.grad is None
 
 
+def dino_clip_gradients(model, clip):
+    """facebookresearch/dino utils.clip_gradients, a loop over the parameters (the reference)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+
+
+def _random_grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(model.parameters()):
+        if i % 7 != 3:  # a few parameters without a gradient
+            scale = 10 ** torch.empty(()).uniform_(-3, 2, generator=g)  # below and above clip
+            p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+def test_clip_gradients_equals_dino_loop_exactly():
+    ours, _ = build_backbone("vit_nano", patch_size=4, img_size=[16])
+    dinos, _ = build_backbone("vit_nano", patch_size=4, img_size=[16])
+    _random_grads(ours, 0)
+    _random_grads(dinos, 0)
+    clip_gradients(ours, 3.0)
+    dino_clip_gradients(dinos, 3.0)
+    clipped = kept = 0
+    for (n, a), b in zip(ours.named_parameters(), dinos.parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), n
+            clipped += bool(a.grad.norm() > 2.99)
+            kept += bool(a.grad.norm() < 2.99)
+    assert clipped > 0 and kept > 0  # both cases occurred
+
+
 def test_cancel_gradients_last_layer():
     class Head(nn.Module):
         def __init__(self):
@@ -137,6 +173,156 @@ def test_lars_adapts_matrices_and_leaves_vectors_alone():
     mu_w = momentum * mu_w + dw * (eta * w1.norm() / dw.norm())
     torch.testing.assert_close(w.detach(), w1 - lr * mu_w)
     torch.testing.assert_close(b.detach(), b1 - lr * (momentum * gb + gb))
+
+
+class LoopLARS(torch.optim.Optimizer):
+    """The LARS step as a loop over the parameters (this repository's until issue 20): the
+    reference the multi-tensor LARS must equal bit for bit."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0, torch.where(
+                        update_norm > 0, g["eta"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(g["momentum"]).add_(dp)
+                p.add_(state["mu"], alpha=-g["lr"])
+
+
+def _lars_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        net[3].weight.zero_()  # a zero norm: trust ratio 1
+    return net
+
+
+def _lars(cls, net, lr=0.3):
+    groups = get_params_groups(net)
+    groups[0]["weight_decay"] = 1e-2
+    return cls(groups, lr=lr)
+
+
+def _lars_steps(cls, steps=3, scaler=None, unscale=True):
+    net = _lars_net()
+    opt = _lars(cls, net)
+    for it in range(steps):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(it))
+        loss = net(x).square().mean()
+        if scaler is None:
+            opt.zero_grad()
+            loss.backward()
+            if it == 1:
+                net[2].bias.grad = None  # a parameter without a gradient this step
+            opt.step()
+        elif unscale:
+            amp.backward_step(loss, opt, scaler, after_unscale=lambda: clip_gradients(net, 0.5))
+        else:  # no unscale_: the step gets grad_scale and unscales the gradients itself
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return net, opt
+
+
+def _same(net_a, opt_a, net_b, opt_b):
+    for (n, a), b in zip(net_a.named_parameters(), net_b.parameters()):
+        assert torch.equal(a, b), n
+        assert torch.equal(opt_a.state[a]["mu"], opt_b.state[b]["mu"]), n
+
+
+def test_lars_equals_the_per_parameter_loop_exactly():
+    _same(*_lars_steps(LARS), *_lars_steps(LoopLARS))
+
+
+@pytest.mark.parametrize("unscale", [True, False])
+def test_lars_under_fp16_scaler_has_no_host_sync_and_skips_non_finite_steps(monkeypatch,
+                                                                            unscale):
+    """GradScaler.step reads found_inf on the host (.item()) before stepping an optimizer that
+    cannot skip the step itself; LARS takes found_inf (and grad_scale) and skips on the device.
+    A CPU GradScaler stands in for the fp16 one."""
+    def scaler():
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+
+    want = _lars_steps(LoopLARS, scaler=scaler(), unscale=unscale)
+
+    def no_sync(*args):
+        raise AssertionError("host sync in the step")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    got = _lars_steps(LARS, scaler=scaler(), unscale=unscale)
+    _same(*got, *want)
+    with pytest.raises(AssertionError, match="host sync"):
+        _lars_steps(LoopLARS, scaler=scaler(), unscale=unscale)
+
+    # a step with a non-finite gradient leaves parameters and momentum exactly as they were
+    net, opt = got
+    before = copy.deepcopy((net.state_dict(), opt.state_dict()))
+    s = scaler()
+    loss = net(torch.full((2, 6), float("inf"))).sum()
+    if unscale:
+        amp.backward_step(loss, opt, s, after_unscale=lambda: clip_gradients(net, 0.5))
+    else:
+        opt.zero_grad()
+        s.scale(loss).backward()
+        s.step(opt)
+        s.update()
+    monkeypatch.undo()
+    assert s.get_scale() == 2.0 ** 9  # the scaler saw the inf
+    after = (net.state_dict(), opt.state_dict())
+    for k, v in before[0].items():
+        assert torch.equal(after[0][k], v), k
+    for k, v in before[1]["state"].items():
+        assert torch.equal(after[1]["state"][k]["mu"], v["mu"]), k
+
+
+def test_adamw_and_sgd_are_fused_on_cpu_where_torch_has_the_kernels():
+    from core.optim import build_optimizer, fused_supported
+    net = nn.Linear(3, 2)
+    cpu = torch.device("cpu")
+    assert fused_supported(torch.device("cuda"))
+    for name in ("adamw", "sgd"):
+        opt = build_optimizer(name, get_params_groups(net), cpu)
+        assert bool(opt.defaults.get("fused")) == fused_supported(cpu)
+    if torch.__version__ >= "2.4":
+        assert fused_supported(cpu)
+
+
+def test_channels_last_inputs_only_for_convolutional_backbones_on_cuda():
+    from train_ssl import input_channels_last, to_device
+
+    class Method(nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def eval_backbone(self):
+            return self.backbone
+
+    vit, _ = build_backbone("vit_nano", patch_size=4, img_size=[16])
+    resnet, _ = build_backbone("resnet18", cifar_stem=True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert input_channels_last(Method(resnet), cuda)
+    assert not input_channels_last(Method(vit), cuda) and not input_channels_last(Method(resnet), cpu)
+    views = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    moved = to_device(views, cpu, channels_last=True)
+    assert all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+               for v in moved)
+    assert all(v.is_contiguous() for v in to_device(views, cpu))
 
 
 # ============ save_atomic ============
@@ -338,6 +524,84 @@ def test_backward_step_is_a_plain_step_without_fp16():
         opt_b.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+# ============ TF32: a visible flag, and the exact parts in full float32 ============
+
+@pytest.fixture
+def restore_tf32():
+    state = amp.tf32_state()
+    yield
+    amp.set_tf32_state(state)
+
+
+def _precisions():
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+needs_new_api = pytest.mark.skipif(not amp._new_tf32_api(), reason="torch < 2.9: no fp32_precision")
+
+
+@needs_new_api
+def test_tf32_flag_sets_the_precision_and_full_fp32_restores_it(restore_tf32):
+    from train_ssl import get_args_parser, parse_args
+    assert parse_args(["--method", "dino"]).tf32 is True
+    assert parse_args(["--method", "dino", "--tf32", "false"]).tf32 is False
+    assert "--tf32" in get_args_parser("dino").format_help()
+    amp.set_tf32(True)
+    assert _precisions() == ("tf32", "tf32")
+    with amp.full_fp32():
+        assert _precisions() == ("ieee", "ieee")
+        with amp.full_fp32():  # nested: the outer state comes back
+            pass
+        assert _precisions() == ("ieee", "ieee")
+    assert _precisions() == ("tf32", "tf32")
+    with pytest.raises(RuntimeError), amp.full_fp32():
+        raise RuntimeError  # restored on the way out of an error too
+    assert _precisions() == ("tf32", "tf32")
+    amp.set_tf32(False)
+    assert _precisions() == ("ieee", "ieee")
+
+
+@needs_new_api
+def test_exact_parts_run_in_full_fp32_under_tf32(restore_tf32):
+    """Under --tf32 true, the products that must be exact see "ieee" when they launch: the
+    device augmentation's resampling products and blur, DINO's last layer, SimCLR's logits."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    from data import MultiCropTransform
+    from data.gpu_transforms import batched_transform
+    from methods.dino import WeightNormLinear
+    from methods.simclr import similarity_logits
+
+    products = {F.linear, F.conv2d, torch.bmm, torch.matmul, torch.Tensor.matmul,
+                torch.Tensor.__matmul__}
+
+    class Spy(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                self.seen.append((func.__name__, _precisions()))
+            return func(*args, **(kwargs or {}))
+
+    amp.set_tf32(True)
+    crops = batched_transform(MultiCropTransform(16, 8, (0.4, 1.0), (0.05, 0.4), local_number=2,
+                                                 mean=(0.5,) * 3, std=(0.2,) * 3, blur=True))
+    images = torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8)
+    z = torch.randn(4, 8)
+    with Spy() as spy:
+        crops(images, seed=0)
+        WeightNormLinear(8, 5)(z)
+        similarity_logits(z, z, 0.1)
+        z @ z.T  # the control: an ordinary product under --tf32
+    names = {name for name, _ in spy.seen}
+    assert {"bmm", "conv2d", "linear"} <= names and names & {"matmul", "__matmul__"}, names
+    assert all(p == ("ieee", "ieee") for _, p in spy.seen[:-1]), spy.seen
+    assert spy.seen[-1][1] == ("tf32", "tf32")
 
 
 # ============ the edge: one line, exit code 2 ============

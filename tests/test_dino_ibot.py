@@ -128,6 +128,68 @@ def test_dino_loss_skips_same_view_pairs():
     assert not torch.allclose(g[2], g_changed[2])        # and so do the local crops
 
 
+def official_dino_loss(student_output, teacher_output, center, ncrops, temp):
+    """main_dino.DINOLoss.forward as the official code computes it, in float32: one
+    log-softmax and one product per (teacher view, student view) pair."""
+    student_out = (student_output / 0.1).chunk(ncrops)
+    teacher_out = F.softmax((teacher_output - center) / temp, dim=-1).detach().chunk(2)
+    total_loss, n_loss_terms = 0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss += loss.mean()
+            n_loss_terms += 1
+    return total_loss / n_loss_terms
+
+
+def test_two_product_loss_equals_the_official_pairwise_loss():
+    """The benchmark's shapes (out_dim 4096, 2 + 6 crops) with cosine logits as the head gives
+    them: the loss to float32 rounding, and its gradient."""
+    torch.manual_seed(0)
+    K, B, ncrops = 4096, 16, 8
+    student = F.normalize(torch.randn(ncrops * B, K), dim=-1) * 30  # logits in about [-1, 1]
+    teacher = F.normalize(torch.randn(2 * B, K), dim=-1) * 30
+    center = torch.randn(1, K) * 0.05
+    loss_fn = DINOLoss(K, ncrops, 0.04, 0.04, 0, 1)
+    loss_fn.center.copy_(center)
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    ours = loss_fn(s1, teacher, 0)
+    want = official_dino_loss(s2, teacher, center, ncrops, 0.04)
+    assert ours.item() == pytest.approx(want.item(), rel=1e-6)
+    ours.backward()
+    want.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-4 * s2.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["dino", "ibot"])
+def test_collapse_diagnostics_only_every_print_interval(method, small_vits, monkeypatch):
+    """teacher_stats runs on the steps a line may print (it % --print_freq == 0, and the first
+    step of a run); the steps in between repeat its values."""
+    module = {"dino": dino, "ibot": ibot}[method]
+    calls, original = [], module.teacher_stats
+
+    def counting(probs, ce):
+        calls.append(1)
+        return original(probs, ce)
+
+    monkeypatch.setattr(module, "teacher_stats", counting)
+    args = method_args(method, arch="vit_tiny", patch_size=8, out_dim=32, patch_out_dim=32,
+                       local_crops_number=1, epochs=2, print_freq=3)
+    backbone, dim = small_vits("vit_tiny", patch_size=8, img_size=[16],
+                               **module.backbone_kwargs(args))
+    model = module.build(args, backbone, dim, niter_per_ep=10)
+    crops = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    views = crops if method == "dino" else (crops, [torch.rand(2, 2, 2) < 0.5] * 2)
+    seen = []
+    for it in range(5, 12):  # a resumed run: the first step computes them too
+        _, stats = model(views, 0, it)
+        seen.append(stats["teacher_entropy"])
+    assert len(calls) == 3  # it = 5, 6, 9
+    assert seen[0] is not seen[1] and seen[1] is seen[2] is seen[3] and seen[4] is not seen[3]
+
+
 def test_teacher_temperature_schedule_endpoints():
     np.testing.assert_allclose(teacher_temp_schedule(0.04, 0.07, 3, 6),
                                [0.04, 0.055, 0.07, 0.07, 0.07, 0.07])
@@ -652,3 +714,15 @@ def test_visualize_attention_on_trained_checkpoint(runs, tmp_path):
     assert names == sorted(["img.png", "attention.png"] + [f"attn-head{j}.png" for j in range(3)]
                            + [f"mask_th0.6_head{j}.png" for j in range(3)])
     assert Image.open(tmp_path / "attn-head0.png").size == (256, 256)  # 16px x display scale 16
+
+
+# ============ bench/official_dino.py ============
+
+def test_official_side_by_side_needs_the_official_clone(tmp_path):
+    """The side-by-side imports facebookresearch/dino from --official_path (nothing vendored):
+    without a clone there, one line saying what to clone."""
+    from bench import official_dino
+    with pytest.raises(ValueError, match="no main_dino.py, utils.py, vision_transformer.py; "
+                                         "clone https://github.com/facebookresearch/dino"):
+        official_dino.main(["--official_path", str(tmp_path)])
+    assert "--official_path" in official_dino.get_args_parser().format_help()

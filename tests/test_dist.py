@@ -330,3 +330,103 @@ def test_ibot_two_ranks_equal_one():
     assert {"ibot_loss.center", "ibot_loss.center2", "student.backbone.masked_embed",
             "teacher.head.mlp.1.running_mean", "teacher.head.last_layer.weight_v"} <= set(moved)
     assert_same(errors)
+
+
+# ============ the process group on CUDA serves CPU tensors (issue 20, items 1 and 5) ============
+
+def _fake_cuda_init(monkeypatch, env, **flags):
+    """core.dist.init_distributed_mode as on a machine with one GPU (CUDA faked, the process
+    group recorded instead of created). Returns (args, init_process_group's arguments)."""
+    import builtins
+
+    from core import dist as distu
+    monkeypatch.setattr(builtins, "print", builtins.print)  # setup_for_distributed replaces it
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda gpu: None)
+    calls = []
+    monkeypatch.setattr(distu.dist, "init_process_group",
+                        lambda backend, **kw: calls.append({"backend": backend, **kw}))
+    args = argparse.Namespace(dist_url="env://", cpu=False, **flags)
+    distu.init_distributed_mode(args)
+    (call,) = calls
+    return args, call
+
+
+def test_cuda_process_group_has_a_cpu_backend_and_is_bound_to_the_gpu(monkeypatch):
+    args, call = _fake_cuda_init(monkeypatch, {})
+    assert call["backend"] == "cpu:gloo,cuda:nccl"  # was "nccl": CPU collectives failed
+    assert call["device_id"] == torch.device("cuda", 0) == args.device
+
+
+def test_dist_backend_gloo_lets_two_processes_share_one_gpu(monkeypatch):
+    from core.dist import process_group_backend
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}  # torchrun's second process
+    args, call = _fake_cuda_init(monkeypatch, env, dist_backend="gloo")
+    assert call["backend"] == "gloo" and args.gpu == 0 and args.device == torch.device("cuda", 0)
+    assert call["device_id"] is None
+    # NCCL cannot put two ranks on one GPU: one clear line instead of NCCL's error later
+    with pytest.raises(ValueError, match="--dist_backend gloo"):
+        _fake_cuda_init(monkeypatch, env, dist_backend="nccl")
+    assert process_group_backend("cpu") == process_group_backend("cpu", "gloo") == "gloo"
+    with pytest.raises(ValueError, match="nccl needs CUDA"):
+        process_group_backend("cpu", "nccl")
+
+
+def test_dist_backend_flag_is_parsed_and_checked(capsys):
+    from train_ssl import get_args_parser, parse_args
+    assert parse_args(["--method", "dino", "--dist_backend", "gloo"]).dist_backend == "gloo"
+    assert parse_args(["--method", "dino"]).dist_backend is None
+    with pytest.raises(ValueError, match="nccl needs CUDA"):
+        parse_args(["--method", "dino", "--cpu", "--dist_backend", "nccl"])
+    get_args_parser("dino").print_help()
+    assert "--dist_backend" in capsys.readouterr().out
+
+
+def _cpu_half_worker(rank, world_size):
+    """One DDP training step of every method on CPU tensors in this rank's process group:
+    DDP's gradient all-reduce, SyncBatchNorm, DINO/iBOT's centre, SimCLR's gathered negatives.
+    Returns {method: loss} or {method: the error's message}."""
+    from methods import METHODS
+    out = {}
+    g = torch.Generator().manual_seed(rank)
+    crops = [torch.randn(2, 3, s, s, generator=g) for s in (16, 16, 8, 8)]
+    views = {"dino": crops, "ibot": (crops, [torch.rand(2, 4, 4, generator=g) < 0.3] * 2),
+             "simclr": crops[:2], "rotation": crops[0]}
+    for name, method in sorted(METHODS.items()):
+        torch.manual_seed(0)
+        args = method_args(name, arch="vit_nano", patch_size=4, out_dim=32, patch_out_dim=32,
+                           local_crops_number=2, proj_hidden_dim=16, proj_output_dim=8,
+                           drop_path_rate=0.0, epochs=1)
+        backbone, dim = build_backbone("vit_nano", patch_size=4, img_size=[16],
+                                       **method.backbone_kwargs(args))
+        model = sync_batchnorm(method.build(args, backbone, dim, niter_per_ep=1), "cpu")
+        try:
+            loss, _ = DistributedDataParallel(model, **ddp_kwargs(True))(views[name], 0, 0)
+            loss.backward()
+            model.after_step(0)
+            out[name] = loss.item()
+        except RuntimeError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_cpu_half_of_every_method_runs_in_a_group_shaped_like_the_cuda_one():
+    """The GPU suite's "cuda vs cpu" rows run each method on CPU tensors inside the process
+    group made for CUDA. A group serving only CUDA tensors (NCCL; here gloo bound to cuda
+    only) fails on the first CPU collective; the group core.dist makes on CUDA,
+    "cpu:gloo,cuda:nccl" (here with gloo for nccl, as there is no GPU), serves them."""
+    from core.dist import process_group_backend
+    shape = process_group_backend("cuda").replace("nccl", "gloo")
+    assert shape == "cpu:gloo,cuda:gloo"
+    for results in run_ranks(_cpu_half_worker, backend=shape):
+        assert set(results) == {"dino", "ibot", "rotation", "simclr"}
+        assert all(isinstance(v, float) and v == v for v in results.values()), results
+    # the condition of the bug, reproduced: a group bound to CUDA tensors only
+    for results in run_ranks(_cpu_half_worker, backend="cuda:gloo"):
+        assert all("No backend type associated with device type cpu" in str(v)
+                   for v in results.values()), results

@@ -303,6 +303,25 @@ def test_drop_path_eval_identity_and_train_per_sample():
     assert torch.equal(DropPath(0.).train()(x), x)
 
 
+def test_drop_path_is_one_pass_over_its_input():
+    """The per-sample scale is computed on the B draws; x is read and written once."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if torch.is_tensor(out) and out.shape == x.shape:
+                Count.n += 1
+            return out
+
+    x = torch.randn(64, 5, 8)
+    with Count():
+        DropPath(0.3).train()(x)
+    assert Count.n == 1
+
+
 def test_drop_path_rates_increase_linearly():
     model = small_vit(depth=4, drop_path_rate=0.3)
     rates = [blk.drop_path.drop_prob for blk in model.blocks]

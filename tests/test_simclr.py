@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from _ddp import run_ranks
 from methods import simclr
-from methods.simclr import info_nce_loss
+from methods.simclr import info_nce_loss, similarity_logits
 
 T = 0.2
 
@@ -66,6 +66,24 @@ def test_info_nce_loss_matches_loop_reference():
     assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
     torch.testing.assert_close(g1, r1.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g2, r2.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_logits_are_float32_under_autocast():
+    """Issue 20: under autocast the similarity matmul ran in bfloat16 (on CUDA by default),
+    moving logits at temperature 0.1 by ~0.04. CPU bfloat16 autocast imitates it."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    want = similarity_logits(z1, z2, 0.1)
+    want_loss = info_nce_loss(z1, z2, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = similarity_logits(z1, z2, 0.1)
+        got_loss = info_nce_loss(z1, z2, 0.1)
+        # bfloat16 embeddings, as a head under autocast returns them: the same upcast logits
+        got_bf16 = similarity_logits(z1.bfloat16(), z2.bfloat16(), 0.1)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_loss, want_loss))
+    ref = F.normalize(torch.cat([z1, z2]).bfloat16().float(), dim=1)
+    assert got_bf16.dtype == torch.float32 and torch.equal(got_bf16, ref @ ref.T / 0.1)
 
 
 def test_info_nce_loss_known_values():
