@@ -468,4 +468,24 @@ def build(args, backbone, embed_dim, niter_per_ep):
                 args.freeze_last_layer, stats_every=getattr(args, "print_freq", 10))
 
 
-# ============ diagnostics (the method contract's diagnose) =====
+# ============ diagnostics (the method contract's diagnose) ============
+
+def collapse_advice(normalise_head):
+    """What to change for each collapse mode (core/diagnostics.collapse_mode), in this family's
+    flags; normalise_head: the flag that puts a normalisation into the head."""
+    return {
+        "uniform": "sharpen the teacher (lower --teacher_temp and --warmup_teacher_temp, 0.04 "
+                   "is DINO's default) and raise --momentum_teacher (e.g. 0.9995 for small "
+                   "batches); this is why a loss sits at ln K",
+        "one-dimension": "soften the teacher (raise --teacher_temp towards 0.07), raise "
+                         "--momentum_teacher, use a larger batch (the centre is a batch mean), "
+                         f"or normalise the head ({normalise_head})",
+    }
+
+
+COLLAPSE_ADVICE = collapse_advice("--use_bn_in_head true")
+
+
+def diagnose(stats, args, epoch):
+    """One warning line when the teacher collapsed over this epoch (after --warmup_epochs)."""
+    return check_collapse(stats, args.out_dim, epoch, args.warmup_epochs, COLLAPSE_ADVICE)
