@@ -14,6 +14,7 @@ visualize_attention.py), so that no script imports another:
                              the images through --data_backend tensor or pil (data/loaders.py)
     extract_dataset_features(model, dataset, ...)    features (N, F) of a whole dataset
     knn_classifier(...), KNNEvaluator, knn_eval_backbone(...)   DINO's weighted k-NN
+                             (knn_rank: also the majority vote, the Euclidean distance)
 
 Errors are ordinary exceptions (ValueError, FileNotFoundError) with a one-line message; each
 script's entry point prints them (core/cli.py).
@@ -499,26 +500,71 @@ def extract_dataset_features(model, dataset, batch_size, num_workers, device, fe
     return F.normalize(features, dim=1) if normalize else features
 
 
-# ============ weighted k-NN ... ============
+# ============ k-NN: DINO's weighted vote, and the majority vote ... ============
 
 def knn_k_used(k, n_train):
     """The k a k-NN over n_train memory-bank images can use: at most all of them."""
     return min(k, n_train)
 
 
-@torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k, T,
-                   num_classes=1000):
-    """Weighted k-NN (Wu et al. 2018, as DINO): each of the k nearest training features (cosine
-    similarity s) votes for its class with weight exp(s / T). Features must be L2-normalised.
-    train_features (N, F), train_labels (N,), test_features (M, F), test_labels (M,).
-    Returns (top1, top5) in percent; k is capped at N (knn_k_used), top-5 uses
-    min(5, k, num_classes) guesses."""
-    if not T > 0 or T == float("inf"):
+KNN_VOTES = ("weighted", "majority")
+KNN_METRICS = ("cosine", "euclidean")
+
+
+def check_knn_rule(k, T, vote="weighted", metric="cosine"):
+    """One-line ValueErrors for a k-NN that cannot vote: k < 1, a temperature that is not a
+    positive number (weighted vote), an unknown vote or metric."""
+    if vote not in KNN_VOTES or metric not in KNN_METRICS:
+        raise ValueError(f"k-NN vote '{vote}' / metric '{metric}' is unknown; use a vote of "
+                         f"{', '.join(KNN_VOTES)} and a metric of {', '.join(KNN_METRICS)}")
+    if vote == "weighted" and (not T > 0 or T == float("inf")):
         raise ValueError(f"k-NN temperature {T} is invalid: the votes are weighted by "
                          f"exp(similarity / T), so T must be a positive number (DINO: 0.07)")
     if k < 1:
         raise ValueError(f"k-NN with k = {k} has no neighbours; use k >= 1")
+
+
+@torch.no_grad()
+def knn_rank(train_features, train_labels, feats, k, T, num_classes, vote="weighted",
+             metric="cosine"):
+    """The classes (b, num_classes) of the queries `feats` (b, F), best first, by a vote of
+    their k nearest train features (k <= N). metric: "cosine", the similarity s = x . y of
+    L2-normalised features (DINO), or "euclidean", s = -||x - y|| on the features as they are.
+    vote: "weighted" (Wu et al. 2018, DINO), each neighbour votes for its class with weight
+    exp(s / T) (euclidean: exp(-(d - d_nearest) / T), the same ranking as exp(-d / T) without
+    its underflow); "majority", one vote each, classes with as many votes ranked by their
+    index, smallest first, as scikit-learn's KNeighborsClassifier (weights="uniform") breaks
+    ties. Neighbours at equal distance are taken in topk's order."""
+    if metric == "cosine":
+        similarity = feats @ train_features.T                               # (b, N)
+    else:
+        similarity = -torch.cdist(feats, train_features)                    # (b, N)
+    distances, indices = similarity.topk(k, largest=True, sorted=True)      # (b, k)
+    retrieved = train_labels[indices]                                       # (b, k)
+    b = feats.shape[0]
+    one_hot = torch.zeros(b * k, num_classes, device=feats.device)
+    one_hot.scatter_(1, retrieved.view(-1, 1), 1)
+    if vote == "majority":
+        votes = one_hot.view(b, k, num_classes).sum(1)
+        return votes.sort(dim=1, descending=True, stable=True).indices
+    if metric == "euclidean":
+        distances = distances - distances[:, :1]
+    weights = distances.div(T).exp()
+    probs = (one_hot.view(b, k, num_classes) * weights.view(b, k, 1)).sum(1)
+    return probs.argsort(1, descending=True)
+
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T,
+                   num_classes=1000, vote="weighted", metric="cosine"):
+    """k-NN classification of the test features by the train features (the memory bank):
+    by default DINO's, the weighted vote (Wu et al. 2018) of the k nearest by cosine
+    similarity s, each with weight exp(s / T); vote="majority" and metric="euclidean" are the
+    alternatives of knn_rank. Cosine needs L2-normalised features (extract_dataset_features'
+    default); euclidean takes them as they are. train_features (N, F), train_labels (N,),
+    test_features (M, F), test_labels (M,). Returns (top1, top5) in percent; k is capped at N
+    (knn_k_used), top-5 uses min(5, k, num_classes) guesses."""
+    check_knn_rule(k, T, vote, metric)
     top1, top5, total = 0.0, 0.0, 0
     k = knn_k_used(k, train_features.shape[0])
     n5 = min(5, k, num_classes)
@@ -528,20 +574,27 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     for i in range(0, test_features.shape[0], chunk):
         feats = test_features[i:i + chunk].to(train_features.device)
         targets = test_labels[i:i + chunk]
-        b = targets.shape[0]
-        similarity = feats @ train_features.T                               # (b, N)
-        distances, indices = similarity.topk(k, largest=True, sorted=True)  # (b, k)
-        retrieved = train_labels[indices]                                   # (b, k)
-        one_hot = torch.zeros(b * k, num_classes, device=feats.device)
-        one_hot.scatter_(1, retrieved.view(-1, 1), 1)
-        weights = distances.div(T).exp()
-        probs = (one_hot.view(b, k, num_classes) * weights.view(b, k, 1)).sum(1)
-        predictions = probs.argsort(1, descending=True)
+        predictions = knn_rank(train_features, train_labels, feats, k, T, num_classes, vote,
+                               metric)
         correct = predictions.eq(targets.view(-1, 1))
         top1 += correct[:, :1].sum().item()
         top5 += correct[:, :n5].sum().item()
-        total += b
+        total += targets.shape[0]
     return top1 * 100.0 / total, top5 * 100.0 / total
+
+
+@torch.no_grad()
+def knn_predict(train_features, train_labels, test_features, k, T=0.07, num_classes=None,
+                vote="weighted", metric="cosine"):
+    """The predicted class (M,) of every test feature, as knn_classifier scores it."""
+    check_knn_rule(k, T, vote, metric)
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k = knn_k_used(k, train_features.shape[0])
+    train_labels = train_labels.to(train_features.device)
+    return torch.cat([knn_rank(train_features, train_labels,
+                               test_features[i:i + 256].to(train_features.device), k, T,
+                               num_classes, vote, metric)[:, 0]
+                      for i in range(0, test_features.shape[0], 256)])
 
 
 class KNNEvaluator:
