@@ -63,7 +63,8 @@ def available_cpus():
 
 def get_args_parser():
     parser = cli.ArgumentParser("Pretrained vs random init", parents=[
-        evaluation.model_parser(), evaluation.data_parser(), evaluation.run_parser()])
+        evaluation.model_parser(), evaluation.data_parser(train_split=True),
+        evaluation.run_parser()])
     # one value for every run, sized to this machine unless given
     parser.set_defaults(num_workers=None)
     for action in parser._actions:
@@ -196,7 +197,7 @@ def command(script, flags, weights, out, args):
               "--batch_size_per_gpu", str(args.batch_size_per_gpu),
               "--num_workers", str(args.num_workers), "--seed", str(args.seed),
               "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb),
-              "--eval_split", args.eval_split]
+              "--eval_split", args.eval_split, "--train_split", args.train_split]
     if getattr(args, "norm_mean", None) is not None:  # the checkpoint's, read by load_backbone
         common += ["--norm_mean", *map(str, args.norm_mean), "--norm_std", *map(str, args.norm_std)]
     for name in VIT_SHAPE:  # the ViT shape read from the checkpoint, for both inits

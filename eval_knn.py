@@ -153,7 +153,8 @@ def check_args(args):
                          "by exp(similarity / T), so T must be > 0 (DINO: 0.07)")
     check_knn_rule(1, args.temperature, args.knn_vote, args.knn_metric)
     if not args.load_features:
-        evaluation.check_eval_data(args)  # the scored split is there, the train split labelled
+        # the scored split is there, the train split (--train_split) labelled
+        evaluation.check_eval_data(args, selects=False)
 
 
 def rule(args):

@@ -32,7 +32,8 @@ from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_s
                              load_pretrained_weights, weights_arch)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
-from data.datasets import EVAL_SPLITS, resolve_split, split_label, train_labels
+from data.datasets import (EVAL_SPLITS, check_train_split, resolve_split, split_label,
+                           train_labels)
 from data.loaders import add_data_args, build_train_loader, epoch_indices
 from data.normalization import add_norm_args, check_norm_args, resolve_eval_norm
 from models import (ARCHS, VIT_SHAPE, VIT_SIZES, build_backbone, check_patch_size, check_vit_shape,
@@ -115,9 +116,10 @@ def add_eval_split_arg(parser):
                              "(default: %(default)s).")
 
 
-def data_parser():
+def data_parser(train_split=False):
     """--dataset --data_path --eval_split --output_dir, and --norm_stats --norm_mean --norm_std
-    (data/normalization.py: by default the statistics the weights were trained with)."""
+    (data/normalization.py: by default the statistics the weights were trained with); with
+    train_split=True also --train_split (the scripts that train a classifier or k-NN on it)."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Data and outputs")
     group.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
@@ -126,6 +128,14 @@ def data_parser():
                             "STL-10 files name theirs; without --data_path: digits, embedded).")
     group.add_argument("--data_path", default="", type=str, help="Dataset root.")
     add_eval_split_arg(group)
+    if train_split:
+        group.add_argument("--train_split", default="train", type=str,
+                           help="The split the probe, the fine-tuning or the k-NN memory bank "
+                                "trains on: train, or another split of an npy or imagefolder "
+                                "dataset by name, e.g. probe (<data_path>/probe/images.npy + "
+                                "labels.npy, probe_images.npy + probe_labels.npy, or the class "
+                                "folders of <data_path>/probe/); --val_split holds images out "
+                                "of it.")
     group.add_argument("--output_dir", default=None, type=str,
                        help="Folder for logs, checkpoints and results.json (default: "
                             "out/<script>/<weights folder>_<weights file>_<dataset>, or "
@@ -154,7 +164,7 @@ def run_parser():
 def get_args_parser(add_help=False):
     """Every flag eval_knn.py, eval_linear.py and finetune.py share."""
     return argparse.ArgumentParser(add_help=add_help, parents=[
-        model_parser(), features_parser(), data_parser(), run_parser()])
+        model_parser(), features_parser(), data_parser(train_split=True), run_parser()])
 
 
 def check_common_args(args):
@@ -171,15 +181,31 @@ def check_common_args(args):
         amp.resolve_precision(argparse.Namespace(precision=args.precision, use_fp16=args.use_fp16), "cuda")
 
 
-def check_eval_data(args, val_split=0):
+def check_eval_data(args, val_split=0, selects=True):
     """Before any image is read, for the scripts whose output is an accuracy: the splits they
-    read are there (resolve_split: the --eval_split folder, the selection split), and the train
-    split has a label for every image and at least two classes (with one, every k-NN vote and
-    every probe predicts it: 100 % whatever the backbone)."""
-    for split in ("test", "val"):
-        resolve_split(args.dataset, args.data_path, split, args.eval_split, val_split)
-    classes, unlabelled = train_labels(args.dataset, args.data_path)
-    train = split_label(args.dataset, args.data_path, "train")
+    read are there (resolve_split: the --eval_split folder, the selection split), the train
+    split (--train_split) is neither the scored split nor, for the scripts that select a model
+    (selects), the selection split, and it has a label for every image and at least two
+    classes (with one, every k-NN vote and every probe predicts it: 100 % whatever the
+    backbone)."""
+    scored = {split: resolve_split(args.dataset, args.data_path, split, args.eval_split, val_split)
+              for split in ("test", "val")}
+    train_split = getattr(args, "train_split", "train")
+    check_train_split(args.dataset, train_split)
+    if train_split == scored["test"] or (selects and train_split == scored["val"]):
+        role = "scored" if train_split == scored["test"] else "where models are selected"
+        raise ValueError(f"--train_split {train_split} is the split {role} "
+                         f"(--eval_split {args.eval_split}); a classifier trained on it would be "
+                         f"measured on its own training images: train on another split, or hold "
+                         f"images out with --val_split N")
+    try:
+        classes, unlabelled = train_labels(args.dataset, args.data_path, train_split)
+    except FileNotFoundError as e:
+        if train_split == "train":
+            raise
+        raise FileNotFoundError(f"--train_split {train_split}: {e}; or pass the name of a split "
+                                f"that {args.data_path} has") from None
+    train = split_label(args.dataset, args.data_path, train_split)
     if classes < 2:
         what = "has no labels" if classes == 0 else "holds a single class"
         raise ValueError(f"the {train} split of {args.data_path or args.dataset} {what}, so every "
@@ -383,6 +409,7 @@ def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset
     (skip_bad_images: --skip_bad_images where the script has it)."""
     dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
     dataset_kwargs.setdefault("eval_split", getattr(args, "eval_split", "auto"))
+    dataset_kwargs.setdefault("train_split", getattr(args, "train_split", "train"))
     return build_train_loader(args.data_backend, args.dataset, args.data_path, transform,
                               args.batch_size_per_gpu, device=args.device, seed=args.seed,
                               rank=args.rank, world_size=args.world_size,
@@ -417,6 +444,7 @@ def eval_split(args, split, transform, **dataset_kwargs):
     (data.datasets.resolve_split); the result names it in .split_name."""
     dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
     dataset_kwargs.setdefault("eval_split", getattr(args, "eval_split", "auto"))
+    dataset_kwargs.setdefault("train_split", getattr(args, "train_split", "train"))
     dataset = build_dataset(args.dataset, args.data_path, split, transform, seed=args.seed,
                             **dataset_kwargs)
     if args.data_backend == "pil":
