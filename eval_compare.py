@@ -20,7 +20,9 @@ once from the checkpoint so both runs build the same network. Each run writes re
 which this script collects. The flags given here (--num_workers, --batch_size_per_gpu, ...)
 go to every run; extra flags go through --knn_args / --linear_args (every eval_linear.py run:
 linear, mlp, probe_layers) / --mlp_args / --finetune_args, which come last and so override.
-The probes run on cached features unless told otherwise.
+The probes run on cached features unless told otherwise. --knn_votes weighted majority gives
+one k-NN row per vote (eval_knn.py --knn_vote); --train_split probe trains every run on that
+split.
 Per-run outputs and logs: <output_dir>/{pretrained,random_init}/<evaluation>/ (finetune_head,
 finetune_last1, ... for the variants; finetune for all layers); `tensorboard --logdir
 <output_dir>` shows both inits side by side.
