@@ -97,7 +97,8 @@ def test_few_shot_with_each_vote_and_metric(vote, metric):
             idx = eval_knn.sample_few_shot(y_train.numpy(), 5, episode, C)
             sk = KNeighborsClassifier(n_neighbors=5, metric=metric, algorithm="brute")
             sk.fit(x_train[idx].numpy(), y_train[idx].numpy())
-            assert acc == pytest.approx(100.0 * (sk.predict(x_test.numpy()) == y_test.numpy()).mean())
+            right = sk.predict(x_test.numpy()) == y_test.numpy()
+            assert acc == pytest.approx(100.0 * right.mean())
 
 
 def _local(args):

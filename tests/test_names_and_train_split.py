@@ -8,7 +8,6 @@ by one class, so a k-NN whose memory bank is the probe split is wrong on every t
 (a random ResNet separates the colours), and right on them with train/ as memory bank."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -91,7 +90,7 @@ def test_reports_and_figures_use_the_class_names(tmp_path, monkeypatch):
     text = (out / "report.txt").read_text()
     assert all(n in text for n in NAMES)
     assert [r["class"] for r in json.loads((out / "report.json").read_text())["per_class"]] == NAMES
-    assert drawn["save_prediction_grid"][0][4] == NAMES  # (images, targets, preds, conf, names, ...)
+    assert drawn["save_prediction_grid"][0][4] == NAMES  # (images, targets, preds, conf, names)
     assert drawn["save_confusion_matrix"][0][1] == NAMES
 
     out = tmp_path / "lin"
@@ -104,7 +103,8 @@ def test_reports_and_figures_use_the_class_names(tmp_path, monkeypatch):
     assert drawn["save_confusion_matrix"][1][1] == NAMES
     assert (out / "confusion_matrix.png").is_file()
     # the report's accuracy is the test accuracy results.json gives (the best probe's)
-    assert saved["accuracy"] == pytest.approx(json.loads((out / "results.json").read_text())["test_acc"])
+    results = json.loads((out / "results.json").read_text())
+    assert saved["accuracy"] == pytest.approx(results["test_acc"])
 
 
 # ============ --train_split ============

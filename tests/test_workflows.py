@@ -192,7 +192,7 @@ def test_simclr_resnet18_linear_and_finetune_against_scratch_in_one_table(small,
     assert (out / "compare.png").is_file()
 
 
-# ============ 3. SimCLR ResNet-18, the 128px recipe's flags; fine-tuning with an MLP head ============
+# ============ 3. SimCLR ResNet-18, the 128px recipe's flags; an MLP fine-tuning head ============
 
 def test_simclr_128px_recipe_flags_and_an_mlp_head(small, tmp_path, run, capsys):
     pre = tmp_path / "simclr"
@@ -208,7 +208,7 @@ def test_simclr_128px_recipe_flags_and_an_mlp_head(small, tmp_path, run, capsys)
             if k.startswith("head.") and k.endswith("weight") and v.ndim == 2]
     assert head == [(512, 512), (256, 512)]  # the projection 512-512-256
     records = [json.loads(x) for x in (pre / "log.txt").read_text().splitlines()]
-    assert 0 <= records[0]["train_acc5"] <= 100 and records[0]["train_acc5"] >= records[0]["train_acc1"]
+    assert 0 <= records[0]["train_acc1"] <= records[0]["train_acc5"] <= 100
     assert_curves(pre, ["train/acc5", "train/loss"])
 
     out = tmp_path / "ft"
@@ -284,7 +284,7 @@ def test_dino_vit_tiny_knn_votes_transfer_few_shot_and_attention(small, tmp_path
         "linear probe top-1 (test/, 1 epoch)"]
     knn = {vote: json.loads((out / "pretrained" / key / "results.json").read_text())
            for vote, key in (("weighted", "knn"), ("majority", "knn_majority"))}
-    assert {v: r["vote"] for v, r in knn.items()} == {"weighted": "weighted", "majority": "majority"}
+    assert {v: r["vote"] for v, r in knn.items()} == {v: v for v in ("weighted", "majority")}
 
     # transfer to another dataset (3 other colours): the CLS token against mean-pooled patches
     other = make_npy(tmp_path / "other", 16, {"train": 48, "test": 24},
@@ -314,5 +314,6 @@ def test_dino_vit_tiny_knn_votes_transfer_few_shot_and_attention(small, tmp_path
     run("visualize_attention.py", "--pretrained_weights", weights, "--data_path", small,
         "--threshold", 0.6, "--output_dir", attn)
     for j in range(3):
-        assert (attn / f"attn-head{j}.png").is_file() and (attn / f"mask_th0.6_head{j}.png").is_file()
+        assert (attn / f"attn-head{j}.png").is_file()
+        assert (attn / f"mask_th0.6_head{j}.png").is_file()
     assert not (attn / "attn-head3.png").exists() and (attn / "attention.png").is_file()
