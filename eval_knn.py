@@ -201,7 +201,8 @@ def extract_train_test(args, info):
         features.append(extract_dataset_features(model, dataset, args.batch_size_per_gpu,
                                                  args.num_workers, args.device, feature_fn=fn,
                                                  normalize=args.knn_metric == "cosine",
-                                                 precision=args.precision))
+                                                 precision=args.precision,
+                                                 what=f"{dataset.split_name} features"))
     return (features[0], torch.as_tensor(train.targets), features[1], torch.as_tensor(test.targets),
             train.num_classes, test.split_name)
 

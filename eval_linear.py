@@ -37,7 +37,7 @@ from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove
                              save_atomic, unlock_output_dir)
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
-from core.logger import MetricLogger, bool_flag
+from core.logger import MetricLogger, StepLog, bool_flag
 from core.optim import lr_for_batch
 from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
@@ -260,12 +260,14 @@ def build_probe(dims, names, args):
     return probe
 
 
-def cached(model, dataset, feats_fn, args):
-    """(features (N, F) on every rank, labels (N,)) of a dataset, extracted once; None for None."""
+def cached(model, dataset, feats_fn, args, what="features"):
+    """(features (N, F) on every rank, labels (N,)) of a dataset, extracted once (progress lines
+    named `what`); None for None."""
     if dataset is None:
         return None
     return (extract_dataset_features(model, dataset, args.batch_size_per_gpu, args.num_workers,
-                                     args.device, feats_fn, normalize=False, precision=args.precision),
+                                     args.device, feats_fn, normalize=False, precision=args.precision,
+                                     what=what),
             torch.as_tensor(dataset.targets))
 
 
@@ -275,7 +277,7 @@ def training_batches(model, feats_fn, dataset_train, info, args):
     the frozen backbone. Both have set_epoch(epoch)."""
     if args.cached_features:
         print("Extracting features once, without augmentation (--cached_features)...")
-        features, labels = cached(model, dataset_train, feats_fn, args)
+        features, labels = cached(model, dataset_train, feats_fn, args, "train features")
         return FeatureBatches(features, labels, args.batch_size_per_gpu, args.seed), lambda x: x
     loader = evaluation.train_loader(
         args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
@@ -292,13 +294,15 @@ def training_batches(model, feats_fn, dataset_train, info, args):
 # ============ training and validation ... ============
 
 def train_one_epoch(model, probe, optimizer, scaler, batches, epoch, encode, args, stopper=None,
-                    save_checkpoint=None, start_iter=0, rank_states=None):
+                    save_checkpoint=None, start_iter=0, rank_states=None, steps=None):
     """encode(images) -> features under no_grad; identity for cached features. From iteration
     start_iter (a resumed epoch, with its rank_states); returns None when a signal stopped the
-    ranks mid-epoch (after save_checkpoint(epoch, iteration, logger))."""
+    ranks mid-epoch (after save_checkpoint(epoch, iteration, logger)). steps
+    (core.logger.StepLog): where each printed line's loss and lr also go."""
     probe.train()
-    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq)
     n = len(batches)
+    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
+                          on_print=steps.for_epoch(epoch, n) if steps is not None else None)
     with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
         it_batches = iter(batches)
     if rank_states is not None:
@@ -321,9 +325,9 @@ def train_one_epoch(model, probe, optimizer, scaler, batches, epoch, encode, arg
 
 
 @torch.no_grad()
-def probe_logits(model, probe, data, feats_fn, args):
+def probe_logits(model, probe, data, feats_fn, args, what="validation"):
     """(logits (N, heads x C), labels (N,)) of `data`: a dataset (images through the frozen
-    backbone) or a (features, labels) pair."""
+    backbone) or a (features, labels) pair; `what` names the pass in the progress lines."""
     probe = probe.module if isinstance(probe, DistributedDataParallel) else probe
     probe.eval()
     if isinstance(data, tuple):
@@ -334,16 +338,16 @@ def probe_logits(model, probe, data, feats_fn, args):
         logits = extract_dataset_features(
             model, data, args.batch_size_per_gpu, args.num_workers, args.device, normalize=False,
             feature_fn=lambda m, x: torch.cat(probe(feats_fn(m, x).float()), dim=1),
-            precision=args.precision)
+            precision=args.precision, what=what)
     return logits, labels.to(logits.device)
 
 
 @torch.no_grad()
-def validate_network(model, probe, data, feats_fn, args, logits=None):
+def validate_network(model, probe, data, feats_fn, args, what="validation", logits=None):
     """data: a dataset (images through the frozen backbone) or a (features, labels) pair;
     logits: probe_logits(...) of it, when already computed.
     Returns one {"acc1", "acc5", "loss"} per head; top-5 only when there are >= 5 labels."""
-    logits, labels = logits or probe_logits(model, probe, data, feats_fn, args)
+    logits, labels = logits or probe_logits(model, probe, data, feats_fn, args, what)
     out = []
     for lg in logits.split(args.num_labels, dim=1):
         acc1, acc5 = accuracy(lg, labels)
@@ -404,7 +408,7 @@ def evaluate_probe(model, probe, feats_fn, dataset, names, dims, args):
     if not args.linear_weights:
         evaluation.check_resume(path, ckpt, args)
     load_probe(probe, ckpt.get("state_dict", ckpt), path)
-    stats = validate_network(model, probe, dataset, feats_fn, args)
+    stats = validate_network(model, probe, dataset, feats_fn, args, dataset.split_name)
     for name, s in zip(names, stats):
         print(f"Accuracy of the network ({name}) on the {len(dataset)} {dataset.split_name} "
               f"images: {s['acc1']:.1f}%")
@@ -450,10 +454,11 @@ def report(model, probe, best, best_state, test_data, feats_fn, names, dims, arg
     best-on-validation probe (class_report; one head only)."""
     test_accs = [None] * len(dims)
     probe.load_state_dict(best_state)
-    logits = probe_logits(model, probe, scored[0], feats_fn, args) if scored else None
+    logits = probe_logits(model, probe, scored[0], feats_fn, args, scored[1].split_name) \
+        if scored else None
     if test_data is not None:
         test_accs = [s["acc1"] for s in validate_network(model, probe, test_data, feats_fn, args,
-                                                         logits)]
+                                                         "test", logits)]
     if scored and len(dims) == 1:
         class_report(*logits, scored[1], args)
     layers = [{"name": n, "dim": d, "best_acc": b, "test_acc": t}
@@ -557,7 +562,8 @@ def _run_linear(args):
     # ============ preparing data ... ============
     batches, encode = training_batches(model, feats_fn, dataset_train, info, args)
     if args.cached_features:
-        val_data, test_data = cached(model, dataset_val, feats_fn, args), cached(model, dataset_test, feats_fn, args)
+        val_data = cached(model, dataset_val, feats_fn, args, "val features")
+        test_data = cached(model, dataset_test, feats_fn, args, "test features")
     else:
         val_data, test_data = dataset_val, dataset_test
     ddp_probe = DistributedDataParallel(probe, device_ids=[args.gpu] if args.device.type == "cuda"
@@ -599,6 +605,11 @@ def _run_linear(args):
     if args.tensorboard and distu.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+    # the printed lines' loss and lr: TensorBoard train/<name> at the global step, log_steps.txt
+    steps = StepLog(args.output_dir, writer, prefix="train", main_process=distu.is_main_process())
+    # the split the probe is validated on, in the TensorBoard tags (as log.txt's "test_*" keys,
+    # DINO's names, do not say it)
+    val_key = getattr(dataset_val, "split_key", "heldout" if args.val_split else "test")
 
     # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and stop (exit 0,
     # or 130 after Ctrl-C)
@@ -607,7 +618,7 @@ def _run_linear(args):
     for epoch in range(start_epoch, args.epochs):
         batches.set_epoch(epoch, start_iter)
         train_stats = train_one_epoch(model, ddp_probe, optimizer, scaler, batches, epoch, encode,
-                                      args, stopper, save_checkpoint, start_iter, rank_states)
+                                      args, stopper, save_checkpoint, start_iter, rank_states, steps)
         start_iter, rank_states = 0, None
         if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
             break
@@ -626,14 +637,15 @@ def _run_linear(args):
             if args.probe_layers:
                 log_stats["test_acc1_layers"] = [x["acc1"] for x in stats]
             if writer is not None:
-                writer.add_scalar(f"val/top1_{dataset_val.split_key}", s["acc1"], epoch)
+                for name, value in (("top1", s["acc1"]), ("top5", s["acc5"]), ("loss", s["loss"])):
+                    if value is not None:
+                        writer.add_scalar(f"val/{name}_{val_key}", value, epoch)
                 if args.probe_layers:
                     for name, x in zip(names, stats):
-                        writer.add_scalar(f"val_layers/top1_{name}_{dataset_val.split_key}",
-                                          x["acc1"], epoch)
-        if writer is not None:
-            writer.add_scalar("train/loss", train_stats["loss"], epoch)
-            writer.add_scalar("train/lr", train_stats["lr"], epoch)
+                        writer.add_scalar(f"val_layers/top1_{name}_{val_key}", x["acc1"], epoch)
+        if writer is not None:  # (train/<name>: per step, StepLog)
+            writer.add_scalar("train_epoch/loss", train_stats["loss"], epoch)
+            writer.add_scalar("train_epoch/lr", train_stats["lr"], epoch)
         save_checkpoint(epoch + 1, 0)
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:

@@ -37,7 +37,7 @@ from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove
                              save_atomic, unlock_output_dir)
 from core.evaluation import extract_dataset_features
 from core.curves import save_curves
-from core.logger import MetricLogger, bool_flag
+from core.logger import MetricLogger, StepLog, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
@@ -267,22 +267,31 @@ def mix_batch(images, targets, num_classes, args):
 # ============ training, validation, test report ... ============
 
 def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, epoch, args,
-                    stopper=None, save_checkpoint=None, start_iter=0, rank_states=None):
+                    stopper=None, save_checkpoint=None, start_iter=0, rank_states=None,
+                    steps=None):
     """One epoch from iteration start_iter (a resumed epoch, with its rank_states); returns None
-    when a signal stopped the ranks mid-epoch (after save_checkpoint(epoch, iteration, logger))."""
+    when a signal stopped the ranks mid-epoch (after save_checkpoint(epoch, iteration, logger)).
+    steps (core.logger.StepLog): where each printed line's loss and learning rates also go."""
     train_mode(ddp_model)
-    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
-                          batch_size=args.batch_size_per_gpu)
-    clip = (lambda: nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)) if args.clip_grad else None
     n = len(loader)  # iterations of the whole epoch, wherever it starts
+    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
+                          batch_size=args.batch_size_per_gpu,
+                          on_print=steps.for_epoch(epoch, n) if steps is not None else None)
+    clip = (lambda: nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)) if args.clip_grad else None
+    # the learning rates logged: the head's and, when the backbone trains, the highest of its
+    # groups (its top layer's; --layer_decay lowers those below); one schedule scales them all
+    head = {id(p) for p in model.head.parameters()}
+    backbone = [g["base_lr"] for g in optimizer.param_groups if not head & {id(p) for p in g["params"]}]
+    lrs = {"lr_head": args.lr, **({"lr_backbone": max(backbone)} if backbone else {})}
     with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
         batches = iter(loader)
     if rank_states is not None:
         preempt.restore_rank_state(rank_states, logger)
     for i, (images, targets) in enumerate(logger.log_every(batches, n, start_iter), start=start_iter):
         it = n * epoch + i
+        scale = float(lr_schedule[it])  # a numpy float would not pass weights_only
         for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * float(lr_schedule[it])  # a numpy float would not pass weights_only
+            g["lr"] = g["base_lr"] * scale
         images = images.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
         images, soft = mix_batch(images, targets, args.num_labels, args)
@@ -290,7 +299,7 @@ def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, ep
             logits = ddp_model(images)
         loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         amp.backward_step(loss, optimizer, scaler, after_unscale=clip)
-        logger.update(loss=loss.detach(), lr=optimizer.param_groups[-1]["lr"])
+        logger.update(loss=loss.detach(), **{k: lr * scale for k, lr in lrs.items()})
         if stopper is not None and (i % args.print_freq == 0 or stopper.sync_due(it)) \
                 and i < n - 1:  # (the epoch's last step: run_finetune saves the epoch)
             flags = stopper.agree(it=it)
@@ -306,11 +315,12 @@ def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, ep
 
 
 @torch.no_grad()
-def predict(model, dataset, args):
-    """Logits (N, C) of every image of `dataset`, in order, on every rank."""
+def predict(model, dataset, args, what="predictions"):
+    """Logits (N, C) of every image of `dataset`, in order, on every rank (progress lines named
+    `what`)."""
     return extract_dataset_features(model, dataset, args.batch_size_per_gpu, args.num_workers,
                                     args.device, feature_fn=lambda m, x: m(x), normalize=False,
-                                    precision=args.precision)
+                                    precision=args.precision, what=what)
 
 
 def test_report(model, dataset_test, info, args, writer=None):
@@ -319,7 +329,7 @@ def test_report(model, dataset_test, info, args, writer=None):
     from core.report import (class_names, classification_metrics, figure_to_array,
                              format_report, save_confusion_matrix, save_prediction_grid)
     print(f"Scoring {len(dataset_test)} images of {dataset_test.split_name}:")
-    logits = predict(model, dataset_test, args).cpu()
+    logits = predict(model, dataset_test, args, dataset_test.split_name).cpu()
     probs = logits.softmax(dim=1)
     conf, preds = probs.max(dim=1)
     targets = np.asarray(dataset_test.targets)
@@ -518,6 +528,10 @@ def _run_finetune(args):
     if args.tensorboard and distu.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+    # the printed lines' loss and learning rates: TensorBoard train/<name> at the global step,
+    # log_steps.txt; the split models are selected on, in the per-epoch TensorBoard tags
+    steps = StepLog(args.output_dir, writer, prefix="train", main_process=distu.is_main_process())
+    val_key = getattr(dataset_val, "split_key", "heldout" if args.val_split else "test")
 
     # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and stop (exit 0,
     # or 130 after Ctrl-C)
@@ -526,12 +540,15 @@ def _run_finetune(args):
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch, start_iter)
         train_stats = train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule,
-                                      epoch, args, stopper, save_checkpoint, start_iter, rank_states)
+                                      epoch, args, stopper, save_checkpoint, start_iter, rank_states,
+                                      steps)
         start_iter, rank_states = 0, None
         if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
             break
-        logits = predict(model, dataset_val, args)
-        val_acc = (logits.argmax(1).cpu() == torch.as_tensor(dataset_val.targets)).float().mean().item() * 100
+        logits = predict(model, dataset_val, args, "validation").float().cpu()
+        val_targets = torch.as_tensor(dataset_val.targets)
+        val_acc = (logits.argmax(1) == val_targets).float().mean().item() * 100
+        val_loss = F.cross_entropy(logits, val_targets).item()  # plain, without --smoothing
         is_best = val_acc > best_acc
         best_acc = max(best_acc, val_acc)
         print(f"Validation accuracy at epoch {epoch} on {dataset_val.split_name}: {val_acc:.2f}%  "
@@ -543,13 +560,14 @@ def _run_finetune(args):
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in train_stats.items()},
-                                    "val_acc1": val_acc, "split": dataset_val.split_name,
-                                    "epoch": epoch}) + "\n")
+                                    "val_acc1": val_acc, "val_loss": val_loss,
+                                    "split": dataset_val.split_name, "epoch": epoch}) + "\n")
             save_curves(args.output_dir)
-            if writer is not None:
-                writer.add_scalar("train/loss", train_stats["loss"], epoch)
-                writer.add_scalar("train/lr_head", train_stats["lr"], epoch)
-                writer.add_scalar(f"val/top1_{dataset_val.split_key}", val_acc, epoch)
+            if writer is not None:  # (train/<name>: per step, StepLog)
+                for k, v in train_stats.items():
+                    writer.add_scalar(f"train_epoch/{k}", v, epoch)
+                writer.add_scalar(f"val/top1_{val_key}", val_acc, epoch)
+                writer.add_scalar(f"val/loss_{val_key}", val_loss, epoch)
         if stopper.agree().stop:  # a signal in the epoch's last step or its validation
             break
     stopper.close()

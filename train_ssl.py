@@ -34,7 +34,7 @@ from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_re
                              restart_from_checkpoint, save_atomic)
 from core.curves import save_curves
 from core.evaluation import KNNEvaluator, add_eval_split_arg, check_knn_data
-from core.logger import MetricLogger, bool_flag
+from core.logger import MetricLogger, StepLog, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
@@ -366,6 +366,9 @@ def train_ssl(args):
     if args.tensorboard and distu.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+    # every printed line's loss, lr, wd and method stats: TensorBoard train/<name> at the global
+    # step and log_steps.txt (curves.png draws them per step); rank 0 only
+    steps = StepLog(args.output_dir, writer, prefix="train", main_process=distu.is_main_process())
 
     knn = None  # the labelled splits, built once for every k-NN evaluation
     if (args.knn_eval or args.knn_freq) and info.num_classes != 0:
@@ -386,7 +389,7 @@ def train_ssl(args):
         train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
                                       wd_schedule, epoch, scaler, args, stopper=stopper,
                                       save_checkpoint=save_checkpoint, start_iter=start_iter,
-                                      rank_states=rank_states)
+                                      rank_states=rank_states, steps=steps)
         start_iter, rank_states = 0, None
         if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
             break
@@ -404,10 +407,10 @@ def train_ssl(args):
                 log_stats.update(knn_top1=knn_top1, knn_split=knn.split_name)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
-            save_curves(args.output_dir)  # curves.png: every metric of log.txt per epoch
-            if writer is not None:
+            save_curves(args.output_dir)  # curves.png: log.txt per epoch, log_steps.txt per step
+            if writer is not None:  # (train/<name>: per step, StepLog)
                 for k, v in train_stats.items():
-                    writer.add_scalar(f"train/{k}", v, epoch)
+                    writer.add_scalar(f"train_epoch/{k}", v, epoch)
                 if knn_top1 is not None:
                     writer.add_scalar(f"knn/top1_{knn.split_key}", knn_top1, epoch)
                 writer.flush()
@@ -496,16 +499,18 @@ def compile_backbones(model, backend="inductor"):
 
 def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
                     scaler, args, stopper=None, save_checkpoint=None, start_iter=0,
-                    rank_states=None):
+                    rank_states=None, steps=None):
     """One epoch from iteration start_iter. stopper (core.preempt.Preemption) and
     save_checkpoint(epoch, iteration, logger): mid-epoch checkpoints and stopping on a signal;
-    rank_states: the generators and running sums a resumed epoch starts with. Returns the
-    epoch's averaged stats, or None when the ranks stopped mid-epoch (checkpoint written)."""
+    rank_states: the generators and running sums a resumed epoch starts with; steps
+    (core.logger.StepLog): where each printed line's values also go. Returns the epoch's
+    averaged stats, or None when the ranks stopped mid-epoch (checkpoint written)."""
+    niter = len(data_loader)  # iterations of the whole epoch, wherever it starts
     logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
-                          batch_size=args.batch_size_per_gpu)
+                          batch_size=args.batch_size_per_gpu,
+                          on_print=steps.for_epoch(epoch, niter) if steps is not None else None)
     ddp_model.train()
     nonfinite = torch.zeros((), device=args.device)
-    niter = len(data_loader)  # iterations of the whole epoch, wherever it starts
 
     def edit_gradients():  # between backward and step, on the unscaled gradients
         if args.clip_grad:
@@ -518,10 +523,11 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
         preempt.restore_rank_state(rank_states, logger)
     for i, (views, _) in enumerate(logger.log_every(batches, niter, start_iter), start=start_iter):
         it = niter * epoch + i  # global training iteration
+        lr, wd = float(lr_schedule[it]), float(wd_schedule[it])  # host floats: no sync
         for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(lr_schedule[it])
+            group["lr"] = lr
             if j == 0:  # only the first group is regularized
-                group["weight_decay"] = float(wd_schedule[it])
+                group["weight_decay"] = wd
 
         views = to_device(views, args.device)
         with amp.autocast(args.precision, args.device):
@@ -532,7 +538,7 @@ def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_sc
         amp.backward_step(loss, optimizer, scaler, after_unscale=edit_gradients)
         model.after_step(it)
 
-        logger.update(loss=loss.detach(), **stats)
+        logger.update(loss=loss.detach(), lr=lr, wd=wd, **stats)
         if stopper is None:
             if i % args.print_freq == 0 or i == niter - 1:
                 check_finite(nonfinite, epoch, i)

@@ -1,45 +1,56 @@
-"""The whole GPU check in one command: environment, correctness of every method in every
-precision, NCCL training and resume, throughput (step-only and end-to-end, eager and compiled,
-MFU), the fast-by-default settings each measured off and on, and SimCLR time-to-accuracy with
-the minutes left.
+"""The whole GPU check in ONE call of 9 minutes: environment, correctness, the multi-process
+paths, the fast-by-default settings, a short time-to-accuracy run, throughput; every row
+written to --out the moment it exists.
 
-    python /work/shared/tools/treepack.py pack ../shared/data/cifar10-jpeg packs/cifar10  # once
-    python bench/gpu_suite.py --device cuda --minutes 9 --out runs/suite    # on the GPU machine
-    python bench/gpu_suite.py --device cpu --minutes 2 --out runs/suite_cpu # tiny versions
+    python tools/pack_imagefolder.py /path/to/cifar10-jpeg packs/cifar10.pack  # once, anywhere
+    python bench/gpu_suite.py --device cuda --minutes 9 --out runs/suite         # on the GPU
+    python bench/gpu_suite.py --device cpu --minutes 2 --out runs/suite_cpu      # tiny versions
 
-Writes <out>/suite.md (the table to read) and <out>/suite.json, and prints every row as it is
-done, in this order:
-  environment       torch, CUDA, cuDNN, device, memory
+Sections, in order of what a minute of them proves (so a call cut short loses the least):
+  environment       torch, CUDA, cuDNN, GPU, TF32; the data: packs/cifar10.pack unpacked into
+                    runs/data/cifar10 once (tools/pack_imagefolder.py; --data_path instead)
   correctness       simclr and rotation on resnet18 and vit_tiny, dino and ibot on vit_tiny, dino
-                    on resnet18, each in bf16, fp16 and fp32: ~20 steps of the real training step
-                    on one fixed batch, loss finite and decreasing; then one fp32 step on the
-                    device against the same step on the CPU (loss and gradient norm)
-  distributed       `torchrun --nproc_per_node=1 train_ssl.py` (nccl on CUDA, gloo on CPU) for
-                    one short epoch, then the same command resumes from its checkpoint
+                    on resnet18, each in bf16, fp16 and fp32: 20 real training steps on one fixed
+                    batch, loss finite and falling; one fp32 step on the device against the same
+                    step on the CPU (TF32 off); the streaming JPEG path of data/loaders.py forced
+                    with --data_memory_gb 0.0001 (train_ssl.py, one epoch of a CIFAR-10 subset)
+  multi-process     torchrun --nproc_per_node=1 (NCCL) one epoch, then resume; 2 processes on the
+                    one GPU over gloo (--dist_backend gloo) one epoch, then resume; 2 ranks x B/2
+                    against 1 x B (bench/two_ranks.py): DDP, SyncBatchNorm, SimCLR's gathered
+                    negatives
+  settings          each fast default off and on: cudnn.benchmark, channels_last, fused AdamW/SGD,
+                    DDP flags, the SDPA kernel, host-device syncs, pinned memory, TF32
+  time-to-accuracy  SimCLR ResNet-18 on CIFAR-10 for --tta_epochs (bench/tta.py), the k-NN top-1
+                    of its checkpoints against training wall time
   throughput        SimCLR ResNet-18 32px, DINO and iBOT ViT-S/16 2x224 + 10x96, rotation ViT-S/16
-                    160px: img/s of the step alone (bench/throughput.py) and end to end
-                    (train_ssl.py's loader, tensor and pil backends, feeding the step), peak
-                    memory, GFLOP per image and MFU, each eager and with --compile true
-  settings          each fast default off and on: cudnn.benchmark, channels_last, fused
-                    AdamW/SGD, DDP flags, the SDPA kernel, host-device syncs, pinned memory
-  time-to-accuracy  SimCLR ResNet-18 on CIFAR-10 (bench/tta.py) in the background: k-NN top-1
-                    against training wall time, with whatever minutes are left
-On CPU (--device cpu) every row runs in a tiny version (tiny images, batches and step counts);
-bf16/fp16 and CUDA-only settings are reported as such, never faked. tests/test_gpu_suite.py
-runs it that way.
+                    160px: img/s of the step alone and end to end (train_ssl.py's loader, tensor
+                    and pil backends), peak memory, GFLOP per image, MFU; eager
+  compiled          the throughput rows with --compile true: only with --compiled true (minutes
+                    of compilation each), and last
 
-A GPU comes for runs of at most 10 minutes, so the suite is resumable: rows that passed are kept
-in <out>/suite.json and skipped by the next run with the same --out, a row that does not fit in
-the minutes left is marked "skipped (out of time)" and runs next time, and the time-to-accuracy
-training goes on in the background between runs (<out>/tta; the next run shows its progress).
-Keep --out inside the checkout (runs/ is git-ignored) so it survives between calls.
+Budget (--minutes 9, the default: one call on a lent GPU, which allows 10): estimated, not yet
+measured on a GPU, about 20 s environment, 90 s correctness, 150 s multi-process, 60 s settings,
+150 s time-to-accuracy, and the throughput rows in what is left. The budget is a hard limit:
+every row runs in a worker process with its own time limit (ROW_LIMIT_S; --row_limit caps them
+all), and a row over its limit is killed with its whole process tree and reported "timeout",
+so one slow compile cannot eat the call; when the minutes are up the running row is killed and
+the rest are reported "not run". Nothing the suite started outlives it, including when it is
+stopped by SIGTERM/SIGINT (then the running row reads "killed"); the checkpoints its training
+rows write live in a temporary folder that is deleted when it returns.
 
-CIFAR-10 on the GPU machine: --data_pack packs/cifar10 (default when it exists) unpacks the
-pack made by ../shared/tools/treepack.py (the same format, unpacked here so the checkout needs
-nothing else) into runs/data/cifar10-jpeg once.
+--out gets, rewritten atomically after every row (the suite lists every row first, "pending"):
+  suite.json   {device, command, state, wall_s, rows: [{section, name, status, values, note,
+               seconds, limit_s}]}; status: pass, fail, info, n/a, skipped, timeout, killed,
+               not run (pending / running while the suite is still going)
+  suite.md     the same as one table per section
+  logs/        the worker's output and each subprocess row's (train_ssl.py, torchrun)
+On CPU (--device cpu) every row runs in a tiny version (tiny images, batches and step counts;
+bf16/fp16 and CUDA-only settings reported as such, never faked); tests/test_gpu_suite.py runs
+it with --minutes 2 and kills one midway.
 """
 import argparse
 import contextlib
+import ctypes
 import datetime
 import gc
 import io
@@ -48,23 +59,29 @@ import os
 import platform
 import random
 import resource
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
+T0 = time.time()  # the budget starts here, before torch's import (seconds on a busy machine)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_ssl  # noqa: E402
-from bench import throughput, tta  # noqa: E402
+from bench import throughput, tta, two_ranks  # noqa: E402
 from core import amp, cli  # noqa: E402
 from core import dist as distu  # noqa: E402
 from core.checkpoint import load_file  # noqa: E402
@@ -72,14 +89,33 @@ from core.logger import bool_flag  # noqa: E402
 from core.optim import build_optimizer, get_params_groups, lr_for_batch  # noqa: E402
 from data import dataset_info  # noqa: E402
 from methods import METHODS  # noqa: E402
+from tools import pack_imagefolder  # noqa: E402
 
-SECTIONS = ("environment", "correctness", "distributed", "throughput", "settings",
-            "time-to-accuracy")
+SECTIONS = ("environment", "correctness", "multi-process", "settings", "time-to-accuracy",
+            "throughput", "compiled")
+OPTIONAL_SECTIONS = SECTIONS[1:]
+
+# Seconds each row may take (its worker is killed after this plus GRACE_S), by device. CUDA:
+# generous estimates (no GPU measured yet); CPU: the tiny rows on a loaded 2-core machine.
+ROW_LIMIT_S = {
+    "cuda": {"versions": 60, "data": 120, "correctness": 60, "vs_cpu": 90, "streaming": 120,
+             "torchrun": 150, "two_ranks": 90, "settings": 90, "tta": 180, "throughput": 120,
+             "compiled": 300},
+    "cpu": {"versions": 60, "data": 60, "correctness": 60, "vs_cpu": 60, "streaming": 90,
+            "torchrun": 120, "two_ranks": 90, "settings": 60, "tta": 120, "throughput": 90,
+            "compiled": 400},
+}
+TTA_MIN_S = {"cuda": 60, "cpu": 30}  # time-to-accuracy is not started with less than this left
+GRACE_S = 5            # past a row's limit before its worker is killed (it may be writing)
+WORKER_START_S = 120   # a worker must start its first row within this (imports, CUDA init)
+FAILED_ROW_EXIT = 3    # a worker's exit code after a failed row (the next row gets a new one)
+END_S = 5              # kept at the end of --minutes to stop the worker and write the table
+MARKER_ENV = "MINISSL_SUITE_OUT"  # set for every process the suite starts (tests find them)
 
 # Dense peak tensor throughput in TFLOP/s per precision, from NVIDIA's data sheets (the sheets
 # print the 2:4-sparse figures, twice these): H100/H200 SXM "H100 Tensor Core GPU" and "H200
 # Tensor Core GPU" data sheets, A100 "A100 Tensor Core GPU" data sheet. fp32 means TF32 tensor
-# cores, which train_ssl.py enables for fp32 matmuls and convolutions. First match wins.
+# cores (fp32 matmuls and convolutions run on them with TF32 on). First match wins.
 PEAK_TFLOPS = [
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
     ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 417.5}),
@@ -120,91 +156,6 @@ THROUGHPUT = {
                                       "4", "--crop_size", "16"], [8]),
     ],
 }
-
-# Seconds a row needs at least (a row is skipped, to run next time, when fewer are left).
-# Measured on the 2-core CPU for the tiny rows; for CUDA, estimates (compiling a ViT-S step is
-# the slow part). CPU_COMPILE_S: compiling the tiny SimCLR ResNet-18 step on that CPU.
-CPU_COMPILE_S = 230
-NEED_S = {"cuda": {"correctness": 20, "distributed": 90, "throughput": 60, "compiled": 240,
-                   "settings": 30, "tta": 120},
-          "cpu": {"correctness": 5, "distributed": 30, "throughput": 5,
-                  "compiled": CPU_COMPILE_S + 60, "settings": 3, "tta": 20}}
-
-
-# ============ the table ============
-
-class Suite:
-    """Rows in order, written to suite.json / suite.md after each one. Rows that passed in an
-    earlier run with the same --out (and the same device) are kept instead of run again."""
-
-    def __init__(self, out, device, minutes, redo=False):
-        self.out, self.device = Path(out), device
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.start = time.time()
-        self.deadline = self.start + 60 * minutes
-        old = tta._read_json(self.out / "suite.json", {})
-        self.previous = {} if redo or old.get("device") != device else \
-            {(r["section"], r["name"]): r for r in old.get("rows", [])}
-        # the table keeps the rows of earlier runs (e.g. of sections not run now) until replaced
-        self.rows = {k: {**r, "kept": True} for k, r in self.previous.items()}
-        self.meta = {"device": device, "command": " ".join(["python", "bench/gpu_suite.py",
-                                                            *sys.argv[1:]])}
-
-    def left(self):
-        return self.deadline - time.time()
-
-    def row(self, section, name, fn, need_s=0, cache=True):
-        """Run fn() -> (status, values, note) as one row; status is pass, fail, info or n/a."""
-        key = (section, name)
-        old = self.previous.get(key)
-        if cache and old is not None and old["status"] in ("pass", "info", "n/a"):
-            return self._add({**old, "kept": True})
-        if need_s and self.left() < need_s:
-            return self._add(dict(section=section, name=name, status="skipped", values={},
-                                  note=f"out of time ({max(self.left(), 0):.0f} s left, needs "
-                                       f"~{need_s:.0f} s): run the suite again to continue"))
-        t, cpu = time.time(), cpu_seconds()
-        try:
-            status, values, note = fn()
-        except Exception as e:  # noqa: BLE001 - a failing row is a result, the suite goes on
-            status, values, note = "fail", {}, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        except SystemExit as e:  # train_one_epoch stops on a non-finite loss
-            status, values, note = "fail", {}, f"exited with {e.code}"
-        row = dict(section=section, name=name, status=status, values=values, note=note,
-                   seconds=round(time.time() - t, 1), cpu_s=round(cpu_seconds() - cpu, 1),
-                   date=datetime.date.today().isoformat())
-        if self.device == "cuda":  # the next row gets the memory of this one (and of a failure)
-            gc.collect()
-            torch.cuda.empty_cache()
-        return self._add(row)
-
-    def _add(self, row):
-        self.rows[(row["section"], row["name"])] = row
-        values = "  ".join(f"{k}={v}" for k, v in row["values"].items())
-        kept = " (kept from an earlier run)" if row.get("kept") else ""
-        print(f"[{row['section']}] {row['name']}: {row['status'].upper()}{kept}  {values}  "
-              f"{row['note']}".rstrip(), flush=True)
-        self.write()
-        return row
-
-    def write(self):
-        rows = sorted(self.rows.values(), key=lambda r: SECTIONS.index(r["section"]))
-        meta = {**self.meta, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "wall_s": round(time.time() - self.start, 1)}
-        tta._write_json(self.out / "suite.json", {**meta, "rows": rows})
-        lines = [f"# minissl GPU suite: {meta['device']}", "",
-                 f"{meta['date']}, `{meta['command']}`, {meta['wall_s']} s", ""]
-        for section in dict.fromkeys(r["section"] for r in rows):
-            sec = [r for r in rows if r["section"] == section]
-            cols = list(dict.fromkeys(k for r in sec for k in r["values"]))
-            lines += [f"## {section}", "", "| row | status | " + " | ".join(cols) + " | note |",
-                      "|---|---|" + "---|" * len(cols) + "---|"]
-            for r in sec:
-                cells = [str(r["values"].get(c, "")) for c in cols]
-                lines.append(f"| {r['name']} | {r['status']} | " + " | ".join(cells)
-                             + f" | {r['note']} |")
-            lines.append("")
-        (self.out / "suite.md").write_text("\n".join(lines))
 
 
 # ============ shared pieces ============
@@ -298,17 +249,50 @@ def small_flags(method, arch, size, out_dim=1024):
 
 # ============ environment ============
 
-def environment(device):
+def environment(ctx):
     v = {"torch": torch.__version__, "python": platform.python_version(),
-         "cpus": os.cpu_count()}
-    if device == "cuda":
+         "cpus": os.cpu_count(), "tf32": tf32_state()}
+    if ctx.device == "cuda":
         p = torch.cuda.get_device_properties(0)
         v.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), gpu=p.name,
                  memory_GB=round(p.total_memory / 2**30, 1),
                  capability=f"{p.major}.{p.minor}")
     else:
         v.update(cuda="none (CPU run)", cpu=platform.processor() or platform.machine())
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    v["commit"] = commit or "unknown (no .git)"
     return "info", v, ""
+
+
+def set_tf32(on):
+    """TF32 for fp32 matmuls and convolutions, through torch's fp32_precision API."""
+    value = "tf32" if on else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = value
+    torch.backends.cudnn.conv.fp32_precision = value
+
+
+def tf32_state():
+    return f"matmul {torch.backends.cuda.matmul.fp32_precision}, " \
+        f"conv {torch.backends.cudnn.conv.fp32_precision}"
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off, cuDNN deterministic and not autotuned, restored afterwards."""
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    set_tf32(False)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved[0]
+        torch.backends.cudnn.conv.fp32_precision = saved[1]
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2:]
 
 
 # ============ correctness ============
@@ -380,18 +364,8 @@ def device_vs_cpu(method, arch, device, tiny):
                                        "cpu")
     batch = fixed_batch(args, info, transform, batch_size, device=torch.device("cpu"))
     if device == "cuda":
-        flags = dict(tf32=torch.backends.cuda.matmul.allow_tf32,
-                     cudnn_tf32=torch.backends.cudnn.allow_tf32,
-                     bench=torch.backends.cudnn.benchmark, det=torch.backends.cudnn.deterministic)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-        try:
+        with exact_fp32():
             a = step_loss_and_grad_norm(args, batch, torch.device("cuda", 0))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = flags["tf32"]
-            torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
-            torch.backends.cudnn.benchmark = flags["bench"]
-            torch.backends.cudnn.deterministic = flags["det"]
         b = step_loss_and_grad_norm(args, batch, torch.device("cpu"))
         against = "cuda (TF32 off) vs cpu"
     else:  # no second device: the CPU against itself, with 1 and with 2 threads
@@ -413,57 +387,240 @@ def device_vs_cpu(method, arch, device, tiny):
         f"{against}; limits {LOSS_RTOL:g} (loss), {GRAD_RTOL:g} (grad norm)"
 
 
-# ============ distributed ============
+
+
+# ============ the data ============
+
+def cifar10_dir(args):
+    """The CIFAR-10 ImageFolder of the rows that train on real images: --data_path, else where
+    the data row unpacks --data_pack, else None."""
+    if args.data_path:
+        return Path(args.data_path).resolve()
+    if args.data_pack and (REPO / args.data_pack).is_file():
+        return REPO / "runs" / "data" / "cifar10"
+    return None
+
+
+def cifar10_ready(ctx):
+    """The CIFAR-10 folder, once the data row has made it (or --data_path names it); else None."""
+    if ctx.cifar is None:
+        return None
+    if ctx.args.data_path:
+        return ctx.cifar if ctx.cifar.is_dir() else None
+    return ctx.cifar if (ctx.cifar / pack_imagefolder.MARKER).is_file() else None
+
 
 def make_tiny_digits(root, n_train=256, n_test=128):
-    """A digits subset as .npy (32px uint8): small enough for a 2-core CPU to train an epoch of."""
+    """A digits subset as .npy (32px uint8): small enough for a 2-core CPU to train an epoch of.
+    Made once, in a sibling folder renamed when complete."""
     from data import build_dataset
 
+    root = Path(root)
+    if root.is_dir():
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     for split, n in (("train", n_train), ("test", n_test)):
         ds = build_dataset("digits", "", split)
-        (root / split).mkdir(parents=True, exist_ok=True)
-        np.save(root / split / "images.npy", np.asarray(ds.images[:n], dtype=np.uint8))
-        np.save(root / split / "labels.npy", np.asarray(ds.targets[:n], dtype=np.int64))
+        (tmp / split).mkdir(parents=True, exist_ok=True)
+        np.save(tmp / split / "images.npy", np.asarray(ds.images[:n], dtype=np.uint8))
+        np.save(tmp / split / "labels.npy", np.asarray(ds.targets[:n], dtype=np.int64))
+    os.replace(tmp, root)
     return root
 
 
-def distributed(device, out, data_flags, tiny):
-    """torchrun with one process for one epoch, then the same command for a second: it must
-    find the checkpoint and start at epoch 1."""
-    import shutil
+def make_tiny_jpeg_folder(root, n_train=64, n_test=20):
+    """Digits as a JPEG ImageFolder (root/{train,test}/<class>/*.jpg), for the streaming row."""
+    from PIL import Image
 
-    run_dir = out / "distributed"
+    from data import build_dataset
+
+    root = Path(root)
+    if root.is_dir():
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    for split, n in (("train", n_train), ("test", n_test)):
+        ds = build_dataset("digits", "", split)
+        for i in range(n):
+            folder = tmp / split / str(int(ds.targets[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(ds.images[i], dtype=np.uint8)).save(folder / f"{i}.jpg")
+    os.replace(tmp, root)
+    return root
+
+
+def cifar10_subset(cifar, root, per_class_train=256, per_class_test=20):
+    """The first images of every CIFAR-10 class, linked into a new ImageFolder (one short epoch)."""
+    root = Path(root)
+    if root.is_dir():
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        for folder in sorted(p for p in (cifar / split).iterdir() if p.is_dir()):
+            (tmp / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(folder.iterdir())[:n]:
+                (tmp / split / folder.name / f.name).symlink_to(f)
+    os.replace(tmp, root)
+    return root
+
+
+def data_row(ctx):
+    if ctx.tiny:
+        t = time.time()
+        make_tiny_digits(ctx.scratch / "digits-256")
+        make_tiny_digits(ctx.scratch / "digits-64", n_train=64, n_test=32)
+        make_tiny_jpeg_folder(ctx.scratch / "jpeg-tiny")
+        return "info", {"made_s": round(time.time() - t, 1)}, \
+            "CPU: digits subsets (256 and 64 images, .npy) and 84 digits as JPEGs"
+    if ctx.args.data_path:
+        if not ctx.cifar.is_dir():
+            return "fail", {}, f"--data_path {ctx.cifar} is not a folder"
+        return "info", {"data_path": str(ctx.cifar)}, "--data_path"
+    if ctx.cifar is None:
+        return "skipped", {}, f"no {ctx.args.data_pack} (tools/pack_imagefolder.py makes it) " \
+            "and no --data_path: the rows that need CIFAR-10 skip, end to end uses digits"
+    t = time.time()
+    pack = REPO / ctx.args.data_pack
+    index = pack_imagefolder.info(pack)
+    fresh = not (ctx.cifar / pack_imagefolder.MARKER).is_file()
+    pack_imagefolder.unpack(pack, ctx.cifar)
+    return "info", {"files": index["files"], "MiB": round(index["pack_bytes"] / 2**20, 1),
+                    "unpack_s": round(time.time() - t, 1)}, \
+        f"{ctx.args.data_pack} -> {ctx.cifar.relative_to(REPO)}" + ("" if fresh else " (kept)")
+
+
+# ============ subprocess rows ============
+
+def run_logged(cmd, log):
+    """Run cmd in the checkout, its output appended to `log` and returned. It runs in this
+    process group, so the conductor's kill of a row over its limit takes it along (torchrun's
+    workers, in sessions of their own, die with their launcher: core/dist.exit_with_launcher)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    header = f"$ {' '.join(map(str, cmd))}\n"
+    with open(log, "a") as f:
+        f.write(header)
+        f.flush()
+        rc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=tta.clean_env(), stdout=f,
+                            stderr=subprocess.STDOUT).returncode
+    text = log.read_text(errors="replace")
+    return rc, text[text.rindex(header) + len(header):]
+
+
+def tail(text, n=3):
+    return " / ".join(line.strip() for line in text.strip().splitlines()[-n:])[:400]
+
+
+def flag_missing(text, flag):
+    """True when train_ssl.py refused `flag` as unknown (a branch without it)."""
+    return flag in text and ("unrecognized arguments" in text or "unrecognised" in text)
+
+
+# ============ correctness: the streaming data path ============
+
+def streaming_row(ctx):
+    """train_ssl.py for one epoch with a resident budget so small that data/loaders.py streams
+    the JPEGs (decoded on the GPU with nvJPEG on CUDA), the path ImageNet takes."""
+    if ctx.tiny:
+        data, flags = ctx.scratch / "jpeg-tiny", ["--crop_size", "8", "--batch_size_per_gpu",
+                                                  "16", "--num_workers", "0", "--cpu"]
+        make_tiny_jpeg_folder(data)
+    else:
+        cifar = cifar10_ready(ctx)
+        if cifar is None:
+            return "skipped", {}, "no CIFAR-10 (see the data row)"
+        data = cifar10_subset(cifar, ctx.scratch / "cifar10-subset")
+        flags = ["--crop_size", "32", "--batch_size_per_gpu", "256", "--num_workers", "8"]
+    run_dir = ctx.scratch / "streaming"
+    cmd = [sys.executable, "train_ssl.py", "--method", "simclr", "--arch", "resnet18",
+           "--dataset", "imagefolder", "--data_path", data, *flags, "--epochs", "1",
+           "--warmup_epochs", "0", "--data_memory_gb", "0.0001", "--knn_eval", "false",
+           "--tensorboard", "false", "--print_freq", "5", "--output_dir", run_dir]
+    t = time.time()
+    rc, text = run_logged(cmd, ctx.logs / "streaming.log")
+    shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoint
+    values = {"run_s": round(time.time() - t, 1)}
+    if rc != 0:
+        return "fail", values, f"exited {rc}: {tail(text)}"
+    loaded = [line for line in text.splitlines() if line.startswith("Data loaded")]
+    values["images"] = loaded[0].split("there are ")[1].split()[0] if loaded else "?"
+    streamed = bool(loaded) and "JPEG bytes" in loaded[0]
+    on_gpu = bool(loaded) and "nvJPEG" in loaded[0]
+    ok = streamed and (ctx.tiny or on_gpu) and "Averaged stats" in text
+    note = loaded[0].split("(", 1)[-1].rstrip(").") if loaded else "no 'Data loaded' line"
+    return ("pass" if ok else "fail"), values, note if ok else "not streamed: " + note
+
+
+# ============ multi-process ============
+
+def torchrun_row(ctx, nproc, backend_flags=()):
+    """torchrun with `nproc` processes on the one device for one epoch of DINO ViT-Tiny, then
+    the same command for a second: it must find the checkpoint and start at epoch 1."""
+    parser = train_ssl.get_args_parser("dino")
+    missing = [f for f in backend_flags[:1] if f not in parser._option_string_actions]
+    if missing:  # a branch without the flag: say so at once, not after starting torchrun
+        return "skipped", {}, f"flag missing: train_ssl.py has no {missing[0]} yet"
+    run_dir = ctx.scratch / f"torchrun{nproc}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    flags = small_flags("dino", "vit_tiny", 16 if tiny else 32)
-    flags[flags.index("--patch_size") + 1] = "4" if tiny else "8"
-    flags += [*data_flags, "--batch_size_per_gpu", "32" if tiny else "128", "--warmup_epochs", "0",
-              "--num_workers", "0" if tiny else "4", "--knn_eval", "false", "--tensorboard",
-              "false", "--output_dir", str(run_dir), "--print_freq", "5"]
-    flags += ["--cpu"] if device == "cpu" else []
-    backend = "nccl" if device == "cuda" else "gloo"
+    flags = small_flags("dino", "vit_tiny", 16 if ctx.tiny else 32)
+    flags[flags.index("--patch_size") + 1] = "4" if ctx.tiny else "8"
+    data = ["--dataset", "npy", "--data_path",
+            str(make_tiny_digits(ctx.scratch / "digits-64", 64, 32))] if ctx.tiny \
+        else ["--dataset", "digits"]
+    batch = (32 if ctx.tiny else 128) // nproc
+    flags += [*data, "--batch_size_per_gpu", str(batch), "--warmup_epochs", "0",
+              "--num_workers", "0" if ctx.tiny else "4", "--knn_eval", "false", "--tensorboard",
+              "false", "--output_dir", str(run_dir), "--print_freq", "5", *backend_flags]
+    flags += ["--cpu"] if ctx.tiny else []
+    backend = "gloo" if ctx.tiny or "gloo" in backend_flags else "nccl"
+    log = ctx.logs / f"torchrun{nproc}.log"
     times, outputs = [], []
     for epochs in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               "train_ssl.py", *flags, "--epochs", str(epochs)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "train_ssl.py", *flags, "--epochs", str(epochs)]
         t = time.time()
-        proc = subprocess.run(cmd, cwd=REPO, env=tta.clean_env(), capture_output=True,
-                              text=True, timeout=600)
+        rc, text = run_logged(cmd, log)
         times.append(round(time.time() - t, 1))
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-            return "fail", {"run_s": times}, f"run {epochs} exited {proc.returncode}: " + \
-                " / ".join(tail)
-        outputs.append(proc.stdout)
-    ckpt = load_file(str(run_dir / "checkpoint.pth"))
-    checks = {f"{backend} init": f"rank 0/1, {backend}" in outputs[0],
+        if rc != 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if backend_flags and flag_missing(text, backend_flags[0]):
+                return "skipped", {}, f"flag missing: train_ssl.py has no {backend_flags[0]} yet"
+            return "fail", {"run_s": times}, f"run {epochs} exited {rc}: {tail(text)}"
+        outputs.append(text)
+    epoch = load_file(str(run_dir / "checkpoint.pth"))["epoch"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # the checkpoints
+    init = [line for line in outputs[0].splitlines() if "distributed init" in line]
+    checks = {f"rank 0/{nproc} over {backend}": bool(init) and f"rank 0/{nproc}" in init[0]
+              and backend in init[0],
               "epoch 0 trained": "Starting dino training from epoch 0!" in outputs[0],
               "resumed": f"Found checkpoint at {run_dir / 'checkpoint.pth'}" in outputs[1]
               and "Starting dino training from epoch 1!" in outputs[1],
-              "checkpoint epoch 2": ckpt["epoch"] == 2}
+              "checkpoint epoch 2": epoch == 2}
     failed = [k for k, ok in checks.items() if not ok]
     values = {"run_s": times, "backend": backend}
-    return ("fail" if failed else "pass"), values, \
-        ("failed: " + ", ".join(failed)) if failed else "DINO ViT-Tiny, 1 epoch then resume"
+    note = (init[0].strip("| ") if init else "") + "; DINO ViT-Tiny, 1 epoch then resume"
+    return ("fail" if failed else "pass"), values, ("failed: " + ", ".join(failed)) if failed \
+        else note
+
+
+def two_ranks_row(ctx, check):
+    """bench/two_ranks.py: the 1 x B reference here, then 2 ranks x B/2 under torchrun."""
+    ref, out = ctx.scratch / f"two_ranks_{check}.pth", ctx.scratch / f"two_ranks_{check}.json"
+    two_ranks.reference(check, ctx.device, ctx.tiny, ref)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "bench/two_ranks.py", "--check", check, "--device", ctx.device, "--ref", ref,
+           "--out", out, *(["--tiny"] if ctx.tiny else [])]
+    rc, text = run_logged(cmd, ctx.logs / f"two_ranks_{check}.log")
+    if rc != 0 or not out.is_file():
+        return "fail", {}, f"exited {rc}: {tail(text)}"
+    r = json.loads(out.read_text())
+    ok = r["loss_rel"] <= two_ranks.LOSS_RTOL and r["grad_rel"] <= two_ranks.GRAD_RTOL and \
+        r["worst_tensor_rel"] <= two_ranks.TENSOR_RTOL
+    values = {"loss_rel": f"{r['loss_rel']:.1e}", "grad_rel": f"{r['grad_rel']:.1e}",
+              "worst_tensor_rel": f"{r['worst_tensor_rel']:.1e}", "backend": r["backend"]}
+    method, arch = two_ranks.CHECKS[check]
+    return ("pass" if ok else "fail"), values, \
+        f"{method} {arch}, 2 ranks on {r['device']} vs 1 process; limits " \
+        f"{two_ranks.LOSS_RTOL:g} (loss), {two_ranks.GRAD_RTOL:g} (gradients), " \
+        f"{two_ranks.TENSOR_RTOL:g} (worst tensor)"
 
 
 # ============ throughput ============
@@ -741,35 +898,23 @@ def setting_pinned(device, tiny):
         "backend's DataLoader and host-resident arrays use)"
 
 
-# ============ data ============
-
-def unpack_tree(pack, dest):
-    """Unpack a ../shared/tools/treepack.py pack (<pack>.json: [relative path, offset, length],
-    <pack>.bin: the bytes) into dest, once (dest/.complete marks a finished unpack)."""
-    dest = Path(dest)
-    if (dest / ".complete").exists():
-        return dest
-    entries = json.loads(Path(f"{pack}.json").read_text())
-    with open(f"{pack}.bin", "rb") as blob:
-        for rel, offset, length in entries:
-            path = dest / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            blob.seek(offset)
-            path.write_bytes(blob.read(length))
-    (dest / ".complete").write_text(f"{len(entries)} files from {pack}\n")
-    return dest
 
 
-def cifar10_path(args):
-    """The CIFAR-10 ImageFolder for the end-to-end rows and time-to-accuracy, or None."""
-    if args.data_path:
-        return Path(args.data_path)
-    pack = args.data_pack or ("packs/cifar10" if (REPO / "packs/cifar10.json").exists() else "")
-    if pack:
-        return unpack_tree(REPO / pack if not os.path.isabs(pack) else pack,
-                           REPO / "runs/data/cifar10-jpeg")
-    shared = REPO.parent / "shared/data/cifar10-jpeg"
-    return shared if shared.exists() else None
+def setting_tf32(device, tiny):
+    """fp32 training steps with TF32 off and on: what --precision fp32 costs without it."""
+    if device == "cpu":
+        return "n/a", {}, "cuda only (TF32 is a tensor-core format)"
+    args, info, transform = bench_args(["--method", "simclr", "--arch", "resnet18", "--crop_size",
+                                        "32", "--precision", "fp32"], device)
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    res = []
+    try:
+        for on in (False, True):
+            set_tf32(on)
+            res.append(_steps_ms(args, info, transform, 256, 10))
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+    return "info", _ab(*res), "SimCLR ResNet-18 32px in fp32, batch 256, step time"
 
 
 # ============ time-to-accuracy ============
@@ -804,195 +949,516 @@ def tta_recipe(device, data_path, epochs):
             "--print_freq", "50"]
 
 
-def time_to_accuracy(suite, device, data_path, args):
-    run_dir = suite.out / "tta"
-    recipe = tta_recipe(device, repo_relative(data_path), args.tta_epochs)
-    state = tta.read_state(run_dir)
-    margin = 15 if device == "cpu" else 30  # to write the table and stop cleanly
-    status = state.get("status", "not started")
-    if status not in ("done", "failed"):
-        if suite.left() - margin < NEED_S[device]["tta"] and not tta.is_running(run_dir):
-            status = "skipped: no minutes left (run the suite again with more --minutes)"
-        else:
-            status = tta.start(run_dir, recipe, eval_every=args.tta_eval_every,
-                               eval_workers=0 if device == "cpu" else 8)
-            shown = 0
-            while status == "running" and suite.left() > margin:
-                progress = tta.read_progress(run_dir)
-                for p in progress[shown:]:
-                    print(f"[time-to-accuracy] epoch {p['epoch']}: train {p['train_s']} s, "
-                          f"k-NN top-1 {p['knn_top1']}", flush=True)
-                shown = len(progress)
-                time.sleep(1 if device == "cpu" else 5)
-                status = tta.read_state(run_dir).get("status", status)
-                if status == "running" and not tta.is_running(run_dir):
-                    status = tta.read_state(run_dir).get("status", "failed")
-                    status = "failed" if status == "running" else status
-            if status == "running" and not args.tta_keep_running:
-                tta.stop(run_dir)
-                status = "stopped"
-    state = tta.read_state(run_dir)
-    progress = tta.read_progress(run_dir)
-    for p in progress:
-        suite.row("time-to-accuracy", f"epoch {p['epoch']}", lambda p=p: (
-            "info", {"train_s": p["train_s"], "knn_top1": p["knn_top1"],
-                     "knn_top5": p["knn_top5"], "session": p["session"]}, ""), cache=False)
-    last = progress[-1]["knn_top1"] if progress else None
-    values = {"epochs_done": state.get("epoch", 0), "epochs": args.tta_epochs,
-              "state": status, "knn_top1_last": last}
+
+
+def tta_row(ctx):
+    """The recipe for --tta_epochs, trained and evaluated by bench/tta.py (in this row's process
+    group, so a killed row stops it), until done or the row's time is up."""
+    if ctx.tiny:
+        data = make_tiny_digits(ctx.scratch / "digits-256")
+    else:
+        data = cifar10_ready(ctx)
+        if data is None:
+            return "skipped", {}, "no CIFAR-10 (see the data row)"
+    run_dir = ctx.scratch / "tta"
+    recipe = tta_recipe(ctx.device, repo_relative(data), ctx.args.tta_epochs)
+    t = time.time()
+    budget_cut = ctx.deadline >= ctx.args.worker_deadline  # the suite's minutes end first
+    if budget_cut and ctx.deadline - t < TTA_MIN_S[ctx.device]:
+        return "not run", {}, "out of time (--minutes)"
+    tta.start(run_dir, recipe, eval_every=ctx.args.tta_eval_every,
+              eval_workers=0 if ctx.tiny else 8, new_session=False)
+    shown = 0
+    while time.time() < ctx.deadline - (8 if ctx.tiny else 20) and tta.is_running(run_dir):
+        progress = tta.read_progress(run_dir)
+        for p in progress[shown:]:
+            print(f"[time-to-accuracy] epoch {p['epoch']}: train {p['train_s']} s, "
+                  f"k-NN top-1 {p['knn_top1']}", flush=True)
+        shown = len(progress)
+        time.sleep(0.5 if ctx.tiny else 2)
+    stopped = tta.stop(run_dir, timeout=5 if ctx.tiny else 15)
+    state, progress = tta.read_state(run_dir), tta.read_progress(run_dir)
+    for name in ("train.log", "progress.jsonl"):
+        if (run_dir / name).is_file():
+            shutil.copy(run_dir / name, ctx.logs / f"tta_{name}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints
+    values = {"epochs_done": state.get("epoch", 0), "epochs": ctx.args.tta_epochs,
+              "run_s": round(time.time() - t, 1)}
+    if progress:
+        last = progress[-1]
+        values.update(knn_top1=last["knn_top1"], at_train_s=last["train_s"],
+                      curve=", ".join(f"e{p['epoch']} {p['knn_top1']}% @{p['train_s']:.0f}s"
+                                      for p in progress))
     note = "python train_ssl.py " + " ".join(recipe)
-    if status == "running":
-        note = f"still training in the background (pid {state.get('pid')}); the next suite run " \
-               f"with --out {suite.out} picks it up. " + note
-    row_status = "fail" if status == "failed" else "skipped" if status.startswith("skipped") \
-        else "info"
-    suite.row("time-to-accuracy", "run", lambda: (row_status, values, note), cache=False)
+    if state.get("status") == "done":
+        ok = bool(progress) and progress[-1]["knn_top1"] > 20  # 10 classes: chance is 10 %
+        return ("pass" if ok else "fail"), values, \
+            note if ok else "k-NN top-1 not above 2x chance; " + note
+    if stopped or state.get("status") == "stopped":  # the curve so far is the result
+        why = "out of time (--minutes)" if budget_cut else "at the row's time limit"
+        return ("info" if progress else "killed" if budget_cut else "timeout"), values, \
+            f"stopped {why} after {values['epochs_done']} epochs; {note}"
+    log = ctx.logs / "tta_train.log"
+    return "fail", values, f"training {state.get('status', 'failed')}: " + \
+        (tail(log.read_text(errors="replace")) if log.is_file() else state.get("error", ""))
 
 
-# ============ main ============
+# ============ throughput rows ============
+
+FLOPS = {}  # (label, batch size) -> FLOPs of a step, counted once per worker process
+
+
+def throughput_rows(ctx, label, flags, batch_size, compiled):
+    if ctx.tiny:
+        data_flags = ["--dataset", "npy", "--data_path", str(make_tiny_digits(
+            ctx.scratch / "digits-256"))]
+    else:
+        cifar = cifar10_ready(ctx)
+        data_flags = ["--dataset", "imagefolder", "--data_path", str(cifar)] if cifar \
+            else ["--dataset", "digits"]
+    return throughput_row(label, flags, batch_size, compiled, ctx.device, ctx.tiny, data_flags,
+                          FLOPS)
+
+
+# ============ the plan: every row, in order ============
+
+Row = types.SimpleNamespace
+
+
+def plan(args):
+    """Every row of this run, in order: Row(section, name, fn(ctx) -> (status, values, note),
+    limit_s). The conductor and its workers build the same plan from the same flags."""
+    device, tiny = args.device, args.device == "cpu"
+    limit = ROW_LIMIT_S[device]
+    sections = set(args.sections or [s for s in OPTIONAL_SECTIONS if s != "compiled"])
+    if args.compiled:
+        sections.add("compiled")
+    rows = []
+
+    def add(section, name, fn, kind):
+        if section == "environment" or section in sections:
+            rows.append(Row(section=section, name=name, fn=fn, limit_s=limit[kind]))
+
+    add("environment", "versions", environment, "versions")
+    add("environment", "data", data_row, "data")
+    for method, arch in CORRECTNESS:
+        for precision in ("bf16", "fp16", "fp32"):
+            add("correctness", f"{method} {arch} {precision}",
+                lambda c, m=method, a=arch, p=precision: correctness_losses(m, a, p, device, tiny),
+                "correctness")
+    for i, (method, arch) in enumerate(CORRECTNESS):
+        name = f"{method} {arch} fp32 step, {device} vs cpu"
+        if tiny and i > 0:  # a 2-thread step costs a loaded 2-core CPU seconds; one is enough
+            add("correctness", name,
+                lambda c: ("n/a", {}, "CPU: the first row compares thread counts for all"),
+                "vs_cpu")
+        else:
+            add("correctness", name, lambda c, m=method, a=arch: device_vs_cpu(m, a, device, tiny),
+                "vs_cpu")
+    add("correctness", "streaming JPEG path (--data_memory_gb 0.0001), one epoch", streaming_row,
+        "streaming")
+
+    add("multi-process", "torchrun --nproc_per_node=1, then resume",
+        lambda c: torchrun_row(c, 1), "torchrun")
+    add("multi-process", "torchrun --nproc_per_node=2 --dist_backend gloo on one device, "
+        "then resume", lambda c: torchrun_row(c, 2, ("--dist_backend", "gloo")), "torchrun")
+    for check, what in (("ddp", "DDP"), ("syncbn", "SyncBatchNorm"),
+                        ("simclr", "SimCLR gathered negatives")):
+        add("multi-process", f"2 ranks x B/2 vs 1 x B: {what}",
+            lambda c, k=check: two_ranks_row(c, k), "two_ranks")
+
+    for name, fn in (("cudnn.benchmark", setting_cudnn_benchmark),
+                     ("channels_last (ResNet)", setting_channels_last),
+                     ("fused AdamW", lambda d, t: setting_fused_optimizer(d, t, "adamw")),
+                     ("fused SGD", lambda d, t: setting_fused_optimizer(d, t, "sgd")),
+                     ("DDP buffer sync / gradient_as_bucket_view", setting_ddp),
+                     ("SDPA attention kernel", setting_sdpa),
+                     ("host-device syncs in the step", setting_host_sync),
+                     ("pinned memory", setting_pinned),
+                     ("TF32 (fp32 steps)", setting_tf32)):
+        add("settings", name, lambda c, fn=fn: fn(device, tiny), "settings")
+
+    add("time-to-accuracy", "SimCLR ResNet-18, " + ("digits 8px" if tiny else "CIFAR-10"),
+        tta_row, "tta")
+
+    for compiled in (False, True):
+        section = "compiled" if compiled else "throughput"
+        for label, flags, batches in THROUGHPUT[device]:
+            for batch_size in batches:
+                name = f"{label}, batch {batch_size}, {section if compiled else 'eager'}"
+                if compiled and tiny and label != THROUGHPUT["cpu"][0][0]:
+                    add(section, name, lambda c: ("n/a", {}, "CPU: only the first tiny row is "
+                                                  "compiled (minutes each)"), section)
+                    continue
+                add(section, name, lambda c, lb=label, f=flags, b=batch_size, cp=compiled:
+                    throughput_rows(c, lb, f, b, cp), section)
+    if "compiled" not in sections and (args.sections is None or "compiled" in args.sections):
+        rows.append(Row(section="compiled", name="--compile true rows", limit_s=0,
+                        fn=lambda c: ("skipped", {}, "opt-in: --compiled true runs them, last "
+                                      "(minutes of compilation per row)")))
+    return rows
+
+
+# ============ the worker: runs rows in its own process group ============
+
+def worker_main(args):
+    """Run the rows args.worker_rows (indices into plan(args)) in order. For each, write
+    <scratch>/rows/<i>.start, then <i>.json (atomically) with its result. Exits after a failed
+    row, so that the next row gets a fresh process (and a fresh CUDA context)."""
+    rows, scratch = plan(args), Path(args.scratch)
+    # the conductor's death (even SIGKILL) reaches us as SIGTERM (PR_SET_PDEATHSIG); a kill
+    # takes the whole process group: torchrun, the time-to-accuracy training, loaders
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
+    if os.getppid() == 1:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    tiny = args.device == "cpu"
+    with contextlib.redirect_stdout(io.StringIO()):
+        distu.init_distributed_mode(argparse.Namespace(cpu=tiny, dist_url="env://"))
+    torch.backends.cudnn.benchmark = True  # train_ssl.py's settings
+    set_tf32(args.tf32)
+    ctx = types.SimpleNamespace(device=args.device, tiny=tiny, args=args, out=Path(args.out),
+                                logs=Path(args.out) / "logs", scratch=scratch,
+                                cifar=cifar10_dir(args), deadline=0.0)
+    ctx.logs.mkdir(parents=True, exist_ok=True)
+    for i in map(int, args.worker_rows.split(",")):
+        row = rows[i]
+        start = time.time()
+        ctx.deadline = min(start + row.limit_s, args.worker_deadline)
+        (scratch / "rows" / f"{i}.start").write_text(f"{start}\n")
+        print(f"--- [{row.section}] {row.name}", flush=True)
+        cpu = cpu_seconds()
+        try:
+            status, values, note = row.fn(ctx)
+        except Exception as e:  # noqa: BLE001 - a failing row is a result
+            import traceback
+            traceback.print_exc()
+            status, values, note = "fail", {}, f"{type(e).__name__}: " \
+                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        except SystemExit as e:  # train_one_epoch stops on a non-finite loss
+            status, values, note = "fail", {}, f"exited with {e.code}"
+        result = dict(status=status, values=values, note=note,
+                      seconds=round(time.time() - start, 1), cpu_s=round(cpu_seconds() - cpu, 1))
+        tta._write_json(scratch / "rows" / f"{i}.json", result)
+        if status == "fail":
+            return FAILED_ROW_EXIT
+        if args.device == "cuda":  # the next row gets the memory of this one
+            gc.collect()
+            torch.cuda.empty_cache()
+    distu.cleanup()
+    return 0
+
+
+# ============ the conductor: the table, the workers, the clock ============
+
+class Stop(Exception):
+    """A signal asked the suite to stop."""
+
+
+class Suite:
+    """The table of every row, written to suite.json / suite.md whenever a row changes."""
+
+    def __init__(self, args, rows):
+        self.out, self.device, self.rows = Path(args.out), args.device, rows
+        self.start = T0
+        self.deadline = self.start + 60 * args.minutes - END_S
+        self.results = [dict(section=r.section, name=r.name, status="pending", values={},
+                             note="", seconds=None, limit_s=r.limit_s) for r in rows]
+        self.meta = {"device": args.device, "minutes": args.minutes, "state": "running",
+                     "command": " ".join(["python", "bench/gpu_suite.py", *sys.argv[1:]])
+                     if args.argv is None else " ".join(["python", "bench/gpu_suite.py",
+                                                         *args.argv])}
+
+    def set(self, i, **kw):
+        self.results[i].update(kw)
+        r = self.results[i]
+        if r["status"] not in ("pending", "running"):
+            values = "  ".join(f"{k}={v}" for k, v in r["values"].items())
+            print(f"[{r['section']}] {r['name']}: {r['status'].upper()}  {values}  "
+                  f"{r['note']}".rstrip(), flush=True)
+        self.write()
+
+    def write(self):
+        meta = {**self.meta, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "wall_s": round(time.time() - self.start, 1)}
+        _write_text(self.out / "suite.json", json.dumps({**meta, "rows": self.results},
+                                                        indent=1))
+        counts = {}
+        for r in self.results:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        lines = [f"# minissl GPU suite: {meta['device']}", "",
+                 f"{meta['date']}, `{meta['command']}`, {meta['wall_s']} s of "
+                 f"{60 * meta['minutes']:.0f}, {meta['state']}; "
+                 + ", ".join(f"{n} {s}" for s, n in counts.items()), ""]
+        for section in dict.fromkeys(r["section"] for r in self.results):
+            sec = [r for r in self.results if r["section"] == section]
+            cols = list(dict.fromkeys(k for r in sec for k in r["values"]))
+            lines += [f"## {section}", "", "| row | status | s | " + " | ".join(cols)
+                      + " | note |", "|---|---|---|" + "---|" * len(cols) + "---|"]
+            for r in sec:
+                cells = [str(r["values"].get(c, "")).replace("|", "/") for c in cols]
+                secs = "" if r["seconds"] is None else str(r["seconds"])
+                lines.append(f"| {r['name']} | {r['status']} | {secs} | " + " | ".join(cells)
+                             + f" | {r['note'].replace('|', '/')} |")
+            lines.append("")
+        _write_text(self.out / "suite.md", "\n".join(lines))
+
+
+def _write_text(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _die_with_parent():
+    """In a worker, before exec: SIGTERM when the conductor dies, however it dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def start_worker(args, queue, scratch, log):
+    cmd = [sys.executable, str(Path(__file__).resolve()), *(args.argv or sys.argv[1:]),
+           "--out", args.out, "--data_path", args.data_path,  # absolute: the worker's cwd differs
+           "--worker_rows", ",".join(map(str, queue)), "--scratch", str(scratch),
+           "--worker_deadline", str(args.deadline)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_parent, env=tta.clean_env())
+
+
+def marked_processes(marker):
+    """Ids of the processes (but this one) whose environment holds MARKER_ENV=marker: every
+    process this suite started, also those in sessions of their own (torchrun's workers) and
+    orphans (Linux /proc; elsewhere none are found)."""
+    entry = f"{MARKER_ENV}={marker}".encode()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                if entry in Path(f"/proc/{name}/environ").read_bytes().split(b"\0"):
+                    found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def kill_marked():
+    """SIGKILL to every process of this suite (its marker is in this process's os.environ)."""
+    marker = os.environ.get(MARKER_ENV)
+    if marker:
+        for pid in marked_processes(marker):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def kill_worker(proc):
+    """SIGTERM to the worker (it SIGKILLs its process group), then SIGKILL to the group, then
+    to whatever else of the suite still runs (a torchrun worker whose launcher was killed
+    before it could ask to die with it)."""
+    if proc is None:
+        return
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    kill_marked()
+
+
+def conduct(args, suite, scratch):
+    """Run every row through workers, each row within its limit, until done or out of time."""
+    rows_dir = scratch / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    queue = list(range(len(suite.rows)))
+    log = open(suite.out / "logs" / "worker.log", "a")
+    suite.worker = None
+    try:
+        while queue:
+            if suite.deadline - time.time() < 2:
+                break
+            suite.worker = proc = start_worker(args, queue, scratch, log)
+            idle_since, started = time.time(), None  # when the worker last finished a row
+            while queue:
+                i = queue[0]
+                done, start_file = rows_dir / f"{i}.json", rows_dir / f"{i}.start"
+                if done.is_file():
+                    suite.set(i, **json.loads(done.read_text()))
+                    queue.pop(0)
+                    idle_since, started = time.time(), None
+                    continue
+                if started is None and start_file.is_file():
+                    started = float(start_file.read_text() or time.time())
+                    suite.set(i, status="running", note=f"started {time.strftime('%H:%M:%S')}")
+                rc, now = proc.poll(), time.time()
+                if rc is not None:
+                    if done.is_file():
+                        continue
+                    if rc == FAILED_ROW_EXIT and started is None:
+                        break  # it stopped after a failed row: a fresh worker goes on
+                    note = f"its worker exited ({rc}) " + ("in this row" if started else
+                                                           "before this row") + "; logs/worker.log"
+                    suite.set(i, status="fail", note=note,
+                              seconds=round(now - started, 1) if started else None)
+                    queue.pop(0)
+                    break
+                if now > suite.deadline:
+                    kill_worker(proc)
+                    suite.set(i, status="killed" if started else "not run",
+                              note="out of time (--minutes)",
+                              seconds=round(now - started, 1) if started else None)
+                    queue.pop(0)
+                    break
+                if started is not None and now > started + suite.rows[i].limit_s + GRACE_S:
+                    kill_worker(proc)
+                    suite.set(i, status="timeout", seconds=round(now - started, 1),
+                              note=f"killed at its limit of {suite.rows[i].limit_s} s "
+                                   "(with its processes)")
+                    queue.pop(0)
+                    break
+                if started is None and now > idle_since + WORKER_START_S:
+                    kill_worker(proc)
+                    suite.set(i, status="fail", note=f"its worker did not start it within "
+                                                     f"{WORKER_START_S} s; logs/worker.log")
+                    queue.pop(0)
+                    break
+                time.sleep(0.1)
+            kill_worker(proc)
+            suite.worker = None
+        for i in queue:
+            suite.set(i, status="not run", note="out of time (--minutes)")
+    finally:
+        log.close()
+
 
 def get_args_parser():
-    parser = cli.ArgumentParser("minissl GPU suite", formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(
+        "minissl GPU suite", formatter_class=cli.HelpFormatter,
+        description="Budget: ONE call of 9 minutes on a lent GPU (--minutes 9; the call allows "
+                    "10). Every row runs with its own time limit in a worker process and is "
+                    "written to --out as soon as it exists; nothing it started outlives it. See "
+                    "the file's docstring for the sections and their estimated minutes.")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cuda: the real suite; cpu: tiny versions of every row.")
     parser.add_argument("--minutes", default=9.0, type=float,
-                        help="Wall-clock budget of this run; rows that do not fit are left for "
-                             "the next run, time-to-accuracy gets what is left.")
+                        help="Wall-clock budget of the whole run, a hard limit: the row running "
+                             "when it is up is killed, the rows after it are 'not run'.")
     parser.add_argument("--out", default="runs/suite", type=str,
-                        help="suite.md, suite.json, the time-to-accuracy run (tta/); keep it to "
-                             "continue in a later run.")
-    parser.add_argument("--redo", default=False, type=bool_flag,
-                        help="Run every row again instead of keeping those that passed.")
-    parser.add_argument("--sections", default=None, nargs="+",
-                        choices=["correctness", "distributed", "throughput", "settings", "tta"],
-                        help="Only these sections (default: all).")
-    parser.add_argument("--cpu_compile", default=False, type=bool_flag,
-                        help="With --device cpu: also run the compiled version of the first "
-                             "tiny throughput row (minutes of compilation on a small CPU).")
-    parser.add_argument("--data_pack", default="", type=str,
-                        help="A treepack pack of CIFAR-10 (packs/cifar10 when it exists).")
+                        help="Where suite.md, suite.json and logs/ are written as the rows "
+                             "finish (on a lent machine: a folder that is copied back).")
+    parser.add_argument("--sections", default=None, nargs="+", choices=OPTIONAL_SECTIONS,
+                        help="Only these sections, after the environment (default: all but "
+                             "compiled).")
+    parser.add_argument("--compiled", default=False, type=bool_flag,
+                        help="Also the throughput rows with --compile true, last (minutes of "
+                             "compilation each; on CPU the first tiny row only).")
+    parser.add_argument("--row_limit", default=None, type=float,
+                        help="Cap every row's time limit at this many seconds (default: the "
+                             "per-row limits of ROW_LIMIT_S).")
+    parser.add_argument("--tf32", default=True, type=bool_flag,
+                        help="TF32 for fp32 matmuls and convolutions in the in-process rows, as "
+                             "train_ssl.py's CUDA default (the fp32 device-vs-CPU and two-rank "
+                             "comparisons always turn it off).")
+    parser.add_argument("--data_pack", default="packs/cifar10.pack", type=str,
+                        help="CIFAR-10 packed by tools/pack_imagefolder.py, relative to the "
+                             "checkout; unpacked into runs/data/cifar10 once.")
     parser.add_argument("--data_path", default="", type=str,
                         help="A CIFAR-10 ImageFolder to use instead of the pack.")
     parser.add_argument("--tta_epochs", default=None, type=int,
                         help="Epochs of the time-to-accuracy run, i.e. its cosine schedule "
-                             "(default: 40 on CUDA, 2 on CPU).")
+                             "(default: 12 on CUDA, 2 on CPU).")
     parser.add_argument("--tta_eval_every", default=None, type=int,
-                        help="k-NN every this many epochs (default: 4 on CUDA, 1 on CPU).")
-    parser.add_argument("--tta_keep_running", default=None, type=bool_flag,
-                        help="Leave the time-to-accuracy training running when the minutes are "
-                             "up (default: true on CUDA, false on CPU).")
+                        help="k-NN every this many epochs, and after the first and the last "
+                             "(default: 4 on CUDA, 1 on CPU).")
+    for name in ("--worker_rows", "--scratch", "--worker_deadline"):  # conductor -> worker
+        parser.add_argument(name, default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
+    args.argv = None if argv is None else list(argv)
+    if args.minutes <= 0 or (args.row_limit is not None and args.row_limit <= 0):
+        raise ValueError(f"--minutes {args.minutes} / --row_limit {args.row_limit} must be > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available; pass --device cpu for the "
                          "tiny CPU version")
-    tiny = device == "cpu"
-    args.tta_epochs = args.tta_epochs or (2 if tiny else 40)
+    tiny = args.device == "cpu"
+    args.tta_epochs = args.tta_epochs or (2 if tiny else 12)
     args.tta_eval_every = args.tta_eval_every or (1 if tiny else 4)
-    if args.tta_keep_running is None:
-        args.tta_keep_running = not tiny
-    sections = set(args.sections or ["correctness", "distributed", "throughput", "settings",
-                                     "tta"])
-    suite = Suite(Path(args.out).resolve(), device, args.minutes, redo=args.redo)
-    need = NEED_S[device]
-    os.chdir(REPO)
+    args.out = str(Path(args.out).resolve())
+    args.data_path = str(Path(args.data_path).resolve()) if args.data_path else ""
+    if args.worker_deadline is not None:
+        args.worker_deadline = float(args.worker_deadline)
+    return args
 
-    # one process group for the whole suite, as train_ssl.py builds one for a single process
-    with contextlib.redirect_stdout(io.StringIO()):
-        distu.init_distributed_mode(argparse.Namespace(cpu=tiny, dist_url="env://"))
-    torch.backends.cudnn.benchmark = True  # train_ssl.py's settings
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
-    # the background time-to-accuracy run would share the device with the measurements
-    if tta.is_running(suite.out / "tta") and sections - {"tta"}:
-        tta.stop(suite.out / "tta")
-        print("[time-to-accuracy] paused the background training while measuring", flush=True)
+def main(argv=None):
+    args = parse_args(argv)
+    if args.row_limit is not None:
+        for kinds in ROW_LIMIT_S.values():
+            for k in kinds:
+                kinds[k] = min(kinds[k], args.row_limit)
+    if args.worker_rows is not None:
+        return worker_main(args)
+    out = Path(args.out)
+    for old in ("suite.json", "suite.md"):  # a run's --out holds that run's results only
+        (out / old).unlink(missing_ok=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ[MARKER_ENV] = f"{os.getpid()}:{out}"  # inherited by every process it starts
+    suite = Suite(args, plan(args))
+    args.deadline = suite.deadline
+    scratch = Path(tempfile.mkdtemp(prefix="minissl-suite-"))
+    suite.meta["scratch"] = str(scratch)
+    suite.write()  # every row listed, pending, before any runs
 
-    suite.row("environment", "versions", lambda: environment(device), cache=False)
+    def on_signal(signum, frame):
+        raise Stop(signum)
 
-    if tiny:
-        data_dir = make_tiny_digits(suite.out / "data" / "digits-subset")
-        data_flags = ["--dataset", "npy", "--data_path", str(data_dir)]
-        cifar = None
-    else:
-        cifar = cifar10_path(args)
-        data_flags = ["--dataset", "imagefolder", "--data_path", str(cifar)] if cifar else \
-            ["--dataset", "digits"]
-
-    if "correctness" in sections:
-        for method, arch in CORRECTNESS:
-            for precision in ("bf16", "fp16", "fp32"):
-                suite.row("correctness", f"{method} {arch} {precision}",
-                          lambda m=method, a=arch, p=precision:
-                          correctness_losses(m, a, p, device, tiny), need["correctness"])
-        for i, (method, arch) in enumerate(CORRECTNESS):
-            name = f"{method} {arch} fp32 step, {device} vs cpu"
-            if tiny and i > 0:  # a 2-thread step costs a loaded 2-core CPU seconds; one is enough
-                suite.row("correctness", name, lambda: (
-                    "n/a", {}, "CPU: the first row compares thread counts for all"))
-                continue
-            suite.row("correctness", name,
-                      lambda m=method, a=arch: device_vs_cpu(m, a, device, tiny),
-                      need["correctness"])
-
-    if "distributed" in sections:
-        # tiny: 64 images, 2 steps of 32 per epoch
-        flags = ["--dataset", "npy", "--data_path", str(make_tiny_digits(
-            suite.out / "data" / "digits-64", n_train=64, n_test=32))] if tiny \
-            else ["--dataset", "digits"]
-        suite.row("distributed", "torchrun --nproc_per_node=1, then resume",
-                  lambda: distributed(device, suite.out, flags, tiny), need["distributed"])
-
-    if "throughput" in sections:
-        flops = {}
-        for compiled in (False, True):  # every eager row first: they fit in a short run
-            for label, flags, batches in THROUGHPUT[device]:
-                for batch_size in batches:
-                    name = f"{label}, batch {batch_size}, {'compiled' if compiled else 'eager'}"
-                    if compiled and tiny and (label != THROUGHPUT["cpu"][0][0]
-                                              or not args.cpu_compile):
-                        note = "CPU: only the first tiny row is compiled" \
-                            if label != THROUGHPUT["cpu"][0][0] else \
-                            f"compiling takes ~{CPU_COMPILE_S} s on a 2-core CPU (measured); " \
-                            "--cpu_compile true runs it"
-                        suite.row("throughput", name, lambda note=note: ("n/a", {}, note))
-                        continue
-                    suite.row("throughput", name,
-                              lambda lb=label, f=flags, b=batch_size, c=compiled:
-                              throughput_row(lb, f, b, c, device, tiny, data_flags, flops),
-                              need["compiled" if compiled else "throughput"])
-
-    if "settings" in sections:
-        for name, fn in (("cudnn.benchmark", setting_cudnn_benchmark),
-                         ("channels_last (ResNet)", setting_channels_last),
-                         ("fused AdamW", lambda d, t: setting_fused_optimizer(d, t, "adamw")),
-                         ("fused SGD", lambda d, t: setting_fused_optimizer(d, t, "sgd")),
-                         ("DDP buffer sync / gradient_as_bucket_view", setting_ddp),
-                         ("SDPA attention kernel", setting_sdpa),
-                         ("host-device syncs in the step", setting_host_sync),
-                         ("pinned memory", setting_pinned)):
-            cuda_only = fn in (setting_cudnn_benchmark, setting_host_sync, setting_pinned)
-            suite.row("settings", name, lambda fn=fn: fn(device, tiny),
-                      0 if tiny and cuda_only else need["settings"])  # n/a takes no time
-
-    if "tta" in sections:
-        if tiny:
-            time_to_accuracy(suite, device, data_dir, args)
-        elif cifar is None:
-            suite.row("time-to-accuracy", "run", lambda: (
-                "skipped", {}, "no CIFAR-10: pass --data_pack or --data_path"), cache=False)
-        else:
-            time_to_accuracy(suite, device, cifar, args)
-
-    distu.cleanup()
-    failed = [r for r in suite.rows.values() if r["status"] == "fail"]
-    print(f"suite: {len(suite.rows)} rows, {len(failed)} failed, "
-          f"{time.time() - suite.start:.0f} s; {suite.out / 'suite.md'}", flush=True)
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in handled}
+    stopped = None
+    try:
+        conduct(args, suite, scratch)
+        suite.meta["state"] = "finished"
+    except Stop as e:
+        stopped = e.args[0]
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)  # the clean-up runs to its end
+        kill_worker(getattr(suite, "worker", None))
+        kill_marked()
+        if stopped is not None:
+            suite.meta["state"] = f"stopped by {signal.Signals(stopped).name}"
+            for r in suite.results:
+                if r["status"] in ("pending", "running"):
+                    r.update(status="killed" if r["status"] == "running" else "not run",
+                             note=f"the suite was stopped ({signal.Signals(stopped).name})")
+        shutil.rmtree(scratch, ignore_errors=True)  # checkpoints, data copies, row files
+        for ckpt in out.rglob("*.pth"):
+            ckpt.unlink()
+        suite.write()
+        for s in handled:  # a second signal during the clean-up is dropped, not raised
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    failed = [r for r in suite.results if r["status"] in ("fail", "timeout")]
+    left = [r for r in suite.results if r["status"] in ("killed", "not run")]
+    print(f"suite: {len(suite.results)} rows, {len(failed)} failed or over their limit, "
+          f"{len(left)} cut short by the budget, {time.time() - suite.start:.0f} s; "
+          f"{out / 'suite.md'}", flush=True)
+    if stopped is not None:
+        return 128 + stopped
     return 1 if failed else 0
 
 

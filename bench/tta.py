@@ -5,8 +5,9 @@ against the training wall time, resumable across sessions of at most 10 minutes.
     python bench/tta.py status --dir runs/tta
     python bench/tta.py stop   --dir runs/tta
 
-bench/gpu_suite.py calls these itself with the minutes it has left (the recipe is there). `start`
-returns at once: a watcher process, in its own session, runs train_ssl.py with
+bench/gpu_suite.py's time-to-accuracy row starts one short run (the recipe is there) in its own
+process group and stops it when the row's time is up. `start` returns at once: a watcher
+process (in its own session unless new_session=False) runs train_ssl.py with
 --output_dir <dir>/train and evaluates its checkpoint.pth while it trains. Starting again after
 a stop (or after the machine went away, if <dir> was kept) resumes the same run: train_ssl.py
 restarts from <dir>/train/checkpoint.pth, and the first start's command is kept.
@@ -101,10 +102,14 @@ def is_running(run_dir):
 
 # ============ start / stop (called by the suite) ============
 
-def start(run_dir, train_args, eval_every=1, knn_k=20, eval_batch=512, eval_workers=4):
+def start(run_dir, train_args, eval_every=1, knn_k=20, eval_batch=512, eval_workers=4,
+          new_session=True):
     """Start (or resume) the run in the background; returns its status: "running" (started now
     or already), "done" or "failed". train_args: train_ssl.py's flags without --output_dir.
-    A run directory keeps the flags of its first start: a different recipe needs a new dir."""
+    A run directory keeps the flags of its first start: a different recipe needs a new dir.
+    new_session: the watcher (and its training) in a session of its own, so that it outlives
+    the caller (the CLI's `start`); False keeps it in the caller's process group, which then
+    stops it by killing that group (bench/gpu_suite.py's rows)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {"train_args": list(train_args), "eval_every": eval_every, "knn_k": knn_k,
@@ -123,7 +128,7 @@ def start(run_dir, train_args, eval_every=1, knn_k=20, eval_batch=512, eval_work
     with open(run_dir / "watch.log", "a") as log:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "watch",
                                  "--dir", str(run_dir)], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True,
+                                stderr=subprocess.STDOUT, start_new_session=new_session,
                                 env=clean_env())
     state = read_state(run_dir)  # the watcher may have written it already
     if not _alive(state.get("pid")):
@@ -143,7 +148,16 @@ def stop(run_dir, timeout=90):
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.2)
     if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)  # its own session: the watcher and train_ssl.py
+        try:
+            own_group = os.getpgid(pid) == pid
+        except ProcessLookupError:
+            return True
+        if own_group:  # its own session: the watcher and train_ssl.py
+            os.killpg(pid, signal.SIGKILL)
+        else:  # in the caller's process group: the two by their ids
+            for p in (read_state(run_dir).get("train_pid"), pid):
+                if _alive(p):
+                    os.kill(p, signal.SIGKILL)
     return True
 
 
@@ -208,6 +222,8 @@ def _watch(run_dir):
         child = subprocess.Popen([sys.executable, "train_ssl.py", *train_args, "--output_dir",
                                   str(run_dir / "train")], cwd=REPO, stdout=log,
                                  stderr=subprocess.STDOUT, env=clean_env())
+    state["train_pid"] = child.pid
+    _write_json(run_dir / "state.json", state)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
 

@@ -61,6 +61,12 @@ def metric_names(records):
     return sorted(names, key=group)  # sorted() is stable: the log's order within a group
 
 
+def _schedule(name):
+    """Whether a metric is a schedule the run sets (a learning rate, a weight decay), not
+    something it measures."""
+    return name.endswith(("lr", "wd")) or "_lr_" in name
+
+
 def _series(records, name):
     """-> (epochs, values) of the records that have `name`; values may be lists."""
     points = [(r["epoch"], r[name]) for r in records if name in r and _numeric(r[name])]
@@ -91,6 +97,18 @@ def _epoch_ticks(ax):
         ax.set_xticks(epochs)
 
 
+def _widen_flat(ax):
+    """A metric that does not change (a fixed teacher temperature) differs between its points
+    only by float32 rounding: show it on a band of +-10% around its value instead of
+    magnifying that noise into a y-axis of 0.039999999 and 0.040000006."""
+    ys = [float(y) for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+    if ys:
+        lo, hi = min(ys), max(ys)
+        if 0 < hi - lo <= 1e-4 * max(abs(lo), abs(hi)):
+            mid = (lo + hi) / 2
+            ax.set_ylim(mid - 0.1 * abs(mid), mid + 0.1 * abs(mid))
+
+
 def _distinct_ticks(ax):
     """y tick labels with as many significant digits as it takes to tell them apart (a flat lr
     of 1e-3 would otherwise read 0.001 on every tick), and no offset text over the title."""
@@ -110,6 +128,9 @@ _MEANING = {
     "acc1": ("top-1 (%)", "%"), "acc5": ("top-5 (%)", "%"), "acc1_layers": ("top-1 per layer (%)", "%"),
     "knn_top1": ("k-NN top-1 (%)", "%"), "teacher_entropy": ("teacher entropy", "nats"),
     "batch_entropy": ("batch-mean entropy", "nats"), "kl": ("KL(teacher || mean)", "nats"),
+    "teacher_batch_entropy": ("teacher batch-mean entropy", "nats"),
+    "teacher_temp": ("teacher temperature", "temperature"),
+    "lr_head": ("head learning rate", "lr"), "lr_backbone": ("backbone learning rate", "lr"),
     "emb_std": ("embedding std", "std"), "erank": ("effective rank", "rank"),
     "loss_cls": ("CLS loss", "loss"), "loss_patch": ("patch loss", "loss"),
 }
@@ -194,22 +215,29 @@ def save_curves(run_dir, path=None):
     """Plot every metric of run_dir/log.txt, one panel each, into `path` (default
     run_dir/curves.png, written atomically). The x-axis counts epochs as the console does (the
     first epoch's average sits at 1); a metric that log_steps.txt also has is drawn per step
-    (thin line) under its epoch averages (dots). Returns the panel names, in order."""
+    (thin line) under its epoch averages (dots; none for a learning rate or weight decay, whose
+    per-step line is the schedule itself). Returns the panel names, in order."""
     records = read_log(run_dir)
     steps = read_steps(run_dir)
     names = metric_names(records)
     if not names:
         raise ValueError(f"{run_dir} has no per-epoch metrics in its log.txt yet")
     fig, axes = _new_panels(names)
+    legend = True  # what the thin line and the dots are, told once, in the first such panel
     for ax, name in zip(axes, names):
         epochs, values = _series(records, name)
         if name in steps:
             ax.plot(*steps[name], linewidth=0.8, alpha=0.6, color="tab:blue", label="per step")
-            ax.plot([e + 1 for e in epochs], values, "o", markersize=3, color="tab:blue",
-                    label="epoch average")
+            if not _schedule(name):  # (an epoch's mean lr would sit off the lr's own curve)
+                ax.plot([e + 1 for e in epochs], values, "o", markersize=3, color="tab:blue",
+                        label="epoch average")
+                if legend:
+                    ax.legend(fontsize=6, loc="best", handlelength=1.2, framealpha=0.6)
+                    legend = False
         else:
             _plot(ax, [e + 1 for e in epochs], values)
         _epoch_ticks(ax)
+        _widen_flat(ax)
         _distinct_ticks(ax)
         if values and isinstance(values[0], list):
             labels = next((r[f"{name}_labels"] for r in reversed(records)
@@ -244,6 +272,7 @@ def compare_runs(run_dirs, path, labels=None, metrics=None):
             if epochs:
                 _plot(ax, [e + 1 for e in epochs], values, label)
         _epoch_ticks(ax)
+        _widen_flat(ax)
         _distinct_ticks(ax)
     # one legend for the figure: every panel has the same runs in the same colours
     handles, texts = max((ax.get_legend_handles_labels() for ax in axes), key=lambda h: len(h[0]))

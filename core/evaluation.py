@@ -20,7 +20,9 @@ Errors are ordinary exceptions (ValueError, FileNotFoundError) with a one-line m
 script's entry point prints them (core/cli.py).
 """
 import argparse
+import datetime
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -510,21 +512,36 @@ def indexed_batches(dataset, batch_size, num_workers, device):
 
 @torch.no_grad()
 def extract_dataset_features(model, dataset, batch_size, num_workers, device, feature_fn=None,
-                             normalize=True, precision="bf16"):
+                             normalize=True, precision="bf16", progress_secs=10.0, what="features"):
     """Features (N, F) of every image of `dataset` (a dataset, or a LoadedSplit of eval_split),
     in dataset order, on every rank: each rank runs its shard; shards are all-gathered.
     L2-normalised unless normalize=False.
     feature_fn(model, images (B, 3, H, W)) -> (B, F), default models.extract_features (the CLS
-    token / pooled map); also e.g. a classifier's logits. Forward under autocast(precision)."""
+    token / pooled map); also e.g. a classifier's logits. Forward under autocast(precision).
+    Progress: a line '<what>: <done>/<N> images  eta ...' whenever progress_secs have passed
+    since the last (0: after every batch), and '<what>: N/N images in <time>' at the end;
+    None: silent. The count is known on the host, so it costs no device sync."""
     feature_fn = feature_fn or feature_function()
     model.eval()
     features = None
+    start = last = time.time()
+    done, total = 0, len(dataset)
     for images, index in indexed_batches(dataset, batch_size, num_workers, device):
         with amp.autocast(precision, device):
             feats = feature_fn(model, images).float()
         if features is None:
-            features = torch.zeros(len(dataset), feats.shape[-1], device=device)
-        features.index_copy_(0, distu.all_gather_nograd(index), distu.all_gather_nograd(feats))
+            features = torch.zeros(total, feats.shape[-1], device=device)
+        index = distu.all_gather_nograd(index)
+        features.index_copy_(0, index, distu.all_gather_nograd(feats))
+        done = min(done + len(index), total)  # (the padded last shards repeat a few images)
+        now = time.time()
+        if progress_secs is not None and now - last >= progress_secs and done < total:
+            last = now
+            eta = datetime.timedelta(seconds=int((now - start) / done * (total - done)))
+            print(f"{what}: {done}/{total} images  eta {eta}", flush=True)
+    if progress_secs is not None:
+        took = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{what}: {total}/{total} images in {took}", flush=True)
     return F.normalize(features, dim=1) if normalize else features
 
 
@@ -633,8 +650,9 @@ class KNNEvaluator:
     extract_dataset_features) and prints a line before it starts."""
 
     def __init__(self, train, test, k, batch_size, num_workers, device, temperature=0.07,
-                 precision="bf16", name=""):
+                 precision="bf16", name="", progress_secs=10.0):
         self.train, self.test = train, test
+        self.progress_secs = progress_secs  # extract_dataset_features' progress lines
         self.train_labels = torch.as_tensor(train.targets)
         self.test_labels = torch.as_tensor(test.targets)
         self.k, self.temperature, self.name = k, temperature, name
@@ -670,8 +688,10 @@ class KNNEvaluator:
               f"{len(self.train)} {self.name} {train_name} and {len(self.test)} "
               f"{self.split_name} images ...", flush=True)
         train_f, test_f = (extract_dataset_features(model, d, self.batch_size, self.num_workers,
-                                                    self.device, precision=self.precision)
-                           for d in (self.train, self.test))
+                                                    self.device, precision=self.precision,
+                                                    progress_secs=self.progress_secs,
+                                                    what=f"{split} features")
+                           for split, d in (("train", self.train), ("test", self.test)))
         return knn_classifier(train_f, self.train_labels, test_f, self.test_labels, self.k,
                               self.temperature, self.train.num_classes)
 

@@ -24,6 +24,13 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError("invalid value for a boolean flag (use true or false)")
 
 
+def _stack(tensors):
+    """One 1-D tensor of 0-d tensors that may live on the host (floats given to update, e.g. the
+    lr) and on the device (losses): stacked on the device, where all_reduce needs them."""
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([t.to(device) for t in tensors])
+
+
 class MetricLogger:
     """Accumulates per-step scalars; `log_every` yields the batches and prints
     'epoch [it/n] eta it/s img/s metric: last (avg) ... max mem' every print_freq steps, and
@@ -57,8 +64,7 @@ class MetricLogger:
         if not self.sums:
             return ""
         keys = list(self.sums)
-        host = torch.stack([self.last[k].to(self.sums[k].device) for k in keys]
-                           + [self.sums[k] for k in keys]).tolist()  # one sync
+        host = _stack([self.last[k] for k in keys] + [self.sums[k] for k in keys]).tolist()  # one sync
         n = len(keys)
         if self.on_print is not None:  # the values are on the host now: no extra sync
             self.on_print(i, dict(zip(keys, host[:n])))
@@ -97,7 +103,7 @@ class MetricLogger:
         if not self.sums:
             return {}
         keys = list(self.sums)
-        t = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        t = _stack([self.sums[k] for k in keys]) / max(self.count, 1)
         if get_world_size() > 1:
             dist.all_reduce(t)
             t /= get_world_size()

@@ -1,10 +1,13 @@
 #!/bin/bash
 # Linear probe of a frozen pre-trained backbone (DINO's eval_linear), 1 node x 4 GPUs.
-#   WEIGHTS=out/dino_vits16/checkpoint.pth sbatch slurm/eval_linear.sh
+#   DATA=/path/to/cifar10 WEIGHTS=out/dino_vits16/checkpoint.pth sbatch slurm/eval_linear.sh
 #   WEIGHTS=dino_deitsmall16_pretrain.pth DATA=/datasets/imagenet OUT=out/linear_vits16 \
 #       sbatch slurm/eval_linear.sh --arch vit_small --patch_size 16 --n_last_blocks 4
-#   WEIGHTS=... sbatch slurm/eval_linear.sh --cached_features true --probe_layers true   # minutes
+#   DATA=... WEIGHTS=... sbatch slurm/eval_linear.sh --cached_features true --probe_layers true   # minutes
 # Extra flags go to eval_linear.py; a requeued job resumes from <OUT>/checkpoint.pth.tar.
+# The MLP probe (Linear-BN-ReLU per hidden width, the iBOT ViT-S/4 recipe's [512, 256]) on .npy data:
+#   DATA=/path/to/cifar10_npy WEIGHTS=out/ibot_cifar10/checkpoint.pth OUT=out/mlp_probe \
+#       sbatch slurm/eval_linear.sh --dataset npy --head mlp --mlp_dims 512 256
 #SBATCH --job-name=eval_linear
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
@@ -15,7 +18,7 @@
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=USR1@120
-DATA="${DATA:-../shared/data/cifar10-jpeg}"
+DATA="${DATA:?set DATA to the dataset folder that holds train/ and test/ (e.g. DATA=/path/to/cifar10)}"
 WEIGHTS="${WEIGHTS:?set WEIGHTS=path/to/checkpoint.pth}"
 OUT="${OUT:-out/linear}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" eval_linear.py --pretrained_weights "$WEIGHTS" \

@@ -1,11 +1,17 @@
 #!/bin/bash
 # Fine-tuning of a pre-trained backbone (or, with WEIGHTS unset, the from-scratch baseline with
 # the same recipe), 1 node x 4 GPUs. Best-on-validation checkpoint and the test report in OUT.
-#   WEIGHTS=out/simclr_resnet18_cifar10/checkpoint.pth sbatch slurm/finetune.sh --val_split 5000
-#   OUT=out/ft_scratch sbatch slurm/finetune.sh --arch resnet18 --val_split 5000      # baseline
+#   DATA=/path/to/cifar10 WEIGHTS=out/simclr_resnet18_cifar10/checkpoint.pth sbatch slurm/finetune.sh --val_split 5000
+#   DATA=/path/to/cifar10 OUT=out/ft_scratch sbatch slurm/finetune.sh --arch resnet18 --val_split 5000  # baseline
 #   WEIGHTS=dino_deitsmall16_pretrain.pth DATA=/datasets/imagenet OUT=out/ft_vits16 sbatch slurm/finetune.sh \
 #       --arch vit_small --patch_size 16 --layer_decay 0.75 --mixup 0.8 --cutmix 1.0 --epochs 200
 # Extra flags go to finetune.py; a requeued job resumes from <OUT>/checkpoint.pth.
+# Backbone lr 1e-4 and head lr 1e-3 are the defaults (--backbone_lr, --lr); an MLP head, e.g. the
+# SimCLR 128px recipe's 512-512-10 on a ResNet-18 (512-d features, one hidden width of 512), and
+# partial fine-tuning:
+#   DATA=... WEIGHTS=out/simclr_128px/checkpoint.pth OUT=out/ft_mlp sbatch slurm/finetune.sh \
+#       --head mlp --mlp_dims 512 --val_split 5000
+#   DATA=... WEIGHTS=... OUT=out/ft_last2 sbatch slurm/finetune.sh --unfreeze_last_blocks 2 --val_split 5000
 #SBATCH --job-name=finetune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
@@ -16,7 +22,7 @@
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=USR1@120
-DATA="${DATA:-../shared/data/cifar10-jpeg}"
+DATA="${DATA:?set DATA to the dataset folder that holds train/ and test/ (e.g. DATA=/path/to/cifar10)}"
 OUT="${OUT:-out/finetune}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" finetune.py --pretrained_weights "${WEIGHTS:-}" \
     --dataset imagefolder --data_path "$DATA" --output_dir "$OUT" \

@@ -2,6 +2,10 @@
 # Rotation prediction (RotNet) ViT-S/16 at 160px on ImageNet, 2 nodes x 4 GPUs.
 #   DATA=/datasets/imagenet sbatch slurm/rotation_pretrain.sh
 #   DATA=/datasets/imagenet OUT=out/rot_rn50 sbatch slurm/rotation_pretrain.sh --arch resnet50 --crop_size 224
+#   DATA=/datasets/imagenet OUT=out/rotation_vit512 sbatch slurm/rotation_pretrain.sh \
+#       --embed_dim 512 --depth 8 --num_heads 8       # the RotNet ViT recipe: width 512, 8 blocks, 8 heads
+# AdamW betas (0.9, 0.95), lr 1.5e-4 per 256 images and weight decay 0.05 are the method's recipe.
+# Extra flags go to train_ssl.py; a requeued job resumes from $OUT/checkpoint.pth.
 #SBATCH --job-name=rotation_pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4

@@ -76,7 +76,7 @@ def trained(tmp_path_factory):
 def test_two_process_training_resumes_and_logs(trained):
     data, out, (first, second) = trained
     assert "Starting simclr training from epoch 0!" in first
-    assert "global batch: 16 (8 x 2)" in first
+    assert "global batch: 16 (8 x 2; --lr_scaling linear)" in first
     # the second run picked up the first run's checkpoint instead of starting over
     assert f"Found checkpoint at {out / 'checkpoint.pth'}" in second
     assert "=> loaded 'model'" in second and "=> loaded 'optimizer'" in second
