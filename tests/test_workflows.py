@@ -2,7 +2,8 @@
 run end to end at toy scale on the CPU: the commands a user types, in the order the README
 gives them, with the sizes cut down (16-32px, a ViT of width 32-48 and depth 2, a few hundred
 images, one epoch), and what that user would check afterwards: the model's shape, the rows of
-the comparison table, the class names in the report, the curves in the event files.
+the comparison table, the class names in the report, the per-step curves in the event files
+(--print_freq 1: a point at every global step) and log_steps.txt.
 
 Every command runs in this process as `python <script> ...` would (runpy with sys.argv, as
 tests/test_vit_shape.py's ladder does); eval_compare.py's own child processes too.
@@ -23,7 +24,8 @@ import eval_compare
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["red", "green", "blue", "yellow"]
 COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [210, 210, 40]])
-RUN = ["--num_workers", "0", "--cpu"]  # every evaluation script's
+RUN = ["--num_workers", "0", "--cpu"]  # every script's
+EACH_STEP = ["--print_freq", 1]  # a progress line, and a point of every curve, at each step
 
 
 def make_npy(root, size, splits, colours=COLOURS, names=None, seed=0):
@@ -87,14 +89,20 @@ def scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def assert_curves(run_dir, tags):
-    """The run's curves in TensorBoard: each tag has a point per epoch (one epoch here: step
-    0), every value finite."""
+def assert_curves(run_dir, steps, tags, epoch_tags=("train_epoch/loss",)):
+    """The run's curves, as the user opens them: in TensorBoard each of `tags` has a point at
+    every global step 0 .. steps-1 of the one epoch (--print_freq 1), each of `epoch_tags` one
+    point, at epoch 0; every value finite; log_steps.txt holds a line per step."""
     found = scalars(run_dir)
-    for tag in tags:
+    for tag in (*tags, *epoch_tags):
         assert tag in found, f"{tag} not among {sorted(found)}"
-        assert [s for s, _ in found[tag]][:1] == [0]
         assert all(math.isfinite(v) for _, v in found[tag]), (tag, found[tag])
+    for tag in tags:
+        assert [s for s, _ in found[tag]] == list(range(steps)), (tag, found[tag])
+    for tag in epoch_tags:
+        assert [s for s, _ in found[tag]] == [0], (tag, found[tag])
+    lines = [json.loads(x) for x in (run_dir / "log_steps.txt").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(steps))
     return found
 
 
@@ -120,7 +128,7 @@ def test_ibot_vit_on_npy_splits_probes_finetune_and_named_report(cifar_like, tmp
         "--num_heads", 2, "--patch_size", 4, "--global_crops_size", 32, "--local_crops_size", 16,
         "--local_crops_number", 2, "--out_dim", 64, "--patch_out_dim", 64,
         "--data_path", cifar_like, "--batch_size_per_gpu", 32, "--epochs", 1,
-        "--warmup_epochs", 0, "--knn_eval", "false", "--output_dir", pre, *RUN)
+        "--warmup_epochs", 0, "--knn_eval", "false", "--output_dir", pre, *EACH_STEP, *RUN)
     ckpt = torch.load(pre / "checkpoint.pth", weights_only=True)
     assert {k: ckpt["args"][k] for k in ("embed_dim", "depth", "num_heads")} == \
         {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -129,7 +137,7 @@ def test_ibot_vit_on_npy_splits_probes_finetune_and_named_report(cifar_like, tmp
     assert vit_shape(teacher) == (32, 2, 4)
     assert not torch.equal(ckpt["teacher"]["backbone.cls_token"],
                            ckpt["student"]["backbone.cls_token"])  # the EMA teacher moved apart
-    assert_curves(pre, ["train/loss", "train/lr", "train/wd"])
+    assert_curves(pre, 4, ["train/loss", "train/lr", "train/wd"])  # 128 images, batch 32
 
     weights = pre / "checkpoint.pth"
     common = ["--pretrained_weights", weights, "--data_path", cifar_like,
@@ -138,21 +146,21 @@ def test_ibot_vit_on_npy_splits_probes_finetune_and_named_report(cifar_like, tmp
         out = tmp_path / head
         run("eval_linear.py", *common, "--train_split", "probe", "--head", head, *extra,
             "--epochs", 1, "--cached_features", "true", "--n_last_blocks", 2,
-            "--output_dir", out)
+            "--output_dir", out, *EACH_STEP)
         assert "Data loaded with 48 train imgs (probe/) and 32 val imgs (val/); 32 test imgs " \
                "(test/)" in capsys.readouterr().out
         res = json.loads((out / "results.json").read_text())
         assert res["splits"] == {"best_acc": "val/", "test_acc": "test/"}
         report = json.loads((out / "report.json").read_text())
         assert [r["class"] for r in report["per_class"]] == NAMES
-        assert_curves(out, ["train/loss", "train/lr", "val/top1_val"])
+        assert_curves(out, 2, ["train/loss", "train/lr"], ["train_epoch/loss", "val/top1_val"])
     probe = torch.load(tmp_path / "mlp" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     assert [tuple(v.shape) for k, v in probe.items() if k.endswith("weight") and v.ndim == 2] == \
         [(32, 64), (16, 32), (4, 16)]  # 2 blocks x 32 CLS -> 32 -> 16 -> 4 classes
 
     out = tmp_path / "ft"
     run("finetune.py", *common, "--backbone_lr", 1e-4, "--lr", 1e-3, "--epochs", 1,
-        "--warmup_epochs", 0, "--save_predictions", 8, "--output_dir", out)
+        "--warmup_epochs", 0, "--save_predictions", 8, "--output_dir", out, *EACH_STEP)
     printed = capsys.readouterr().out
     assert "linear head lr 1.00e-03, backbone lr 1.00e-04" in printed
     report = (out / "report.txt").read_text()
@@ -161,7 +169,10 @@ def test_ibot_vit_on_npy_splits_probes_finetune_and_named_report(cifar_like, tmp
     assert [r["class"] for r in per_class] == NAMES
     assert {"precision", "recall", "f1"} <= set(per_class[0])
     assert (out / "predictions.png").is_file() and (out / "confusion_matrix.png").is_file()
-    assert_curves(out, ["train/loss", "train/lr_head", "val/top1_val"])
+    found = assert_curves(out, 4, ["train/loss", "train/lr_head", "train/lr_backbone"],
+                          ["train_epoch/loss", "val/top1_val"])
+    assert found["train/lr_head"][0][1] == pytest.approx(1e-3)  # no warmup: the set rates
+    assert found["train/lr_backbone"][0][1] == pytest.approx(1e-4)
 
 
 # ============ 2. SimCLR ResNet-18: linear and fine-tuning, pretrained vs scratch ============
@@ -170,13 +181,14 @@ def test_simclr_resnet18_linear_and_finetune_against_scratch_in_one_table(small,
     pre = tmp_path / "simclr"
     run("train_ssl.py", "--method", "simclr", "--arch", "resnet18", "--crop_size", 16,
         "--data_path", small, "--batch_size_per_gpu", 32, "--epochs", 1, "--warmup_epochs", 0,
-        "--knn_eval", "false", "--output_dir", pre, *RUN)
-    assert_curves(pre, ["train/loss", "train/lr", "train/acc1", "train/acc5"])
+        "--knn_eval", "false", "--output_dir", pre, *EACH_STEP, *RUN)
+    assert_curves(pre, 3, ["train/loss", "train/lr", "train/acc1", "train/acc5"])
 
     out = tmp_path / "compare"
     run("eval_compare.py", "--pretrained_weights", pre / "checkpoint.pth", "--data_path", small,
         "--evals", "linear", "finetune", "--linear_epochs", 1, "--finetune_epochs", 1,
-        "--batch_size_per_gpu", 32, "--finetune_args", "--save_predictions 8",
+        "--batch_size_per_gpu", 32, "--finetune_args", "--save_predictions 8 --print_freq 1",
+        "--linear_args", "--print_freq 1",
         "--output_dir", out, *RUN)
     assert table_rows(out / "compare.md") == [
         "linear probe top-1 (test/, 1 epoch)",
@@ -187,8 +199,10 @@ def test_simclr_resnet18_linear_and_finetune_against_scratch_in_one_table(small,
         ft = json.loads((out / init / "finetune" / "results.json").read_text())
         assert rows["finetune"][init] == ft["test_acc"]
         assert (out / init / "finetune" / "predictions.png").is_file()
-        assert_curves(out / init / "finetune", ["train/loss", "val/top1_val"])
-        assert_curves(out / init / "linear", ["train/loss", "val/top1_val"])
+        assert_curves(out / init / "finetune", 3, ["train/loss", "train/lr_head"],
+                      ["train_epoch/loss", "val/top1_val"])
+        assert_curves(out / init / "linear", 3, ["train/loss", "train/lr"],
+                      ["train_epoch/loss", "val/top1_val"])
     assert (out / "compare.png").is_file()
 
 
@@ -200,7 +214,8 @@ def test_simclr_128px_recipe_flags_and_an_mlp_head(small, tmp_path, run, capsys)
         "--proj_hidden_dim", 512, "--proj_output_dim", 256, "--temperature", 0.07,
         "--optimizer", "adam", "--lr", 5e-4, "--lr_scaling", "none", "--weight_decay", 1e-6,
         "--weight_decay_end", 1e-6, "--data_path", small, "--batch_size_per_gpu", 32,
-        "--epochs", 1, "--warmup_epochs", 0, "--knn_eval", "false", "--output_dir", pre, *RUN)
+        "--epochs", 1, "--warmup_epochs", 0, "--knn_eval", "false", "--output_dir", pre,
+        *EACH_STEP, *RUN)
     assert "base lr: 5.000e-04  actual lr: 5.000e-04  global batch: 32" in capsys.readouterr().out
     ckpt = torch.load(pre / "checkpoint.pth", weights_only=True)
     assert (ckpt["args"]["temperature"], ckpt["args"]["optimizer"]) == (0.07, "adam")
@@ -209,18 +224,19 @@ def test_simclr_128px_recipe_flags_and_an_mlp_head(small, tmp_path, run, capsys)
     assert head == [(512, 512), (256, 512)]  # the projection 512-512-256
     records = [json.loads(x) for x in (pre / "log.txt").read_text().splitlines()]
     assert 0 <= records[0]["train_acc1"] <= records[0]["train_acc5"] <= 100
-    assert_curves(pre, ["train/acc5", "train/loss"])
+    assert_curves(pre, 3, ["train/acc5", "train/loss"])  # top-5 contrastive accuracy per step
 
     out = tmp_path / "ft"
     run("finetune.py", "--pretrained_weights", pre / "checkpoint.pth", "--data_path", small,
         "--head", "mlp", "--mlp_dims", 512, "--epochs", 1, "--warmup_epochs", 0,
-        "--batch_size_per_gpu", 32, "--save_predictions", 8, "--output_dir", out, *RUN)
+        "--batch_size_per_gpu", 32, "--save_predictions", 8, "--output_dir", out, *EACH_STEP,
+        *RUN)
     model = torch.load(out / "checkpoint_best.pth", weights_only=True)["model"]
     head = [tuple(v.shape) for k, v in model.items()
             if k.startswith("head.") and k.endswith("weight") and v.ndim == 2]
     assert head == [(512, 512), (4, 512)]  # the 512-512-classes head
     assert [r["class"] for r in json.loads((out / "report.json").read_text())["per_class"]] == NAMES
-    assert_curves(out, ["train/loss", "val/top1_val"])
+    assert_curves(out, 3, ["train/loss", "train/lr_head"], ["train_epoch/loss", "val/top1_val"])
 
 
 # ============ 4. Rotation prediction with a ViT of any shape; the ladder in one table ============
@@ -231,12 +247,13 @@ def test_rotation_vit_shape_and_the_ladder(small, tmp_path, run):
         "--depth", 2, "--num_heads", 4, "--patch_size", 4, "--crop_size", 16,
         "--optimizer", "adamw", "--adamw_betas", 0.9, 0.95, "--lr", 1.5e-4, "--weight_decay", 0.05,
         "--weight_decay_end", 0.05, "--data_path", small, "--batch_size_per_gpu", 32,
-        "--epochs", 1, "--warmup_epochs", 0, "--knn_eval", "false", "--output_dir", pre, *RUN)
+        "--epochs", 1, "--warmup_epochs", 0, "--knn_eval", "false", "--output_dir", pre,
+        *EACH_STEP, *RUN)
     ckpt = torch.load(pre / "checkpoint.pth", weights_only=True)
     assert vit_shape(ckpt["model"], "backbone.") == (32, 2, 4)
     assert ckpt["args"]["num_heads"] == 4
     assert tuple(ckpt["optimizer"]["param_groups"][0]["betas"]) == (0.9, 0.95)
-    assert_curves(pre, ["train/loss", "train/lr"])
+    assert_curves(pre, 3, ["train/loss", "train/lr"])
 
     out = tmp_path / "ladder"
     run("eval_compare.py", "--pretrained_weights", pre / "checkpoint.pth", "--data_path", small,
@@ -268,12 +285,12 @@ def test_dino_vit_tiny_knn_votes_transfer_few_shot_and_attention(small, tmp_path
         "--patch_size", 4, "--global_crops_size", 16, "--local_crops_size", 8,
         "--local_crops_number", 2, "--out_dim", 64, "--data_path", small,
         "--batch_size_per_gpu", 32, "--epochs", 1, "--warmup_epochs", 0, "--knn_eval", "false",
-        "--output_dir", pre, *RUN)
+        "--output_dir", pre, *EACH_STEP, *RUN)
     weights = pre / "checkpoint.pth"
     ckpt = torch.load(weights, weights_only=True)
     assert ckpt["args"]["local_crops_number"] == 2 and ckpt["args"]["arch"] == "vit_tiny"
     assert vit_shape(ckpt["teacher"], "backbone.") == (48, 2, 4)
-    assert_curves(pre, ["train/loss", "train/lr", "train/teacher_entropy"])
+    assert_curves(pre, 3, ["train/loss", "train/lr", "train/teacher_entropy"])
 
     out = tmp_path / "compare"
     run("eval_compare.py", "--pretrained_weights", weights, "--data_path", small,
