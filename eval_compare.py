@@ -20,7 +20,9 @@ once from the checkpoint so both runs build the same network. Each run writes re
 which this script collects. The flags given here (--num_workers, --batch_size_per_gpu, ...)
 go to every run; extra flags go through --knn_args / --linear_args (every eval_linear.py run:
 linear, mlp, probe_layers) / --mlp_args / --finetune_args, which come last and so override.
-The probes run on cached features unless told otherwise.
+The probes run on cached features unless told otherwise. --knn_votes weighted majority gives
+one k-NN row per vote (eval_knn.py --knn_vote); --train_split probe trains every run on that
+split.
 Per-run outputs and logs: <output_dir>/{pretrained,random_init}/<evaluation>/ (finetune_head,
 finetune_last1, ... for the variants; finetune for all layers); `tensorboard --logdir
 <output_dir>` shows both inits side by side.
@@ -35,6 +37,7 @@ import sys
 from pathlib import Path
 
 from core import cli, evaluation
+from core.evaluation import KNN_VOTES
 from core.checkpoint import extract_backbone_state, load_file
 from data import dataset_info
 from models import VIT_SHAPE
@@ -62,7 +65,8 @@ def available_cpus():
 
 def get_args_parser():
     parser = cli.ArgumentParser("Pretrained vs random init", parents=[
-        evaluation.model_parser(), evaluation.data_parser(), evaluation.run_parser()])
+        evaluation.model_parser(), evaluation.data_parser(train_split=True),
+        evaluation.run_parser()])
     # one value for every run, sized to this machine unless given
     parser.set_defaults(num_workers=None)
     for action in parser._actions:
@@ -80,6 +84,11 @@ def get_args_parser():
                        help="The fine-tuning ladder: head (head only), last<K> (the last K "
                             "blocks / stages + head, e.g. last1 last2), all (every layer).")
     group.add_argument("--knn_k", default=20, type=int, help="k of the k-NN row (DINO reports 20).")
+    group.add_argument("--knn_votes", default=["weighted"], nargs="+", choices=KNN_VOTES,
+                       help="One k-NN row per vote (eval_knn.py --knn_vote): weighted (DINO's "
+                            "exp(cosine / T)), majority (one vote per neighbour, as "
+                            "scikit-learn's KNeighborsClassifier). --knn_args \"--knn_metric "
+                            "euclidean\" changes the distance of every row.")
     group.add_argument("--mlp_dims", default=[512, 256], type=int, nargs="+",
                        help="Hidden widths of the MLP probe.")
     group.add_argument("--linear_epochs", default=100, type=int,
@@ -155,7 +164,11 @@ def runs(args, depth):
     out = []
     for ev in args.evals:
         if ev == "knn":
-            flags = ["--nb_knn", str(args.knn_k)] + shlex.split(args.knn_args)
+            for vote in dict.fromkeys(args.knn_votes):
+                out.append(("knn" if vote == "weighted" else f"knn_{vote}", EVALS[ev],
+                            ["--nb_knn", str(args.knn_k), "--knn_vote", vote]
+                            + shlex.split(args.knn_args)))
+            continue
         elif ev == "linear":
             flags = epochs + linear
         elif ev == "mlp":
@@ -186,7 +199,7 @@ def command(script, flags, weights, out, args):
               "--batch_size_per_gpu", str(args.batch_size_per_gpu),
               "--num_workers", str(args.num_workers), "--seed", str(args.seed),
               "--data_backend", args.data_backend, "--data_memory_gb", str(args.data_memory_gb),
-              "--eval_split", args.eval_split]
+              "--eval_split", args.eval_split, "--train_split", args.train_split]
     if getattr(args, "norm_mean", None) is not None:  # the checkpoint's, read by load_backbone
         common += ["--norm_mean", *map(str, args.norm_mean), "--norm_std", *map(str, args.norm_std)]
     for name in VIT_SHAPE:  # the ViT shape read from the checkpoint, for both inits
@@ -203,7 +216,8 @@ def command(script, flags, weights, out, args):
 
 def run_one(name, script, flags, weights, init, args):
     """One evaluation of one init, as its own process; returns {row key: (top-1, the split it
-    was measured on)}: one row, or one per layer for probe_layers (probe_<layer>)."""
+    was measured on, a note for the row's label)}: one row, or one per layer for probe_layers
+    (probe_<layer>). The note: how a k-NN voted ("majority vote", "euclidean"), else ""."""
     out = os.path.join(args.output_dir, init, name)
     cmd = command(script, flags, weights, out, args)
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -216,23 +230,25 @@ def run_one(name, script, flags, weights, init, args):
 
     def test_top1(r):  # the held-out test number when the run has one, else its best
         return r["test_acc"] if r.get("test_acc") is not None else r["best_acc"]
-    if name == "knn":
+    if name.startswith("knn"):
+        note = ", ".join(x for x in ("majority vote" if res.get("vote") == "majority" else "",
+                                     "euclidean" if res.get("metric") == "euclidean" else "") if x)
         return {name: (res["knn"].get(str(args.knn_k), next(iter(res["knn"].values())))[0],
-                       res["split"])}
+                       res["split"], note)}
     split = res["splits"]["test_acc"] or res["splits"].get("best_acc")
     if name == "probe_layers":
-        return {f"probe_{x['name']}": (test_top1(x), split) for x in res["layers"]}
+        return {f"probe_{x['name']}": (test_top1(x), split, "") for x in res["layers"]}
     if name.startswith("finetune"):
-        return {name: (res["test_acc"], split)}
-    return {name: (test_top1(res), split)}
+        return {name: (res["test_acc"], split, "")}
+    return {name: (test_top1(res), split, "")}
 
 
-def row_label(key, split, args):
+def row_label(key, split, args, note=""):
     unit = "block" if args.arch.startswith("vit") else "stage"
     le = f"{args.linear_epochs} epoch{'s' if args.linear_epochs > 1 else ''}"
     fe = f"{args.finetune_epochs} epoch{'s' if args.finetune_epochs > 1 else ''}"
-    if key == "knn":
-        return f"{args.knn_k}-NN top-1 ({split})"
+    if key.startswith("knn"):
+        return f"{args.knn_k}-NN top-1{', ' + note if note else ''} ({split})"
     if key == "linear":
         return f"linear probe top-1 ({split}, {le})"
     if key == "mlp":
@@ -322,15 +338,16 @@ def eval_compare(args):
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_compare", args)
     print(f"Output folder: {args.output_dir} ({len(runs(args, depth))} evaluations, each for the "
           f"checkpoint ({source}) and at random init; {args.num_workers} data workers each)")
-    found = {}  # init -> {row key: top-1}
+    found = {}  # init -> {row key: (top-1, split, note)}
     for init, weights in (("pretrained", args.pretrained_weights), ("random_init", "")):
         found[init] = {}
         for name, script, flags in runs(args, depth):
             print(f"============ {name}: {init} ============", flush=True)
             found[init].update(run_one(name, script, flags, weights, init, args))
-    splits = {k: split for k, (_, split) in found["pretrained"].items()}
-    found = {init: {k: top1 for k, (top1, _) in rows.items()} for init, rows in found.items()}
-    rows = {k: {"label": row_label(k, splits[k], args), "split": splits[k],
+    splits = {k: split for k, (_, split, _) in found["pretrained"].items()}
+    notes = {k: note for k, (_, _, note) in found["pretrained"].items()}
+    found = {init: {k: top1 for k, (top1, _, _) in rows.items()} for init, rows in found.items()}
+    rows = {k: {"label": row_label(k, splits[k], args, notes[k]), "split": splits[k],
                 "pretrained": found["pretrained"][k], "random_init": found["random_init"][k],
                 "difference": found["pretrained"][k] - found["random_init"][k]}
             for k in found["pretrained"]}

@@ -1,5 +1,6 @@
 """Weighted k-NN evaluation of a frozen backbone, as facebookresearch/dino eval_knn.py, plus
-few-shot episodes and patch-token features for ViT transfer.
+the plain majority vote and the Euclidean distance, few-shot episodes and patch-token features
+for ViT transfer.
 
     python eval_knn.py --pretrained_weights out/checkpoint.pth --dataset digits
     torchrun --nproc_per_node=2 eval_knn.py --pretrained_weights out/checkpoint.pth \
@@ -9,6 +10,10 @@ few-shot episodes and patch-token features for ViT transfer.
 Few-shot (K labelled images per class drawn from the train split, E seeded episodes; 1-NN,
 K-NN and logistic regression, mean and std over the episodes):
     python eval_knn.py --pretrained_weights out/checkpoint.pth --n_shot 5 --n_episodes 20 --logreg true
+The plain 5-NN of scikit-learn's KNeighborsClassifier (one vote per neighbour, ties to the
+smallest class index; Euclidean distance on the unnormalised features, or cosine):
+    python eval_knn.py --pretrained_weights out/checkpoint.pth --nb_knn 5 --knn_vote majority \
+        --knn_metric euclidean
 ViT transfer with mean-pooled patch tokens of the last 4 blocks (the DINO seed's STL-10 runs):
     python eval_knn.py --arch vit_small --pretrained_weights dino_deitsmall16_pretrain.pth \
         --dataset stl10 --data_path ../shared/data --use_cls false --n_last_blocks 4
@@ -28,7 +33,8 @@ import torch.nn.functional as F
 from core import amp, cli, evaluation
 from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
-from core.evaluation import extract_dataset_features, knn_classifier, knn_k_used
+from core.evaluation import (KNN_METRICS, KNN_VOTES, check_knn_rule, extract_dataset_features,
+                             knn_classifier, knn_k_used)
 from core.logger import bool_flag
 from data import dataset_info, eval_transform
 from data.normalization import with_norm
@@ -43,8 +49,16 @@ def get_args_parser():
                        help="Number of NN to use. 20 is usually working the best. Default: "
                             "10 20 100 200; with --n_shot K: 1 and K.")
     group.add_argument("--temperature", default=0.07, type=float,
-                       help="Temperature used in the voting coefficient exp(similarity / T); "
-                            "must be > 0.")
+                       help="Temperature used in the voting coefficient exp(similarity / T) of "
+                            "the weighted vote; must be > 0.")
+    group.add_argument("--knn_vote", default="weighted", choices=KNN_VOTES,
+                       help="weighted: each neighbour votes with weight exp(similarity / T) "
+                            "(DINO); majority: one vote each, ties to the smallest class index "
+                            "(scikit-learn's KNeighborsClassifier).")
+    group.add_argument("--knn_metric", default="cosine", choices=KNN_METRICS,
+                       help="cosine: similarity of the L2-normalised features (DINO); "
+                            "euclidean: distance between the features as extracted, not "
+                            "normalised (with --knn_vote weighted: weight exp(-distance / T)).")
     group.add_argument("--use_cuda", default=True, type=bool_flag,
                        help="Keep the feature matrices on the GPU (faster; needs its memory).")
     group.add_argument("--use_cls", default=True, type=bool_flag,
@@ -101,16 +115,19 @@ def logreg_accuracy(train_features, train_labels, test_features, test_labels, C=
 
 
 def few_shot_eval(train_f, train_labels, test_f, test_labels, num_classes, n_shot, n_episodes,
-                  nb_knn, T=0.07, logreg=False, logreg_C=1.0, seed=0):
+                  nb_knn, T=0.07, logreg=False, logreg_C=1.0, seed=0, vote="weighted",
+                  metric="cosine"):
     """E episodes of K-shot classification of the whole test split. Returns
-    {name: {"mean", "std", "accs"}} for "<k>-NN" (weighted k-NN, k capped at K * C) and
-    "logreg"; std is the sample standard deviation over episodes (0 for one episode)."""
+    {name: {"mean", "std", "accs"}} for "<k>-NN" (k-NN of the given vote and metric, k capped
+    at K * C) and "logreg"; std is the sample standard deviation over episodes (0 for one
+    episode)."""
     accs = {}
     for episode in range(n_episodes):
         idx = torch.as_tensor(sample_few_shot(train_labels, n_shot, seed + episode, num_classes))
         shots_f, shots_y = train_f[idx.to(train_f.device)], torch.as_tensor(train_labels)[idx]
         for k in nb_knn:
-            top1, _ = knn_classifier(shots_f, shots_y, test_f, test_labels, k, T, num_classes)
+            top1, _ = knn_classifier(shots_f, shots_y, test_f, test_labels, k, T, num_classes,
+                                     vote, metric)
             accs.setdefault(f"{min(k, len(idx))}-NN", []).append(top1)
         if logreg:
             accs.setdefault("logreg", []).append(
@@ -131,11 +148,36 @@ def check_args(args):
         raise ValueError(f"--nb_knn {' '.join(map(str, args.nb_knn))} has a k below 1; use k >= 1")
     if args.nb_knn is None:
         args.nb_knn = [10, 20, 100, 200] if not args.n_shot else sorted({1, args.n_shot})
-    if not 0 < args.temperature < float("inf"):
+    if args.knn_vote == "weighted" and not 0 < args.temperature < float("inf"):
         raise ValueError(f"--temperature {args.temperature} is invalid: the votes are weighted "
                          "by exp(similarity / T), so T must be > 0 (DINO: 0.07)")
+    check_knn_rule(1, args.temperature, args.knn_vote, args.knn_metric)
     if not args.load_features:
-        evaluation.check_eval_data(args)  # the scored split is there, the train split labelled
+        # the scored split is there, the train split (--train_split) labelled
+        evaluation.check_eval_data(args, selects=False)
+
+
+def rule(args):
+    """How the neighbours vote, for the printed lines: "weighted vote exp(cosine / 0.07)"."""
+    euclidean = args.knn_metric == "euclidean"
+    if args.knn_vote == "majority":
+        return "majority vote, " + ("euclidean distance" if euclidean else "cosine similarity")
+    return f"weighted vote exp({'-euclidean distance' if euclidean else 'cosine'} / " \
+           f"{args.temperature:g})"
+
+
+def loaded_for_metric(train_f, test_f, normalized, metric, folder):
+    """Features of --load_features for --knn_metric: L2-normalised ones (as --knn_metric cosine
+    dumps them) cannot give Euclidean distances of the features; unnormalised ones are
+    normalised for cosine."""
+    if metric == "euclidean" and normalized:
+        raise ValueError(f"the features in {folder} are L2-normalised (dumped with --knn_metric "
+                         f"cosine), so their Euclidean distances would rank the neighbours as the "
+                         f"cosine does; dump them again with --knn_metric euclidean "
+                         f"--dump_features, or use --knn_metric cosine")
+    if metric == "cosine" and not normalized:
+        train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    return train_f, test_f
 
 
 def extract_train_test(args, info):
@@ -158,6 +200,7 @@ def extract_train_test(args, info):
         print(f"Extracting features for {dataset.split_name} set...")
         features.append(extract_dataset_features(model, dataset, args.batch_size_per_gpu,
                                                  args.num_workers, args.device, feature_fn=fn,
+                                                 normalize=args.knn_metric == "cosine",
                                                  precision=args.precision,
                                                  what=f"{dataset.split_name} features"))
     return (features[0], torch.as_tensor(train.targets), features[1], torch.as_tensor(test.targets),
@@ -167,7 +210,8 @@ def extract_train_test(args, info):
 def run_knn(args):
     """The evaluation itself (the process group must exist). Returns on rank 0
     {"knn": {k: (top1, top5)}} (k as used: at most the train images) or, with --n_shot,
-    {"few_shot": few_shot_eval(...)}, and "split": the split scored; {} elsewhere."""
+    {"few_shot": few_shot_eval(...)}, and "split": the split scored, "vote" and "metric": the
+    k-NN's (--knn_vote, --knn_metric); {} elsewhere."""
     check_args(args)
     amp.resolve_precision(args, args.device)
     info = dataset_info(args.dataset, args.data_path)
@@ -182,32 +226,36 @@ def run_knn(args):
         train_labels, test_labels = feats["train_labels"], feats["test_labels"]
         num_classes = int(feats["num_classes"])
         split = str(feats.get("test_split", "the test features of --load_features"))
+        train_f, test_f = loaded_for_metric(train_f, test_f, feats.get("normalized", True),
+                                            args.knn_metric, args.load_features)
     else:
         train_f, train_labels, test_f, test_labels, num_classes, split = extract_train_test(args, info)
         if args.dump_features and distu.is_main_process():
             os.makedirs(args.dump_features, exist_ok=True)
             save_atomic({"train_features": train_f.cpu(), "test_features": test_f.cpu(),
                          "train_labels": train_labels, "test_labels": test_labels,
-                         "num_classes": num_classes, "test_split": split},
+                         "num_classes": num_classes, "test_split": split,
+                         "normalized": args.knn_metric == "cosine"},
                         os.path.join(args.dump_features, "features.pth"))
     results = {}
     if distu.is_main_process():
-        results["split"] = split
+        results.update(split=split, vote=args.knn_vote, metric=args.knn_metric)
         if args.use_cuda and args.device.type == "cuda":
             train_f, test_f = train_f.to(args.device), test_f.to(args.device)
         else:
             train_f, test_f = train_f.cpu(), test_f.cpu()
         if args.n_shot:
             print(f"Features are ready!\nStart {args.n_episodes} episodes of {args.n_shot}-shot "
-                  f"classification ({args.n_shot} train images per class).")
+                  f"classification ({args.n_shot} train images per class; {rule(args)}).")
             results["few_shot"] = few_shot_eval(
                 train_f, train_labels, test_f, test_labels, num_classes, args.n_shot,
-                args.n_episodes, args.nb_knn, args.temperature, args.logreg, args.logreg_C, args.seed)
+                args.n_episodes, args.nb_knn, args.temperature, args.logreg, args.logreg_C,
+                args.seed, args.knn_vote, args.knn_metric)
             for name, r in results["few_shot"].items():
                 print(f"{args.n_shot}-shot {name} classifier result: Top1: {r['mean']:.2f} "
                       f"+- {r['std']:.2f} (mean +- std over {args.n_episodes} episodes, on {split})")
         else:
-            print("Features are ready!\nStart the k-NN classification.")
+            print(f"Features are ready!\nStart the k-NN classification ({rule(args)}).")
             results["knn"] = {}
             used = {k: knn_k_used(k, len(train_f)) for k in args.nb_knn}
             capped = [k for k in args.nb_knn if used[k] < k]
@@ -216,7 +264,8 @@ def run_knn(args):
                       f"train images; k = {len(train_f)} is used instead")
             for k in dict.fromkeys(used.values()):  # each k used once, in the asked order
                 top1, top5 = knn_classifier(train_f, train_labels, test_f, test_labels, k,
-                                            args.temperature, num_classes)
+                                            args.temperature, num_classes, args.knn_vote,
+                                            args.knn_metric)
                 results["knn"][k] = (top1, top5)
                 print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5} (on {split})")
         if args.output_dir:

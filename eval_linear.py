@@ -11,6 +11,10 @@ What each layer knows (one probe per block's CLS / per ResNet stage, a table and
 The non-linear probe: --head mlp --mlp_dims 512 256 (models/heads.py, as finetune.py's --head mlp).
 --lr is for a global batch of 256 (DINO's linear scaling); --lr_scaling none takes it as is.
 
+The best-on-validation probe is scored per class on the scored split: report.txt / report.json
+(sklearn's precision / recall / F1 per class, named as the dataset names them) and
+confusion_matrix.png, as finetune.py's. --train_split probe trains on another split (probe/).
+
 The backbone is frozen (eval mode, no gradients) and proven so: its state_dict is compared with a
 snapshot after training, as facebookresearch/moco-v3 main_lincls.py's sanity_check.
 Without --pretrained_weights the probe runs on the random init (the baseline). The run resumes
@@ -230,7 +234,8 @@ def build_datasets(args, info):
         dataset_train = evaluation.eval_split(args, "train", val_tf, val_split=args.val_split)
     else:  # (training_batches builds the augmented loader)
         dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf,
-                                      val_split=args.val_split, seed=args.seed)
+                                      val_split=args.val_split, seed=args.seed,
+                                      train_split=args.train_split)
     dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)
     separate = resolve_split(args.dataset, args.data_path, "test", args.eval_split) != \
         resolve_split(args.dataset, args.data_path, "val", args.eval_split, args.val_split)
@@ -320,9 +325,9 @@ def train_one_epoch(model, probe, optimizer, scaler, batches, epoch, encode, arg
 
 
 @torch.no_grad()
-def validate_network(model, probe, data, feats_fn, args, what="validation"):
-    """data: a dataset (images through the frozen backbone) or a (features, labels) pair.
-    Returns one {"acc1", "acc5", "loss"} per head; top-5 only when there are >= 5 labels."""
+def probe_logits(model, probe, data, feats_fn, args, what="validation"):
+    """(logits (N, heads x C), labels (N,)) of `data`: a dataset (images through the frozen
+    backbone) or a (features, labels) pair; `what` names the pass in the progress lines."""
     probe = probe.module if isinstance(probe, DistributedDataParallel) else probe
     probe.eval()
     if isinstance(data, tuple):
@@ -334,7 +339,15 @@ def validate_network(model, probe, data, feats_fn, args, what="validation"):
             model, data, args.batch_size_per_gpu, args.num_workers, args.device, normalize=False,
             feature_fn=lambda m, x: torch.cat(probe(feats_fn(m, x).float()), dim=1),
             precision=args.precision, what=what)
-    labels = labels.to(logits.device)
+    return logits, labels.to(logits.device)
+
+
+@torch.no_grad()
+def validate_network(model, probe, data, feats_fn, args, what="validation", logits=None):
+    """data: a dataset (images through the frozen backbone) or a (features, labels) pair;
+    logits: probe_logits(...) of it, when already computed.
+    Returns one {"acc1", "acc5", "loss"} per head; top-5 only when there are >= 5 labels."""
+    logits, labels = logits or probe_logits(model, probe, data, feats_fn, args, what)
     out = []
     for lg in logits.split(args.num_labels, dim=1):
         acc1, acc5 = accuracy(lg, labels)
@@ -406,15 +419,48 @@ def evaluate_probe(model, probe, feats_fn, dataset, names, dims, args):
                         **test_numbers(s["acc1"], None)} for n, d, s in zip(names, dims, stats)]}
 
 
-def report(model, probe, best, best_state, test_data, feats_fn, names, dims, args, splits):
+def class_report(logits, labels, dataset, args):
+    """The probe's per-class report on the scored split, as finetune.py's: accuracy, sklearn's
+    per-class precision / recall / F1 with the dataset's class names (core/report.py
+    class_names: folder names, an npy dataset's classes.txt) and the confusion matrix, in
+    report.txt, report.json and confusion_matrix.png (rank 0)."""
+    from core.report import (class_names, classification_metrics, format_report,
+                             save_confusion_matrix)
+    names = class_names(dataset, args.num_labels)
+    metrics = classification_metrics(labels.cpu().numpy(), logits.argmax(1).cpu().numpy(),
+                                     args.num_labels, names)
+    if distu.is_main_process():
+        text = format_report(metrics)
+        print(f"Per-class report of the best-on-validation probe on {dataset.split_name}:\n{text}")
+        with open(os.path.join(args.output_dir, "report.txt"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.output_dir, "report.json"), "w") as f:
+            json.dump({**{k: v for k, v in metrics.items() if k != "report"},
+                       "split": dataset.split_name}, f, indent=1)
+        save_confusion_matrix(metrics["confusion_matrix"], names,
+                              os.path.join(args.output_dir, "confusion_matrix.png"),
+                              f"{args.head} probe, {args.arch} on {args.dataset} "
+                              f"{dataset.split_name}: {metrics['accuracy']:.2f}% top-1")
+    return metrics
+
+
+def report(model, probe, best, best_state, test_data, feats_fn, names, dims, args, splits,
+           scored=None):
     """Final numbers: the best validation accuracy of every head and, when there is a test
     split apart from val (--val_split, or val/ and test/), the test accuracy of the
     best-on-validation heads; per-layer table with --probe_layers; results.json, whose
-    "splits" names the split of each number (splits: {"best_acc": ..., "test_acc": ...})."""
+    "splits" names the split of each number (splits: {"best_acc": ..., "test_acc": ...}).
+    scored: (its data, its dataset) of the split scored, for the per-class report of the
+    best-on-validation probe (class_report; one head only)."""
     test_accs = [None] * len(dims)
+    probe.load_state_dict(best_state)
+    logits = probe_logits(model, probe, scored[0], feats_fn, args, scored[1].split_name) \
+        if scored else None
     if test_data is not None:
-        probe.load_state_dict(best_state)
-        test_accs = [s["acc1"] for s in validate_network(model, probe, test_data, feats_fn, args, "test")]
+        test_accs = [s["acc1"] for s in validate_network(model, probe, test_data, feats_fn, args,
+                                                         "test", logits)]
+    if scored and len(dims) == 1:
+        class_report(*logits, scored[1], args)
     layers = [{"name": n, "dim": d, "best_acc": b, "test_acc": t}
               for n, d, b, t in zip(names, dims, best, test_accs)]
     if args.probe_layers:
@@ -615,7 +661,9 @@ def _run_linear(args):
         return None
 
     sanity_check(model, snapshot)  # the backbone must not have moved, in every training run
-    return report(model, probe, best, best_state, test_data, feats_fn, names, dims, args, splits)
+    scored = (test_data, dataset_test) if test_data is not None else (val_data, dataset_val)
+    return report(model, probe, best, best_state, test_data, feats_fn, names, dims, args, splits,
+                  None if args.probe_layers else scored)
 
 
 def eval_linear(args):

@@ -392,7 +392,7 @@ def build_datasets(args, info):
     """(train augmented, val (held out of train with --val_split, else val/), test (the
     --eval_split split)). Fills --num_labels."""
     val_tf = eval_transform(args.image_size, info.mean, info.std)
-    split = dict(val_split=args.val_split, seed=args.seed)
+    split = dict(val_split=args.val_split, seed=args.seed, train_split=args.train_split)
     dataset_train = build_dataset(args.dataset, args.data_path, "train",
                                   SingleViewTransform(args.image_size, info.mean, info.std), **split)
     dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)  # tensor / pil

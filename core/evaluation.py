@@ -14,6 +14,7 @@ visualize_attention.py), so that no script imports another:
                              the images through --data_backend tensor or pil (data/loaders.py)
     extract_dataset_features(model, dataset, ...)    features (N, F) of a whole dataset
     knn_classifier(...), KNNEvaluator, knn_eval_backbone(...)   DINO's weighted k-NN
+                             (knn_rank: also the majority vote, the Euclidean distance)
 
 Errors are ordinary exceptions (ValueError, FileNotFoundError) with a one-line message; each
 script's entry point prints them (core/cli.py).
@@ -33,7 +34,8 @@ from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_s
                              load_pretrained_weights, weights_arch)
 from core.logger import bool_flag
 from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
-from data.datasets import EVAL_SPLITS, resolve_split, split_label, train_labels
+from data.datasets import (EVAL_SPLITS, check_train_split, resolve_split, split_label,
+                           train_labels)
 from data.loaders import add_data_args, build_train_loader, epoch_indices
 from data.normalization import add_norm_args, check_norm_args, resolve_eval_norm
 from models import (ARCHS, VIT_SHAPE, VIT_SIZES, build_backbone, check_patch_size, check_vit_shape,
@@ -116,9 +118,10 @@ def add_eval_split_arg(parser):
                              "(default: %(default)s).")
 
 
-def data_parser():
+def data_parser(train_split=False):
     """--dataset --data_path --eval_split --output_dir, and --norm_stats --norm_mean --norm_std
-    (data/normalization.py: by default the statistics the weights were trained with)."""
+    (data/normalization.py: by default the statistics the weights were trained with); with
+    train_split=True also --train_split (the scripts that train a classifier or k-NN on it)."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("Data and outputs")
     group.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),
@@ -127,6 +130,14 @@ def data_parser():
                             "STL-10 files name theirs; without --data_path: digits, embedded).")
     group.add_argument("--data_path", default="", type=str, help="Dataset root.")
     add_eval_split_arg(group)
+    if train_split:
+        group.add_argument("--train_split", default="train", type=str,
+                           help="The split the probe, the fine-tuning or the k-NN memory bank "
+                                "trains on: train, or another split of an npy or imagefolder "
+                                "dataset by name, e.g. probe (<data_path>/probe/images.npy + "
+                                "labels.npy, probe_images.npy + probe_labels.npy, or the class "
+                                "folders of <data_path>/probe/); --val_split holds images out "
+                                "of it.")
     group.add_argument("--output_dir", default=None, type=str,
                        help="Folder for logs, checkpoints and results.json (default: "
                             "out/<script>/<weights folder>_<weights file>_<dataset>, or "
@@ -155,7 +166,7 @@ def run_parser():
 def get_args_parser(add_help=False):
     """Every flag eval_knn.py, eval_linear.py and finetune.py share."""
     return argparse.ArgumentParser(add_help=add_help, parents=[
-        model_parser(), features_parser(), data_parser(), run_parser()])
+        model_parser(), features_parser(), data_parser(train_split=True), run_parser()])
 
 
 def check_common_args(args):
@@ -172,15 +183,31 @@ def check_common_args(args):
         amp.resolve_precision(argparse.Namespace(precision=args.precision, use_fp16=args.use_fp16), "cuda")
 
 
-def check_eval_data(args, val_split=0):
+def check_eval_data(args, val_split=0, selects=True):
     """Before any image is read, for the scripts whose output is an accuracy: the splits they
-    read are there (resolve_split: the --eval_split folder, the selection split), and the train
-    split has a label for every image and at least two classes (with one, every k-NN vote and
-    every probe predicts it: 100 % whatever the backbone)."""
-    for split in ("test", "val"):
-        resolve_split(args.dataset, args.data_path, split, args.eval_split, val_split)
-    classes, unlabelled = train_labels(args.dataset, args.data_path)
-    train = split_label(args.dataset, args.data_path, "train")
+    read are there (resolve_split: the --eval_split folder, the selection split), the train
+    split (--train_split) is neither the scored split nor, for the scripts that select a model
+    (selects), the selection split, and it has a label for every image and at least two
+    classes (with one, every k-NN vote and every probe predicts it: 100 % whatever the
+    backbone)."""
+    scored = {split: resolve_split(args.dataset, args.data_path, split, args.eval_split, val_split)
+              for split in ("test", "val")}
+    train_split = getattr(args, "train_split", "train")
+    check_train_split(args.dataset, train_split)
+    if train_split == scored["test"] or (selects and train_split == scored["val"]):
+        role = "scored" if train_split == scored["test"] else "where models are selected"
+        raise ValueError(f"--train_split {train_split} is the split {role} "
+                         f"(--eval_split {args.eval_split}); a classifier trained on it would be "
+                         f"measured on its own training images: train on another split, or hold "
+                         f"images out with --val_split N")
+    try:
+        classes, unlabelled = train_labels(args.dataset, args.data_path, train_split)
+    except FileNotFoundError as e:
+        if train_split == "train":
+            raise
+        raise FileNotFoundError(f"--train_split {train_split}: {e}; or pass the name of a split "
+                                f"that {args.data_path} has") from None
+    train = split_label(args.dataset, args.data_path, train_split)
     if classes < 2:
         what = "has no labels" if classes == 0 else "holds a single class"
         raise ValueError(f"the {train} split of {args.data_path or args.dataset} {what}, so every "
@@ -384,6 +411,7 @@ def train_loader(args, split, transform, shuffle=True, drop_last=True, **dataset
     (skip_bad_images: --skip_bad_images where the script has it)."""
     dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
     dataset_kwargs.setdefault("eval_split", getattr(args, "eval_split", "auto"))
+    dataset_kwargs.setdefault("train_split", getattr(args, "train_split", "train"))
     return build_train_loader(args.data_backend, args.dataset, args.data_path, transform,
                               args.batch_size_per_gpu, device=args.device, seed=args.seed,
                               rank=args.rank, world_size=args.world_size,
@@ -418,6 +446,7 @@ def eval_split(args, split, transform, **dataset_kwargs):
     (data.datasets.resolve_split); the result names it in .split_name."""
     dataset_kwargs.setdefault("skip_bad_images", getattr(args, "skip_bad_images", False))
     dataset_kwargs.setdefault("eval_split", getattr(args, "eval_split", "auto"))
+    dataset_kwargs.setdefault("train_split", getattr(args, "train_split", "train"))
     dataset = build_dataset(args.dataset, args.data_path, split, transform, seed=args.seed,
                             **dataset_kwargs)
     if args.data_backend == "pil":
@@ -516,26 +545,71 @@ def extract_dataset_features(model, dataset, batch_size, num_workers, device, fe
     return F.normalize(features, dim=1) if normalize else features
 
 
-# ============ weighted k-NN ... ============
+# ============ k-NN: DINO's weighted vote, and the majority vote ... ============
 
 def knn_k_used(k, n_train):
     """The k a k-NN over n_train memory-bank images can use: at most all of them."""
     return min(k, n_train)
 
 
-@torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k, T,
-                   num_classes=1000):
-    """Weighted k-NN (Wu et al. 2018, as DINO): each of the k nearest training features (cosine
-    similarity s) votes for its class with weight exp(s / T). Features must be L2-normalised.
-    train_features (N, F), train_labels (N,), test_features (M, F), test_labels (M,).
-    Returns (top1, top5) in percent; k is capped at N (knn_k_used), top-5 uses
-    min(5, k, num_classes) guesses."""
-    if not T > 0 or T == float("inf"):
+KNN_VOTES = ("weighted", "majority")
+KNN_METRICS = ("cosine", "euclidean")
+
+
+def check_knn_rule(k, T, vote="weighted", metric="cosine"):
+    """One-line ValueErrors for a k-NN that cannot vote: k < 1, a temperature that is not a
+    positive number (weighted vote), an unknown vote or metric."""
+    if vote not in KNN_VOTES or metric not in KNN_METRICS:
+        raise ValueError(f"k-NN vote '{vote}' / metric '{metric}' is unknown; use a vote of "
+                         f"{', '.join(KNN_VOTES)} and a metric of {', '.join(KNN_METRICS)}")
+    if vote == "weighted" and (not T > 0 or T == float("inf")):
         raise ValueError(f"k-NN temperature {T} is invalid: the votes are weighted by "
                          f"exp(similarity / T), so T must be a positive number (DINO: 0.07)")
     if k < 1:
         raise ValueError(f"k-NN with k = {k} has no neighbours; use k >= 1")
+
+
+@torch.no_grad()
+def knn_rank(train_features, train_labels, feats, k, T, num_classes, vote="weighted",
+             metric="cosine"):
+    """The classes (b, num_classes) of the queries `feats` (b, F), best first, by a vote of
+    their k nearest train features (k <= N). metric: "cosine", the similarity s = x . y of
+    L2-normalised features (DINO), or "euclidean", s = -||x - y|| on the features as they are.
+    vote: "weighted" (Wu et al. 2018, DINO), each neighbour votes for its class with weight
+    exp(s / T) (euclidean: exp(-(d - d_nearest) / T), the same ranking as exp(-d / T) without
+    its underflow); "majority", one vote each, classes with as many votes ranked by their
+    index, smallest first, as scikit-learn's KNeighborsClassifier (weights="uniform") breaks
+    ties. Neighbours at equal distance are taken in topk's order."""
+    if metric == "cosine":
+        similarity = feats @ train_features.T                               # (b, N)
+    else:
+        similarity = -torch.cdist(feats, train_features)                    # (b, N)
+    distances, indices = similarity.topk(k, largest=True, sorted=True)      # (b, k)
+    retrieved = train_labels[indices]                                       # (b, k)
+    b = feats.shape[0]
+    one_hot = torch.zeros(b * k, num_classes, device=feats.device)
+    one_hot.scatter_(1, retrieved.view(-1, 1), 1)
+    if vote == "majority":
+        votes = one_hot.view(b, k, num_classes).sum(1)
+        return votes.sort(dim=1, descending=True, stable=True).indices
+    if metric == "euclidean":
+        distances = distances - distances[:, :1]
+    weights = distances.div(T).exp()
+    probs = (one_hot.view(b, k, num_classes) * weights.view(b, k, 1)).sum(1)
+    return probs.argsort(1, descending=True)
+
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T,
+                   num_classes=1000, vote="weighted", metric="cosine"):
+    """k-NN classification of the test features by the train features (the memory bank):
+    by default DINO's, the weighted vote (Wu et al. 2018) of the k nearest by cosine
+    similarity s, each with weight exp(s / T); vote="majority" and metric="euclidean" are the
+    alternatives of knn_rank. Cosine needs L2-normalised features (extract_dataset_features'
+    default); euclidean takes them as they are. train_features (N, F), train_labels (N,),
+    test_features (M, F), test_labels (M,). Returns (top1, top5) in percent; k is capped at N
+    (knn_k_used), top-5 uses min(5, k, num_classes) guesses."""
+    check_knn_rule(k, T, vote, metric)
     top1, top5, total = 0.0, 0.0, 0
     k = knn_k_used(k, train_features.shape[0])
     n5 = min(5, k, num_classes)
@@ -545,20 +619,27 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     for i in range(0, test_features.shape[0], chunk):
         feats = test_features[i:i + chunk].to(train_features.device)
         targets = test_labels[i:i + chunk]
-        b = targets.shape[0]
-        similarity = feats @ train_features.T                               # (b, N)
-        distances, indices = similarity.topk(k, largest=True, sorted=True)  # (b, k)
-        retrieved = train_labels[indices]                                   # (b, k)
-        one_hot = torch.zeros(b * k, num_classes, device=feats.device)
-        one_hot.scatter_(1, retrieved.view(-1, 1), 1)
-        weights = distances.div(T).exp()
-        probs = (one_hot.view(b, k, num_classes) * weights.view(b, k, 1)).sum(1)
-        predictions = probs.argsort(1, descending=True)
+        predictions = knn_rank(train_features, train_labels, feats, k, T, num_classes, vote,
+                               metric)
         correct = predictions.eq(targets.view(-1, 1))
         top1 += correct[:, :1].sum().item()
         top5 += correct[:, :n5].sum().item()
-        total += b
+        total += targets.shape[0]
     return top1 * 100.0 / total, top5 * 100.0 / total
+
+
+@torch.no_grad()
+def knn_predict(train_features, train_labels, test_features, k, T=0.07, num_classes=None,
+                vote="weighted", metric="cosine"):
+    """The predicted class (M,) of every test feature, as knn_classifier scores it."""
+    check_knn_rule(k, T, vote, metric)
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k = knn_k_used(k, train_features.shape[0])
+    train_labels = train_labels.to(train_features.device)
+    return torch.cat([knn_rank(train_features, train_labels,
+                               test_features[i:i + 256].to(train_features.device), k, T,
+                               num_classes, vote, metric)[:, 0]
+                      for i in range(0, test_features.shape[0], 256)])
 
 
 class KNNEvaluator:

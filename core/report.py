@@ -20,12 +20,14 @@ import torch
 
 
 def class_names(dataset, num_classes):
-    """The dataset's class names (torchvision .classes, also through a held-out subset), else
-    '0', '1', ..."""
-    for ds in (dataset, getattr(dataset, "dataset", None)):
-        names = getattr(ds, "classes", None)
+    """The dataset's class names (.classes: torchvision's, an ImageFolder's folders, an npy
+    dataset's classes.txt), also through the datasets it wraps (.dataset: a held-out subset, a
+    LoadedSplit), else '0', '1', ..."""
+    while dataset is not None:
+        names = getattr(dataset, "classes", None)
         if names is not None and len(names) == num_classes:
             return [str(n) for n in names]
+        dataset = getattr(dataset, "dataset", None)
     return [str(i) for i in range(num_classes)]
 
 

@@ -11,6 +11,12 @@ attributes, so that pretraining, k-NN and linear evaluation treat them all alike
     build_dataset("imagefolder", root, "test", tf)   # test/ when root has val/ and test/, else
                                                      # the one of them it has (resolve_split)
 
+A probe or fine-tuning may train on another split of an npy or imagefolder dataset than
+train/ (train_split="probe": probe/images.npy, probe_images.npy or the folder probe/); "val"
+held out with val_split comes out of that split then. npy class names come from classes.txt
+beside the arrays (<root>/classes.txt, one name per line, line i + 1 naming class i), as
+.classes, which the reports read (core/report.py class_names).
+
 Each also names the split it read (.split_name: "val/", "test", "train/ held-out"), so that
 every printed and logged number can say where it comes from; npy labels are checked as a split
 is built (class indices, and no class in val/test that train lacks: one line naming the file).
@@ -158,7 +164,9 @@ def dataset_info(name, root=None):
         images_path, labels_path = _npy_paths(root, "train")
         shape = np.load(images_path, mmap_mode="r").shape
         size = shape[1] if _npy_layout(shape, images_path) != "nchw" else shape[2]
-        return DatasetInfo(_num_classes(np.load(labels_path)), int(size), info.mean, info.std)
+        names = npy_class_names(root)  # classes.txt: as many classes as it names
+        classes = len(names) if names else _num_classes(np.load(labels_path))
+        return DatasetInfo(classes, int(size), info.mean, info.std)
     return info
 
 
@@ -212,13 +220,13 @@ def resolve_split(name, root, split, eval_split="auto", val_split=0):
     return eval_split
 
 
-def split_label(name, root, split):
+def split_label(name, root, split, train_split="train"):
     """How prints and logs name a split that resolve_split returned: the folder ("val/",
     "test/") of imagefolder, npy and Tiny ImageNet, the files of a flat npy layout
     ("val_*.npy"), else the split's own name (CIFAR's "test"); "heldout" is named after the
-    train split it comes out of ("train/ held-out")."""
+    train split it comes out of ("train/ held-out", "probe/ held-out")."""
     if split == "heldout":
-        return f"{split_label(name, root, 'train')} held-out"
+        return f"{split_label(name, root, train_split)} held-out"
     if name in ("imagefolder", "tiny-imagenet"):
         return f"{split}/"
     if name == "npy":
@@ -228,7 +236,7 @@ def split_label(name, root, split):
 
 
 def build_dataset(name, root, split, transform=None, val_split=0, seed=0, download=False,
-                  skip_bad_images=False, eval_split="auto"):
+                  skip_bad_images=False, eval_split="auto", train_split="train"):
     """Dataset `name` stored under `root` (the --data_path), split `split`, which the dataset
     names in .split_name (how prints label its numbers, e.g. "val/", "test", "train/
     held-out") and .split_key (the same as a word for keys and tags: "val", "test", "heldout").
@@ -239,6 +247,8 @@ def build_dataset(name, root, split, transform=None, val_split=0, seed=0, downlo
     val_split: number (int >= 1) or fraction (0 < float < 1) of the official train split held
         out as "val", class-stratified and fixed by `seed`; "train" is then the remainder.
     eval_split: "auto", "val" or "test", the folder "test" reads (resolve_split).
+    train_split: the split "train" reads, and "val" is held out of (check_train_split): "train",
+        or another split of an npy / imagefolder dataset (e.g. "probe").
     download: let torchvision fetch cifar10/cifar100/stl10 when they are missing.
     skip_bad_images: imagefolder / tiny-imagenet replace an image file that cannot be decoded
         by the next one, named on stderr and counted in the dataset's .skipped (else: one
@@ -253,34 +263,54 @@ def build_dataset(name, root, split, transform=None, val_split=0, seed=0, downlo
     build = _BUILDERS[name]
     if name in ("imagefolder", "tiny-imagenet"):  # the datasets that decode image files
         build = partial(build, skip_bad_images=skip_bad_images)
-    source = resolve_split(name, root, split, eval_split, val_split)
+    check_train_split(name, train_split)
+    source = train_split if split == "train" else resolve_split(name, root, split, eval_split,
+                                                                val_split)
     if not val_split or split in ("test", "unlabeled"):
         ds = build(root, source, transform, download)
     else:
-        # held-out validation: carve it out of the official train split. For stl10's
+        # held-out validation: carve it out of the train split. For stl10's
         # train+unlabeled the labeled part comes first and is the same as "train", so the
         # same images are held out of both.
-        base = build(root, "train" if split == "val" else split, transform, download)
+        base = build(root, train_split if split == "val" else source, transform, download)
         train_idx, val_idx = _holdout(base.targets, val_split, seed)
         ds = _Subset(base, val_idx if split == "val" else train_idx)
-    ds.split_name = split_label(name, root, source)
+    ds.split_name = split_label(name, root, source, train_split)
     ds.split_key = source.replace("+", "_")
     return ds
 
 
-def train_labels(name, root):
-    """(classes, unlabelled) of the train split, without decoding an image: how many distinct
-    classes its labelled images hold (class folders, the labels >= 0 of an npy train split,
-    the registry; 1 when every image has the same label) and how many images have none (-1)."""
+def train_labels(name, root, split="train"):
+    """(classes, unlabelled) of the train split (or the named split a probe trains on),
+    without decoding an image: how many distinct classes its labelled images hold (class
+    folders, the labels >= 0 of an npy split, the registry; 1 when every image has the same
+    label) and how many images have none (-1)."""
     if name == "npy":
-        if _npy_paths(root, "train") is None:
-            _build_npy(root, "train", None, False)  # its one-line error
-        path = _npy_paths(root, "train")[1]
+        if _npy_paths(root, split) is None:
+            _build_npy(root, split, None, False)  # its one-line error
+        path = _npy_paths(root, split)[1]
         labels = _check_npy_labels(np.load(path).reshape(-1), path)
         return int(np.unique(labels[labels >= 0]).size), int((labels < 0).sum())
-    if name == "imagefolder" and not (Path(root) / "train").is_dir():
-        _build_imagefolder(root, "train", None, False)  # its one-line error
+    if name == "imagefolder":
+        folder = Path(root) / split
+        if not folder.is_dir():
+            _build_imagefolder(root, split, None, False)  # its one-line error
+        return len([e for e in os.scandir(folder) if e.is_dir() and not _hidden(e.name)]), 0
     return dataset_info(name, root).num_classes or 0, 0
+
+
+def check_train_split(name, train_split):
+    """A named train split (--train_split) is a folder of an npy or imagefolder dataset; the
+    datasets with fixed files have only their own train split."""
+    if train_split == "train":
+        return
+    if name not in ("npy", "imagefolder"):
+        raise ValueError(f"--train_split {train_split}: {name} has fixed splits, its train split "
+                         f"is the only one to train on; a named split is a folder of an npy or "
+                         f"imagefolder dataset (<data_path>/{train_split}/)")
+    if train_split in ("heldout", "") or "/" in train_split or train_split.startswith("."):
+        raise ValueError(f"--train_split '{train_split}' is not a split name; give the name of a "
+                         f"folder of --data_path, e.g. probe")
 
 
 class _Subset(Dataset):
@@ -622,8 +652,10 @@ class ArrayDataset(Dataset):
     the whole array.
     """
 
-    def __init__(self, images, targets, num_classes, transform=None, layout="nhwc"):
+    def __init__(self, images, targets, num_classes, transform=None, layout="nhwc", classes=None):
         self.images = images
+        if classes is not None:
+            self.classes = list(classes)  # names, as torchvision's datasets have them
         self.targets = [int(t) for t in targets]
         self.num_classes = num_classes
         self.transform = transform
@@ -690,7 +722,8 @@ def _build_npy(root, split, transform, download):
     if len(labels) != len(images):
         raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has "
                          f"{len(labels)} labels; they must match")
-    labels = _check_npy_labels(labels, labels_path, unlabelled_ok=split == "train")
+    # (a probe may train on a named split: only the evaluation splits need every label)
+    labels = _check_npy_labels(labels, labels_path, unlabelled_ok=split not in ("val", "test"))
     # the test split may miss a class: count classes on train so the indices agree
     train = _npy_paths(root, "train")
     if split != "train" and train is not None:
@@ -699,7 +732,48 @@ def _build_npy(root, split, transform, download):
         num_classes = _num_classes(train_labels)
     else:
         num_classes = _num_classes(labels)
-    return ArrayDataset(str(images_path), labels, num_classes, transform, layout)
+    names = npy_class_names(root)
+    if names is not None:
+        _check_named(labels, labels_path, names)
+        num_classes = len(names)
+    return ArrayDataset(str(images_path), labels, num_classes, transform, layout, names)
+
+
+CLASS_NAMES_FILE = "classes.txt"
+
+
+def npy_class_names(root):
+    """The class names of an npy dataset, from <root>/classes.txt beside the arrays (or beside
+    the split folders): one name per line, line i + 1 naming class i, in UTF-8; None without
+    the file. An empty line (but trailing ones) or a name given twice is a ValueError naming
+    the file."""
+    path = Path(root) / CLASS_NAMES_FILE
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    how = "write one class name per line, line i + 1 naming class i"
+    if not names:
+        raise ValueError(f"{path} holds no class name; {how}, or delete it")
+    if "" in names:
+        raise ValueError(f"{path} line {names.index('') + 1} is empty; {how}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{path} names class '{twice[0]}' twice (lines "
+                         f"{', '.join(str(i + 1) for i, n in enumerate(names) if n == twice[0])}); "
+                         f"{how}")
+    return names
+
+
+def _check_named(labels, labels_path, names):
+    """Every class index of an npy split has its line in classes.txt."""
+    if labels.size and labels.max() >= len(names):
+        raise ValueError(f"{labels_path} holds class {int(labels.max())}, but "
+                         f"{CLASS_NAMES_FILE} beside it names only {len(names)} classes "
+                         f"(0..{len(names) - 1}); write one class name per line, line i + 1 "
+                         f"naming class i")
 
 
 def _counted(values, labels, most=5):
