@@ -587,9 +587,10 @@ def torchrun_row(ctx, nproc, backend_flags=()):
         outputs.append(text)
     epoch = load_file(str(run_dir / "checkpoint.pth"))["epoch"]
     shutil.rmtree(run_dir, ignore_errors=True)  # the checkpoints
+    # every rank prints its init line, in whatever order (and torchrun may join two lines)
     init = [line for line in outputs[0].splitlines() if "distributed init" in line]
-    checks = {f"rank 0/{nproc} over {backend}": bool(init) and f"rank 0/{nproc}" in init[0]
-              and backend in init[0],
+    checks = {f"rank 0/{nproc} over {backend}": any(f"rank 0/{nproc}, {backend}" in line
+                                                    for line in init),
               "epoch 0 trained": "Starting dino training from epoch 0!" in outputs[0],
               "resumed": f"Found checkpoint at {run_dir / 'checkpoint.pth'}" in outputs[1]
               and "Starting dino training from epoch 1!" in outputs[1],
