@@ -32,15 +32,29 @@ def exit_with_launcher():
     """Under torchrun, die with the launcher: a launcher killed with SIGKILL cannot stop its
     workers, which would train on as orphans and write checkpoints while a restarted job
     trains the same epochs. Linux's prctl(PR_SET_PDEATHSIG) has the kernel send SIGKILL to this
-    process when its parent (torchrun's agent) dies. Elsewhere a no-op. (A launcher that died
-    while this process was still importing leaves it no agent store to join: init fails.)"""
+    process when its parent (torchrun's agent) dies. Elsewhere a no-op. A launcher that died
+    before the call (while this process was still importing) is caught by looking at the
+    parent: no longer torchrun's agent."""
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    parent = os.getppid()
     pr_set_pdeathsig = 1  # from <linux/prctl.h>
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the launcher died just before the call
+    # The launcher may have died before the call (while this process imported torch): this
+    # process then belongs to init or a subreaper, which the death signal does not cover.
+    if not _parent_is_launcher():
         os._exit(1)
+
+
+def _parent_is_launcher():
+    """Whether the parent process is torchrun's agent (`torchrun` or `python -m
+    torch.distributed.run`), read from /proc; True where /proc cannot tell."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        return any(a == b"torch.distributed.run" or os.path.basename(a) == b"torchrun"
+                   for a in argv[:3])
+    except OSError:
+        return os.getppid() != 1
 
 
 DIST_BACKENDS = ("nccl", "gloo")

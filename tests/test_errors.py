@@ -271,6 +271,17 @@ def test_workers_exit_when_torchrun_is_killed(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_whose_launcher_died_before_it_armed_the_death_signal_exits():
+    """A torchrun worker whose launcher died while it was importing has been re-parented (to
+    init or a subreaper) before exit_with_launcher runs: it must exit, not train on."""
+    code = ("from core.dist import exit_with_launcher; exit_with_launcher(); print('trained on')")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "orphan"}  # a worker's environment, no agent
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "trained on" not in out.stdout
+
+
 # ============ issue 18: runs that change the run, a full disk, unsafe loading ============
 
 def test_resume_by_another_number_of_processes_is_refused_or_said(tmp_path, capsys):
