@@ -5,7 +5,7 @@
 #   DATA=/datasets/imagenet sbatch slurm/ibot_pretrain.sh              # needs $DATA/train/<class>/
 #   DATA=/datasets/imagenet OUT=out/ibot_vitb16 sbatch slurm/ibot_pretrain.sh --arch vit_base \
 #       --norm_last_layer true --epochs 400 --batch_size_per_gpu 32    # extra flags win (last value)
-#   DATA=../shared/data/cifar10-jpeg OUT=out/ibot_cifar10 sbatch --nodes=1 --ntasks-per-node=4 \
+#   DATA=/path/to/cifar10 OUT=out/ibot_cifar10 sbatch --nodes=1 --ntasks-per-node=4 \
 #       --gpus-per-node=4 slurm/ibot_pretrain.sh --patch_size 4 --global_crops_size 32 \
 #       --local_crops_size 16 --batch_size_per_gpu 128 --epochs 300   # README.md, DINO recipes
 #SBATCH --job-name=ibot_pretrain

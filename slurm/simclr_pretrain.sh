@@ -1,7 +1,7 @@
 #!/bin/bash
 # SimCLR ResNet-18 pre-training on CIFAR-10 (ImageFolder of JPEGs), 2 nodes x 4 GPUs.
-#   sbatch slurm/simclr_pretrain.sh                       # defaults below
-#   sbatch --nodes=1 slurm/simclr_pretrain.sh --epochs 100 # extra flags go to train_ssl.py
+#   DATA=/path/to/cifar10 sbatch slurm/simclr_pretrain.sh                      # defaults below
+#   DATA=/path/to/cifar10 sbatch --nodes=1 slurm/simclr_pretrain.sh --epochs 100 # extra flags go to train_ssl.py
 #   DATA=/datasets/imagenet OUT=out/simclr_in1k sbatch slurm/simclr_pretrain.sh --arch resnet50 --crop_size 224
 #SBATCH --job-name=simclr_pretrain
 #SBATCH --nodes=2
@@ -13,7 +13,7 @@
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=USR1@120
-DATA="${DATA:-../shared/data/cifar10-jpeg}"
+DATA="${DATA:?set DATA to the dataset folder that holds train/ and test/ (e.g. DATA=/path/to/cifar10)}"
 OUT="${OUT:-out/simclr_resnet18_cifar10}"
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" train_ssl.py --method simclr --arch resnet18 \
     --dataset imagefolder --data_path "$DATA" --crop_size 32 --output_dir "$OUT" \
