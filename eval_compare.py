@@ -1,11 +1,11 @@
 """Pretrained versus random init, side by side: k-NN, linear probe and fine-tuning of one
 checkpoint and of the same architecture at random init, in one Markdown table (compare.md) and
-TensorBoard runs (what the SimCLR seeds showed by hand).
+TensorBoard runs, rather than numbers gathered by hand from separate runs.
 
     python eval_compare.py --pretrained_weights out/rotation/checkpoint.pth --dataset digits \
         --linear_epochs 30 --finetune_epochs 10 --output_dir out/compare
     python eval_compare.py --nproc_per_node 4 --pretrained_weights out/dino/checkpoint.pth \
-        --dataset cifar10 --data_path ../shared/data --output_dir out/compare_cifar \
+        --dataset cifar10 --data_path /path/to/cifar10 --output_dir out/compare_cifar \
         --finetune_args "--val_split 5000 --layer_decay 0.75"
 
 Each evaluation is the script itself (eval_knn.py, eval_linear.py, finetune.py), started as its

@@ -3,9 +3,9 @@ precision, NCCL training and resume, throughput (step-only and end-to-end, eager
 MFU), the fast-by-default settings each measured off and on, and SimCLR time-to-accuracy with
 the minutes left.
 
-    python /work/shared/tools/treepack.py pack ../shared/data/cifar10-jpeg packs/cifar10  # once
-    python bench/gpu_suite.py --device cuda --minutes 9 --out runs/suite    # on the GPU machine
-    python bench/gpu_suite.py --device cpu --minutes 2 --out runs/suite_cpu # tiny versions
+    python bench/gpu_suite.py --device cuda --minutes 9 --out runs/suite \
+        --data_path /path/to/cifar10                                # on the GPU machine
+    python bench/gpu_suite.py --device cpu --minutes 2 --out runs/suite_cpu   # tiny versions
 
 Writes <out>/suite.md (the table to read) and <out>/suite.json, and prints every row as it is
 done, in this order:
@@ -34,9 +34,11 @@ the minutes left is marked "skipped (out of time)" and runs next time, and the t
 training goes on in the background between runs (<out>/tta; the next run shows its progress).
 Keep --out inside the checkout (runs/ is git-ignored) so it survives between calls.
 
-CIFAR-10 on the GPU machine: --data_pack packs/cifar10 (default when it exists) unpacks the
-pack made by ../shared/tools/treepack.py (the same format, unpacked here so the checkout needs
-nothing else) into runs/data/cifar10-jpeg once.
+CIFAR-10 (an ImageFolder of JPEGs with train/ and test/) comes from --data_path, or from
+--data_pack packs/cifar10 (default when it exists): one file instead of 60,000 small ones for a
+machine that gets only the checkout, <pack>.json listing [relative path, offset, length] of every
+file and <pack>.bin their bytes one after another, unpacked into runs/data/cifar10-jpeg once.
+Without either, the CIFAR-10 rows are reported as skipped.
 """
 import argparse
 import contextlib
@@ -743,7 +745,7 @@ def setting_pinned(device, tiny):
 # ============ data ============
 
 def unpack_tree(pack, dest):
-    """Unpack a ../shared/tools/treepack.py pack (<pack>.json: [relative path, offset, length],
+    """Unpack a pack of a folder tree (<pack>.json: [relative path, offset, length],
     <pack>.bin: the bytes) into dest, once (dest/.complete marks a finished unpack)."""
     dest = Path(dest)
     if (dest / ".complete").exists():
@@ -767,8 +769,7 @@ def cifar10_path(args):
     if pack:
         return unpack_tree(REPO / pack if not os.path.isabs(pack) else pack,
                            REPO / "runs/data/cifar10-jpeg")
-    shared = REPO.parent / "shared/data/cifar10-jpeg"
-    return shared if shared.exists() else None
+    return None
 
 
 # ============ time-to-accuracy ============
@@ -869,7 +870,9 @@ def get_args_parser():
                         help="With --device cpu: also run the compiled version of the first "
                              "tiny throughput row (minutes of compilation on a small CPU).")
     parser.add_argument("--data_pack", default="", type=str,
-                        help="A treepack pack of CIFAR-10 (packs/cifar10 when it exists).")
+                        help="A pack of the CIFAR-10 ImageFolder: <pack>.json lists [relative path, "
+                             "offset, length] per file, <pack>.bin holds the bytes "
+                             "(packs/cifar10 when it exists).")
     parser.add_argument("--data_path", default="", type=str,
                         help="A CIFAR-10 ImageFolder to use instead of the pack.")
     parser.add_argument("--tta_epochs", default=None, type=int,

@@ -175,8 +175,8 @@ def test_compile_keeps_keys_and_numbers_for_multicrop_and_masks():
 # ============ the pieces the GPU machine relies on ============
 
 def test_unpack_tree_reads_treepack_packs(tmp_path):
-    """The suite unpacks ../shared/tools/treepack.py's format itself (the GPU machine gets only
-    the checkout): [relative path, offset, length] in <pack>.json, the bytes in <pack>.bin."""
+    """The suite unpacks a pack of a folder tree itself (the GPU machine gets only the
+    checkout): [relative path, offset, length] in <pack>.json, the bytes in <pack>.bin."""
     from bench.gpu_suite import unpack_tree
 
     files = {"train/cat/0001.jpg": b"\xff\xd8cat", "test/dog/0002.jpg": b"dog!!", "a.txt": b""}
