@@ -1,8 +1,8 @@
 """Preemption (issue 10): a run killed at any moment and started again with the same command
 ends with exactly the weights of an uninterrupted run.
 
-- DINO on digits, one process: a SIGKILL during a checkpoint write, a SIGTERM (exit 0,
-  resumable) and a SIGKILL at a random moment, each time restarted with the same command; the
+- DINO on digits, one process: a SIGTERM (exit 0, resumable), a SIGKILL during a checkpoint
+  write and a SIGKILL at a random moment, each time restarted with the same command; the
   final student, teacher and centre equal those of an uninterrupted run bit for bit, and so do
   the epochs' lines of log.txt. Then a truncated checkpoint.pth: one line and exit code 2 naming the
   snapshot to resume from, and --resume_from that snapshot ends at the same weights again.
@@ -196,26 +196,30 @@ def test_dino_killed_at_random_moments_ends_with_the_uninterrupted_weights(tmp_p
     argv = dino_argv(data, out)
     rng = random.Random(0)
     kills = in_write = 0
-    # (signal, moment): "random" is after 1 or 2 steps of this start plus a random fraction of
-    # a second (small steps, so that the 8 steps outlast the plan); "write" is while a
-    # checkpoint is being written, held open 0.5 s by a test-only pause in save_atomic.
-    # SIGTERM is the scheduler's polite request. The write is killed first (the first
-    # checkpoint, at step 3), so the SIGTERM's start removes its file and begins from scratch,
-    # and the last SIGKILL's start resumes mid-epoch from the SIGTERM's checkpoint.
-    plan = [("SIGKILL", "write"), ("SIGTERM", "random"), ("SIGKILL", "random")]
+    # (signal, moment), in this order:
+    # - SIGTERM, the scheduler's polite request, right after the first step of a fresh start:
+    #   the run finishes its step, saves mid-epoch (epoch 0, iteration 1 or 2) and exits 0;
+    # - SIGKILL while a checkpoint is being written (held open 0.5 s by a test-only pause in
+    #   save_atomic), in a start that resumed mid-epoch from there;
+    # - SIGKILL at a random moment: after a random number of this start's steps (at least 2
+    #   steps left) plus a random fraction of a step; this start first removes the killed
+    #   write's file.
+    plan = [("SIGTERM", "step"), ("SIGKILL", "write"), ("SIGKILL", "random")]
     for n, (sig, moment) in enumerate(plan):
         env = {"MINISSL_TEST_SAVE_PAUSE": "0.5"} if moment == "write" else {}
         run = Run(argv, tmp_path / f"chaos{n}", env=env)
         run.wait_for(lambda: "training from epoch" in run.text())
+        start = re.search(r"training from epoch (\d+)(?:, iteration (\d+))?!", run.text())
+        done = int(start[1]) * 4 + int(start[2] or 0)  # steps before this start
         if moment == "write":
             if not run.wait_for(lambda: tmp_files(out)):
                 continue  # it ended without writing: nothing to kill
+        elif moment == "step":
+            run.wait_for(lambda: steps_done(run.text()) > done)
         else:
-            start = re.search(r"training from epoch (\d+)(?:, iteration (\d+))?!", run.text())
-            done = int(start[1]) * 4 + int(start[2] or 0)
-            target = min(rng.randint(1, 2), 7 - done)  # never past the last step
+            target = done + rng.randint(1, max(1, 6 - done))  # at least 2 of the 8 steps left
             run.wait_for(lambda: steps_done(run.text()) >= target)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.05))
         if sig == "SIGTERM":
             assert run.kill(signal.SIGTERM), "the run ended before the signal"
             run.finish()  # exit code 0
