@@ -56,11 +56,11 @@ def get_args_parser():
     group = parser.add_argument_group("Optimization")
     group.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
     group.add_argument("--lr", default=1e-3, type=float,
-                       help="Head learning rate after warmup (absolute, not scaled by the batch, "
-                            "as iBOT's fine-tuning).")
+                       help="Head learning rate after warmup, 1e-3 by default (absolute, not scaled "
+                            "by the batch, as iBOT's fine-tuning).")
     group.add_argument("--backbone_lr", default=1e-4, type=float,
-                       help="Backbone learning rate after warmup (absolute), multiplied by "
-                            "the layer decay.")
+                       help="Backbone learning rate after warmup, 1e-4 by default (absolute), "
+                            "multiplied by the layer decay.")
     group.add_argument("--layer_decay", default=1.0, type=float,
                        help="Layer-wise lr decay (MAE/iBOT/BEiT): layer i of L gets "
                             "backbone_lr * decay^(L + 1 - i); 1.0 is off. iBOT ViT-S 0.75, ViT-B 0.65.")
