@@ -10,7 +10,7 @@ The whole ladder (the RotNet ViT recipe's table):
     python eval_compare.py --pretrained_weights out/rotation/checkpoint.pth --dataset digits \
         --evals all --finetune_variants head last1 last2 all --output_dir out/ladder
     python eval_compare.py --nproc_per_node 4 --pretrained_weights out/dino/checkpoint.pth \
-        --dataset cifar10 --data_path ../shared/data --output_dir out/compare_cifar \
+        --dataset cifar10 --data_path /path/to/cifar10 --output_dir out/compare_cifar \
         --finetune_args "--val_split 5000 --layer_decay 0.75"
 
 Each evaluation is the script itself (eval_knn.py, eval_linear.py, finetune.py), started as its

@@ -4,7 +4,7 @@ for ViT transfer.
 
     python eval_knn.py --pretrained_weights out/checkpoint.pth --dataset digits
     torchrun --nproc_per_node=2 eval_knn.py --pretrained_weights out/checkpoint.pth \
-        --data_path ../shared/data/cifar10-jpeg
+        --data_path /path/to/cifar10
     python eval_knn.py --arch vit_small --patch_size 16 \
         --pretrained_weights dino_deitsmall16_pretrain.pth --dataset imagefolder --data_path /imagenet
 Few-shot (K labelled images per class drawn from the train split, E seeded episodes; 1-NN,
@@ -14,9 +14,10 @@ The plain 5-NN of scikit-learn's KNeighborsClassifier (one vote per neighbour, t
 smallest class index; Euclidean distance on the unnormalised features, or cosine):
     python eval_knn.py --pretrained_weights out/checkpoint.pth --nb_knn 5 --knn_vote majority \
         --knn_metric euclidean
-ViT transfer with mean-pooled patch tokens of the last 4 blocks (the DINO seed's STL-10 runs):
+ViT transfer with mean-pooled patch tokens of the last 4 blocks (the DINO ViT-S/16 STL-10
+transfer recipe):
     python eval_knn.py --arch vit_small --pretrained_weights dino_deitsmall16_pretrain.pth \
-        --dataset stl10 --data_path ../shared/data --use_cls false --n_last_blocks 4
+        --dataset stl10 --data_path /path/to/stl10 --use_cls false --n_last_blocks 4
 
 Without --pretrained_weights the backbone keeps its random init (the baseline). Model flags
 (--arch, --patch_size, --image_size) default to the values stored in the checkpoint. The

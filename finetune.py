@@ -1,7 +1,7 @@
 """Fine-tuning a pretrained backbone with a linear head, and the from-scratch baseline with the
 same recipe (no --pretrained_weights). The recipe follows BEiT / iBOT's run_class_finetuning.py
 (AdamW, warmup + cosine per step, layer-wise lr decay, label smoothing, drop path, mixup /
-cutmix) with the seed's two learning rates (backbone 1e-4, head 1e-3).
+cutmix) with two absolute learning rates (backbone 1e-4, head 1e-3).
 
     python finetune.py --pretrained_weights out/checkpoint.pth --dataset digits --epochs 20 --output_dir out/ft
     python finetune.py --arch resnet18 --dataset digits --epochs 20 --output_dir out/ft_scratch   # baseline
@@ -70,11 +70,11 @@ def get_args_parser():
     group = parser.add_argument_group("Optimization")
     group.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
     group.add_argument("--lr", default=1e-3, type=float,
-                       help="Head learning rate after warmup (absolute, not scaled by the batch, "
-                            "as iBOT's fine-tuning; the seed used 1e-3).")
+                       help="Head learning rate after warmup, 1e-3 by default (absolute, not scaled "
+                            "by the batch, as iBOT's fine-tuning).")
     group.add_argument("--backbone_lr", default=1e-4, type=float,
-                       help="Backbone learning rate after warmup (the seed: 1e-4), multiplied by "
-                            "the layer decay.")
+                       help="Backbone learning rate after warmup, 1e-4 by default (absolute), "
+                            "multiplied by the layer decay.")
     group.add_argument("--layer_decay", default=1.0, type=float,
                        help="Layer-wise lr decay (MAE/iBOT/BEiT): layer i of L gets "
                             "backbone_lr * decay^(L + 1 - i); 1.0 is off. iBOT ViT-S 0.75, ViT-B 0.65.")

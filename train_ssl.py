@@ -4,7 +4,7 @@ One process (CPU or one GPU):
     python train_ssl.py --method simclr --arch resnet18 --dataset digits --epochs 20 --warmup_epochs 2
 Several GPUs / CPU processes on one node (nccl on GPUs, gloo on CPUs):
     torchrun --nproc_per_node=4 train_ssl.py --method simclr --arch resnet18 \
-        --dataset imagefolder --data_path ../shared/data/cifar10-jpeg --output_dir out/simclr
+        --dataset imagefolder --data_path /path/to/cifar10 --output_dir out/simclr
 Several nodes under SLURM:
     sbatch slurm/simclr_pretrain.sh
 `python train_ssl.py --method <name> --help` lists every flag with its default for that method:
@@ -126,7 +126,8 @@ def get_args_parser(method, add_help=True):
                              "written with it.")
     parser.add_argument("--adamw_betas", default=None, type=float, nargs=2,
                         help="AdamW (and adam) betas (DINO: PyTorch's 0.9 0.999; MAE-style "
-                             "recipes and the RotNet ViT recipe: 0.9 0.95).")
+                             "recipes such as the rotation-prediction recipe (RotNet ViT on "
+                             "ImageNet): 0.9 0.95).")
 
     # Data
     parser.add_argument("--dataset", default=None, type=str, choices=sorted(DATASETS),

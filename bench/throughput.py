@@ -23,7 +23,7 @@ timed. Every train_ssl.py flag of the method is accepted (--method <name> --help
         --num_workers 2 --backends tensor pil
     python bench/throughput.py --mode end2end --method dino --arch vit_tiny --patch_size 4 \
         --global_crops_size 32 --local_crops_size 16 --local_crops_number 6 --batch_size 64 \
-        --dataset imagefolder --data_path ../shared/data/cifar10-jpeg --num_workers 2
+        --dataset imagefolder --data_path /path/to/cifar10 --num_workers 2
 data: images/s of the loader alone (reading, decoding, augmenting, on the device); end2end:
 images/s of the loader feeding train_ssl.train_one_epoch, the two in one loop as in training.
 One line per backend and batch size (and repeat), then the tensor / pil ratio of the best

@@ -6,8 +6,9 @@ learns semantic features without labels.
 As gidariss/FeatureLearningRotNet: one augmented view per image (RandomCrop + flip on CIFAR,
 RandomResizedCrop + flip above 64px), then all four rotations of that same view in one batch
 with labels 0-3 (k quarter turns counter-clockwise, as np.rot90), plain 4-way cross-entropy.
-The optimisation recipe is the seed's (AdamW betas 0.9/0.95, lr 1.5e-4 per 256 images,
-weight decay 0.05, warmup + cosine), not RotNet's step-decayed SGD.
+The optimisation recipe is the rotation-prediction recipe for a ViT on ImageNet (RotNet ViT,
+MAE-style: AdamW betas 0.9/0.95, lr 1.5e-4 per 256 images, weight decay 0.05, warmup +
+cosine), not RotNet's step-decayed SGD.
 
 Plugs into train_ssl.py through RECIPE / add_args / check_args / build (see methods/__init__.py).
 """
@@ -21,8 +22,8 @@ from models import check_patch_size
 
 NUM_ROTATIONS = 4
 
-# the seed's recipe: AdamW with betas (0.9, 0.95) as MAE, lr 1.5e-4 per 256 images, constant
-# weight decay 0.05, DINO's gradient clipping, warmup + cosine
+# the rotation-prediction recipe (RotNet ViT on ImageNet): AdamW with betas (0.9, 0.95) as MAE,
+# lr 1.5e-4 per 256 images, constant weight decay 0.05, DINO's gradient clipping, warmup + cosine
 RECIPE = dict(arch="resnet18", optimizer="adamw", lr=1.5e-4, min_lr=1e-6, weight_decay=0.05,
               weight_decay_end=0.05, clip_grad=3.0, warmup_epochs=10, epochs=100,
               batch_size_per_gpu=64, drop_path_rate=0.1, adamw_betas=(0.9, 0.95),

@@ -28,8 +28,8 @@ def add_args(parser):
                        help="InfoNCE temperature. 0.1 is google-research/simclr's ImageNet default, "
                             "0.2-0.5 is common on CIFAR, 0.07 in sthalles/SimCLR.")
     group.add_argument("--proj_hidden_dim", default=2048, type=int,
-                       help="Hidden width of the projection MLP (2048 in solo-learn; the 128px "
-                            "seed used 512).")
+                       help="Hidden width of the projection MLP (2048 in solo-learn; the SimCLR "
+                            "128px recipe uses 512).")
     group.add_argument("--proj_output_dim", default=128, type=int,
                        help="Output dimension of the projection head (128 in the paper).")
     group.add_argument("--crop_size", default=0, type=int,

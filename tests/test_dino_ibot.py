@@ -1,13 +1,11 @@
 """CPU tests for methods/dino.py, methods/ibot.py and visualize_attention.py: losses against slow
 references written here, temperature / momentum schedules, centring (also across 2 gloo
 processes), heads and official checkpoint layouts, masks, multi-crop batching, EMA, frozen last
-layer, attention maps, and a short torchrun run of each method that resumes."""
+layer, attention maps, and a short 2-rank run of each method that resumes."""
 import json
 import math
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -624,44 +622,50 @@ def _npy_dataset(root, n_train=64, n_test=32, size=16):
         np.save(root / split / "labels.npy", labels)
 
 
-def _torchrun(method, data, out, epochs, extra=()):
-    """Starts `torchrun --nproc_per_node=2 train_ssl.py` (gloo on CPU); returns the process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train_ssl.py", "--method", method, "--dataset", "npy", "--data_path", str(data),
-           "--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16",
-           "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
-           "--batch_size_per_gpu", "8", "--epochs", str(epochs), "--warmup_epochs", "0",
-           "--num_workers", "0", "--knn_eval", "false", "--tensorboard", "false",
-           "--output_dir", str(out), "--print_freq", "100", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _argv(method, data, out, epochs, extra=()):
+    """`train_ssl.py` flags of a 2-epoch run of 4 steps per epoch on 2 ranks (8 x 2 images)."""
+    return ["--method", method, "--dataset", "npy", "--data_path", str(data),
+            "--arch", "vit_nano", "--patch_size", "8", "--global_crops_size", "16",
+            "--local_crops_size", "8", "--local_crops_number", "2", "--out_dim", "64",
+            "--batch_size_per_gpu", "8", "--epochs", str(epochs), "--warmup_epochs", "0",
+            "--num_workers", "0", "--knn_eval", "false", "--tensorboard", "false",
+            "--output_dir", str(out), "--print_freq", "100", *extra]
 
 
-def _wait(procs):
-    logs = {}
-    for method, proc in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-4000:]
-        logs[method] = out
-    return logs
+def _two_ranks(starts):
+    """Run {method: (argv, log)} side by side, each as 2 gloo ranks; returns rank 0's logs.
+
+    Each rank is a fork of this process running train_ssl.py's entry point with the
+    environment torchrun gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
+    no interpreter start and torch import per rank (tests/test_preempt.py's Run). torchrun
+    itself, launching and resuming train_ssl.py, is tests/test_train.py's 2-process run."""
+    from test_preempt import Run
+    runs = {m: Run(argv, log, world_size=2) for m, (argv, log) in starts.items()}
+    try:
+        for run in runs.values():
+            run.finish()
+    finally:
+        for run in runs.values():
+            run.kill()
+    return {m: run.text(0) for m, run in runs.items()}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """DINO and iBOT, each: 1 epoch, then resumed to 2 epochs (4 iterations per epoch). The
-    two methods run side by side, which overlaps their start-up (imports) on 2 cores."""
+    """DINO and iBOT, each on 2 ranks: 1 epoch, then the same command with --epochs 2 resumes
+    (4 iterations per epoch). The two methods run side by side (4 processes on 2 cores)."""
     tmp = tmp_path_factory.mktemp("runs")
     _npy_dataset(tmp / "data")
     extra = {"dino": (), "ibot": ("--patch_out_dim", "64", "--pred_ratio", "0", "0.5",
                                   "--pred_ratio_var", "0", "0.2")}
-    first = _wait({m: _torchrun(m, tmp / "data", tmp / m, 1, extra[m]) for m in extra})
-    second = _wait({m: _torchrun(m, tmp / "data", tmp / m, 2, extra[m]) for m in extra})
+    logs = [_two_ranks({m: (_argv(m, tmp / "data", tmp / m, epochs, extra[m]), tmp / f"{m}_{epochs}")
+                        for m in extra}) for epochs in (1, 2)]
+    first, second = logs
     return tmp, {m: (first[m], second[m]) for m in extra}
 
 
 @pytest.mark.parametrize("method,loss_key", [("dino", "dino_loss"), ("ibot", "ibot_loss")])
-def test_torchrun_run_resumes_with_official_checkpoint_keys(runs, method, loss_key):
+def test_two_rank_run_resumes_with_official_checkpoint_keys(runs, method, loss_key):
     tmp, logs = runs
     first, second = logs[method]
     assert "Found checkpoint" not in first
@@ -680,7 +684,7 @@ def test_torchrun_run_resumes_with_official_checkpoint_keys(runs, method, loss_k
         assert ckpt[loss_key]["center2"].shape == (1, 1, 64)
         assert "train_patch" in lines[0] and "train_acc" in lines[0]
     # eval_knn.py --checkpoint_key teacher: the teacher backbone loads strictly (no missing keys)
-    backbone, _ = build_backbone("vit_tiny", patch_size=8, img_size=[16])
+    backbone, _ = build_backbone("vit_nano", patch_size=8, img_size=[16])
     msg = load_pretrained_weights(backbone, str(tmp / method / "checkpoint.pth"), "teacher")
     assert not msg.missing_keys and not msg.unexpected_keys
     teacher_sd = {k[len("backbone."):]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
@@ -707,7 +711,7 @@ def test_visualize_attention_on_trained_checkpoint(runs, tmp_path):
         "--pretrained_weights", str(tmp / "dino" / "checkpoint.pth"), "--dataset", "npy",
         "--data_path", str(tmp / "data"), "--output_dir", str(tmp_path), "--threshold", "0.6"])
     attentions = va.main(args)
-    assert (args.arch, args.patch_size) == ("vit_tiny", 8)  # read from the checkpoint's args
+    assert (args.arch, args.patch_size) == ("vit_nano", 8)  # read from the checkpoint's args
     assert attentions.shape == (3, 2, 2)
     from PIL import Image
     names = sorted(os.listdir(tmp_path))

@@ -306,10 +306,10 @@ def test_dino_two_ranks_equal_one():
 
 def build_ibot():
     torch.manual_seed(0)
-    args = method_args("ibot", arch="vit_tiny", patch_size=4, out_dim=64, patch_out_dim=64,
+    args = method_args("ibot", arch="vit_nano", patch_size=4, out_dim=64, patch_out_dim=64,
                        norm_in_head="bn", local_crops_number=2, epochs=2, freeze_last_layer=0,
                        drop_path_rate=0.0, momentum_teacher=0.5)
-    backbone, dim = build_backbone("vit_tiny", patch_size=4, img_size=[16],
+    backbone, dim = build_backbone("vit_nano", patch_size=4, img_size=[16],
                                    **ibot.backbone_kwargs(args))
     return ibot.build(args, backbone, dim, niter_per_ep=2)
 

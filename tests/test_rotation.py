@@ -1,5 +1,6 @@
 """CPU tests for methods/rotation.py: rotation direction and labels against np.rot90, shapes,
-the seed's defaults, learning on a fixed batch, and a short train_ssl.py run."""
+the rotation-prediction recipe's defaults, learning on a fixed batch, and a short train_ssl.py
+run."""
 import json
 import os
 import subprocess
