@@ -110,8 +110,9 @@ def get_args_parser():
     group.add_argument("--save_predictions", default=32, type=int,
                        help="Save a grid of this many random test images with predicted class, "
                             "confidence and true class to predictions.png (0: none).")
-    group.add_argument("--evaluate", action="store_true",
-                       help="Only test --finetuned_weights (default <output_dir>/checkpoint_best.pth).")
+    group.add_argument("--evaluate", default=False, type=bool_flag, nargs="?", const=True,
+                       help="Only test --finetuned_weights (default <output_dir>/"
+                            "checkpoint_best.pth; `--evaluate` alone: true).")
     group.add_argument("--finetuned_weights", default="", type=str,
                        help="A checkpoint of this script to test with --evaluate.")
     group.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
@@ -436,6 +437,7 @@ def _run_finetune(args):
     model.to(args.device)
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
+    cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any training
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -594,7 +596,6 @@ def _run_finetune(args):
 def finetune(args):
     check_args(args)  # bad flags fail before any process group exists
     distu.init_distributed_mode(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     results = run_finetune(args)
     distu.cleanup()
     if results is None and preempt.LAST_EXIT_CODE:
