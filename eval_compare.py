@@ -210,7 +210,7 @@ def command(script, flags, weights, out, args):
     if args.use_fp16 is not None:
         common += ["--use_fp16", str(args.use_fp16).lower()]
     if args.cpu:
-        common += ["--cpu"]
+        common += ["--cpu", "true"]
     return launcher + [str(ROOT / script)] + common + flags
 
 
@@ -332,10 +332,10 @@ def save_comparison_figure(rows, path, title):
 
 def eval_compare(args):
     check_args(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     depth = resolve_model_flags(args)
     source = weights_source(args)
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_compare", args)
+    cli.print_args(args)  # every flag resolved (the checkpoint's model flags, the folder)
     print(f"Output folder: {args.output_dir} ({len(runs(args, depth))} evaluations, each for the "
           f"checkpoint ({source}) and at random init; {args.num_workers} data workers each)")
     found = {}  # init -> {row key: (top-1, split, note)}

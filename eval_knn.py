@@ -181,10 +181,9 @@ def loaded_for_metric(train_f, test_f, normalized, metric, folder):
     return train_f, test_f
 
 
-def extract_train_test(args, info):
+def extract_train_test(args, info, model):
     """(train features, train labels, test features, test labels, num_classes, the name of the
-    scored split) of the backbone."""
-    model, _ = evaluation.load_backbone(args, default_image_size=info.image_size)
+    scored split) of the backbone `model`."""
     info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     model.to(args.device)
     if not args.use_cls and not is_vit(model):
@@ -216,6 +215,10 @@ def run_knn(args):
     check_args(args)
     amp.resolve_precision(args, args.device)
     info = dataset_info(args.dataset, args.data_path)
+    # the flags the checkpoint decides (model shape, image size, normalisation), then the listing
+    model = None if args.load_features else \
+        evaluation.load_backbone(args, default_image_size=info.image_size)[0]
+    cli.print_args(args)
     for folder in (args.output_dir, args.dump_features):
         if folder and distu.is_main_process():
             make_output_dir(folder)  # writable, before any feature is extracted
@@ -230,7 +233,7 @@ def run_knn(args):
         train_f, test_f = loaded_for_metric(train_f, test_f, feats.get("normalized", True),
                                             args.knn_metric, args.load_features)
     else:
-        train_f, train_labels, test_f, test_labels, num_classes, split = extract_train_test(args, info)
+        train_f, train_labels, test_f, test_labels, num_classes, split = extract_train_test(args, info, model)
         if args.dump_features and distu.is_main_process():
             os.makedirs(args.dump_features, exist_ok=True)
             save_atomic({"train_features": train_f.cpu(), "test_features": test_f.cpu(),
@@ -279,7 +282,6 @@ def run_knn(args):
 def eval_knn(args):
     check_args(args)  # bad flags fail before any process group exists
     distu.init_distributed_mode(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     results = run_knn(args)
     distu.cleanup()
     return results

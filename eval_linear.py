@@ -85,9 +85,10 @@ def get_args_parser():
 
     group = parser.add_argument_group("Misc")
     group.add_argument("--val_freq", default=1, type=int, help="Epoch frequency for validation.")
-    group.add_argument("--evaluate", action="store_true",
+    group.add_argument("--evaluate", default=False, type=bool_flag, nargs="?", const=True,
                        help="Only evaluate the probe of --linear_weights (default: "
-                            "<output_dir>/checkpoint.pth.tar) on the --eval_split split.")
+                            "<output_dir>/checkpoint.pth.tar) on the --eval_split split "
+                            "(`--evaluate` alone: true).")
     group.add_argument("--linear_weights", default="", type=str,
                        help="Probe weights for --evaluate (ours, or DINO's released linear "
                             "weights with their 'module.linear.*' keys).")
@@ -549,6 +550,7 @@ def _run_linear(args):
     dataset_train, dataset_val, dataset_test = build_datasets(args, info)
     probe = build_probe(dims, names, args)
     args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)
+    cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any feature is extracted
     if args.evaluate:
@@ -669,7 +671,6 @@ def _run_linear(args):
 def eval_linear(args):
     check_args(args)  # bad flags fail before any process group exists
     distu.init_distributed_mode(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     results = run_linear(args)  # None when a signal stopped it (checkpoint written)
     distu.cleanup()
     if results is None and preempt.LAST_EXIT_CODE:

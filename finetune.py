@@ -110,8 +110,9 @@ def get_args_parser():
     group.add_argument("--save_predictions", default=32, type=int,
                        help="Save a grid of this many random test images with predicted class, "
                             "confidence and true class to predictions.png (0: none).")
-    group.add_argument("--evaluate", action="store_true",
-                       help="Only test --finetuned_weights (default <output_dir>/checkpoint_best.pth).")
+    group.add_argument("--evaluate", default=False, type=bool_flag, nargs="?", const=True,
+                       help="Only test --finetuned_weights (default <output_dir>/"
+                            "checkpoint_best.pth; `--evaluate` alone: true).")
     group.add_argument("--finetuned_weights", default="", type=str,
                        help="A checkpoint of this script to test with --evaluate.")
     group.add_argument("--print_freq", default=20, type=int, help="Progress line frequency.")
@@ -234,34 +235,24 @@ def param_groups(model, backbone_lr, head_lr, weight_decay, layer_decay):
 
 # ============ mixup / cutmix ... ============
 
-def smooth_one_hot(targets, num_classes, smoothing):
-    off = smoothing / num_classes
-    return torch.full((len(targets), num_classes), off, device=targets.device).scatter_(
-        1, targets.view(-1, 1), 1.0 - smoothing + off)
-
-
-def mix_batch(images, targets, num_classes, args):
-    """timm-style batch mixing with the batch's reverse: with probability mixup_prob, mixup
-    (lam ~ Beta(a, a), images blended) or cutmix (a box of area ~ 1 - lam pasted, lam corrected
-    to the box's true area); with both on, cutmix with probability mixup_switch_prob.
-    Returns images (B, 3, H, W) and soft targets (B, C), label-smoothed before mixing."""
-    y = smooth_one_hot(targets, num_classes, args.smoothing)
-    if (args.mixup <= 0 and args.cutmix <= 0) or np.random.rand() > args.mixup_prob:
-        return images, y
-    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or np.random.rand() < args.mixup_switch_prob)
-    lam = float(np.random.beta(*(2 * [args.cutmix if use_cutmix else args.mixup])))
-    if use_cutmix:
-        H, W = images.shape[-2:]
-        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = np.random.randint(H), np.random.randint(W)
-        y0, y1 = np.clip(cy - cut_h // 2, 0, H), np.clip(cy + cut_h // 2, 0, H)
-        x0, x1 = np.clip(cx - cut_w // 2, 0, W), np.clip(cx + cut_w // 2, 0, W)
-        images = images.clone()
-        images[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
-        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
-    else:
-        images = images * lam + images.flip(0) * (1.0 - lam)
-    return images, lam * y + (1.0 - lam) * y.flip(0)
+def build_mixing(args, num_classes):
+    """timm / DeiT's batch mixing, from torchvision.transforms.v2: with probability --mixup_prob,
+    MixUp (lam ~ Beta(a, a), two images blended) or CutMix (lam ~ Beta(a, a), a box of about
+    1 - lam of the image pasted from the partner, lam corrected to the box's true area, the box
+    and its clipping exactly timm's); with both on, CutMix with probability --mixup_switch_prob.
+    The partner of image i is image i - 1 (timm: B - 1 - i; either is a random image of a
+    shuffled batch). Returns mix(images, targets) -> (images, targets): targets stay class
+    indices when the batch is not mixed, else become (B, C) mixed one-hot probabilities. The
+    label smoothing is the loss's (nn.CrossEntropyLoss(label_smoothing=)): smoothing is linear,
+    so smoothing the mixed targets equals timm's mixing of smoothed ones."""
+    from torchvision.transforms import v2
+    ops = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []) + \
+        ([v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else [])
+    if not ops:
+        return lambda images, targets: (images, targets)
+    mix = ops[0] if len(ops) == 1 else \
+        v2.RandomChoice(ops, p=[1 - args.mixup_switch_prob, args.mixup_switch_prob])
+    return mix if args.mixup_prob >= 1 else v2.RandomApply([mix], p=args.mixup_prob)
 
 
 # ============ training, validation, test report ... ============
@@ -283,6 +274,8 @@ def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, ep
     head = {id(p) for p in model.head.parameters()}
     backbone = [g["base_lr"] for g in optimizer.param_groups if not head & {id(p) for p in g["params"]}]
     lrs = {"lr_head": args.lr, **({"lr_backbone": max(backbone)} if backbone else {})}
+    mix = build_mixing(args, args.num_labels)  # --mixup / --cutmix; the identity when both are 0
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # class indices or mixed
     with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
         batches = iter(loader)
     if rank_states is not None:
@@ -294,10 +287,10 @@ def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, ep
             g["lr"] = g["base_lr"] * scale
         images = images.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
-        images, soft = mix_batch(images, targets, args.num_labels, args)
+        images, targets = mix(images, targets)
         with amp.autocast(args.precision, args.device):
             logits = ddp_model(images)
-        loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        loss = criterion(logits.float(), targets)
         amp.backward_step(loss, optimizer, scaler, after_unscale=clip)
         logger.update(loss=loss.detach(), **{k: lr * scale for k, lr in lrs.items()})
         if stopper is not None and (i % args.print_freq == 0 or stopper.sync_due(it)) \
@@ -444,6 +437,7 @@ def _run_finetune(args):
     model.to(args.device)
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
     args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
+    cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any training
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -602,7 +596,6 @@ def _run_finetune(args):
 def finetune(args):
     check_args(args)  # bad flags fail before any process group exists
     distu.init_distributed_mode(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     results = run_finetune(args)
     distu.cleanup()
     if results is None and preempt.LAST_EXIT_CODE:

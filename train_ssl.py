@@ -166,10 +166,17 @@ def get_args_parser(method, add_help=True):
                         help="URL used to set up distributed training (launch with torchrun, "
                              "which passes the ranks in the environment).")
     distu.add_dist_args(parser)  # --dist_backend {nccl,gloo}
-    parser.add_argument("--cpu", action="store_true", help="Train on CPU even if CUDA is there.")
+    parser.add_argument("--cpu", default=False, type=bool_flag, nargs="?", const=True,
+                        help="Train on CPU even if CUDA is there (`--cpu` alone: true).")
     parser.add_argument("--knn_eval", default=True, type=bool_flag,
                         help="After training, print the 20-NN accuracy of the trained backbone "
-                             "beside the same backbone at its random init.")
+                             "(beside the same backbone at its random init, see "
+                             "--knn_random_init).")
+    parser.add_argument("--knn_random_init", default=True, type=bool_flag,
+                        help="With --knn_eval: also score the backbone at its random init (a "
+                             "copy kept from the start), the baseline the trained number is "
+                             "read against; it extracts the train and test features a second "
+                             "time. false: the trained backbone only.")
     parser.add_argument("--knn_k", default=20, type=int, help="k of the k-NN evaluations.")
     parser.add_argument("--knn_freq", default=0, type=int,
                         help="Also evaluate the k-NN top-1 of the backbone every this many epochs "
@@ -179,6 +186,11 @@ def get_args_parser(method, add_help=True):
     add_eval_split_arg(parser)
     parser.add_argument("--tensorboard", default=True, type=bool_flag,
                         help="Write TensorBoard scalars to <output_dir>/tb (rank 0).")
+    parser.add_argument("--cudnn_benchmark", default=True, type=bool_flag,
+                        help="torch.backends.cudnn.benchmark: on CUDA, time the convolution "
+                             "algorithms for each new input shape and keep the fastest (faster "
+                             "ResNet steps; the algorithm chosen may change from run to run: "
+                             "false for repeatable convolutions). No effect on CPU.")
     if method is not None:
         METHODS[method].add_args(parser)
         parser.set_defaults(**METHODS[method].RECIPE)
@@ -237,7 +249,7 @@ def check_args(args):
 RESUMABLE = {"epochs", "output_dir", "num_workers", "print_freq", "dist_url", "dist_backend",
              "cpu", "download",
              "tensorboard", "knn_eval", "knn_k", "knn_freq", "eval_split", "saveckp_freq",
-             "skip_bad_images",
+             "knn_random_init", "cudnn_benchmark", "skip_bad_images",
              "precision", "use_fp16", "tf32", "compile", "data_backend", "data_memory_gb",
              "checkpoint_every_iters", "checkpoint_every_minutes", "resume_from",
              "rank", "world_size", "gpu", "device", "distributed"}  # set by init_distributed_mode
@@ -280,15 +292,15 @@ def train_ssl(args):
     check_output_dir(args)
     distu.fix_random_seeds(args.seed)
     method = METHODS[args.method]
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     amp.set_tf32(args.tf32)  # the exact parts keep full float32 (amp.full_fp32)
 
     # ============ preparing data ... ============
     info = dataset_info(args.dataset, args.data_path)
     # the mean / std of every Normalize, kept in the checkpoint's args for the evaluations
     info = resolve_train_norm(args, info)
-    args.input_size = method.input_size(args, info)
+    resolve_input(args, info)
+    cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     check_patch_size(args.arch, args.patch_size, args.input_size, "the dataset's image size")
     transform = method.build_transform(args, info)
     # tensor: views made in batches on the device from a resident uint8 copy of the split (or
@@ -454,18 +466,26 @@ def ddp_kwargs(buffers_in_sync):
     return {name: not buffers_in_sync, "gradient_as_bucket_view": True}
 
 
-def build_networks(args, niter_per_ep):
-    """Backbone + the method's module around it, on the device. Returns (model, backbone, a CPU
-    copy of that backbone at its random init when --knn_eval, for the final baseline)."""
-    method = METHODS[args.method]
+def resolve_input(args, info):
+    """The flags the data decides, set before the args are printed and stored: input_size (the
+    method's training crop) and, unless given, cifar_stem (on at 64px and below)."""
+    args.input_size = METHODS[args.method].input_size(args, info)
     if args.cifar_stem is None:
         args.cifar_stem = args.input_size <= 64
+
+
+def build_networks(args, niter_per_ep):
+    """Backbone + the method's module around it, on the device. Returns (model, backbone, a CPU
+    copy of that backbone at its random init when --knn_eval and --knn_random_init, for the
+    final baseline). Reads args.input_size (resolve_input) and leaves args as they are."""
+    method = METHODS[args.method]
+    cifar_stem = args.input_size <= 64 if args.cifar_stem is None else args.cifar_stem
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
                                          img_size=[args.input_size],
                                          drop_path_rate=args.drop_path_rate,
-                                         cifar_stem=args.cifar_stem, **vit_shape(args),
+                                         cifar_stem=cifar_stem, **vit_shape(args),
                                          **method.backbone_kwargs(args))
-    init_backbone = copy.deepcopy(backbone) if args.knn_eval else None
+    init_backbone = copy.deepcopy(backbone) if args.knn_eval and args.knn_random_init else None
     model = method.build(args, backbone, embed_dim, niter_per_ep).to(args.device)
     if not is_vit(backbone) and args.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions
@@ -618,23 +638,27 @@ def knn_during_training(knn, backbone, epoch, args):
 
 def final_knn_check(knn, trained, init_backbone, args, writer, trained_top1=None):
     """The quickstart's proof of learning: k-NN top-1 of the trained backbone beside the
-    same backbone at random init, on the dataset's labelled train/test splits (`knn`, a
-    KNNEvaluator). trained_top1: the trained backbone's number when already measured."""
+    same backbone at random init (init_backbone; None: --knn_random_init false, the trained one
+    only), on the dataset's labelled train/test splits (`knn`, a KNNEvaluator). trained_top1:
+    the trained backbone's number when already measured."""
     results = {}
     for name, net in (("pretrained", trained), ("random init", init_backbone)):
+        if net is None:
+            continue
         if name == "pretrained" and trained_top1 is not None:
             top1 = trained_top1
         else:
             top1, _ = knn(net.to(args.device), f"{name} backbone")
         results[name] = top1
         print(f"{knn.describe()} ({name}): {top1:.2f}%")
+    results = {name.replace(" ", "_"): top1 for name, top1 in results.items()}
     if writer is not None:
-        writer.add_scalar(f"knn/top1_pretrained_{knn.split_key}", results["pretrained"], args.epochs)
-        writer.add_scalar(f"knn/top1_random_init_{knn.split_key}", results["random init"], args.epochs)
+        for name, top1 in results.items():
+            writer.add_scalar(f"knn/top1_{name}_{knn.split_key}", top1, args.epochs)
     if distu.is_main_process():
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps({"knn_k": knn.k_used, "knn_top1_pretrained": results["pretrained"],
-                                "knn_top1_random_init": results["random init"],
+            f.write(json.dumps({"knn_k": knn.k_used,
+                                **{f"knn_top1_{name}": top1 for name, top1 in results.items()},
                                 "knn_split": knn.split_name}) + "\n")
 
 

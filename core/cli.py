@@ -20,6 +20,13 @@ import sys
 USER_ERRORS = (ValueError, OSError)
 
 
+def print_args(args):
+    """Every flag as `name: value`, sorted (main_dino.py's listing). The scripts call it once the
+    flags the data or the checkpoint decide are resolved, and change none after it: the listing
+    is what their checkpoints store."""
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+
 def error_message(exc):
     text = str(exc) if not isinstance(exc, KeyError) else exc.args[0]
     if "Original Traceback" in str(text):

@@ -158,7 +158,8 @@ def run_parser():
     amp.add_precision_args(group)
     group.add_argument("--dist_url", default="env://", type=str,
                        help="url used to set up distributed training (torchrun sets the rest).")
-    group.add_argument("--cpu", action="store_true", help="Run on CPU even if CUDA is there.")
+    group.add_argument("--cpu", default=False, type=bool_flag, nargs="?", const=True,
+                       help="Run on CPU even if CUDA is there (`--cpu` alone: true).")
     add_data_args(parser)  # --data_backend {tensor,pil}, --data_memory_gb, as train_ssl.py
     return parser
 

@@ -1,6 +1,6 @@
 """Test reports of the evaluation scripts: classification metrics (scikit-learn, so the numbers
 are exactly sklearn's) and their figures, drawn with matplotlib: a grid of predictions, a bar
-chart and a confusion-matrix heat map.
+chart and a confusion-matrix heat map (sklearn's ConfusionMatrixDisplay).
 
     metrics = classification_metrics(y_true, y_pred, num_classes, names)
     print(format_report(metrics))
@@ -8,9 +8,10 @@ chart and a confusion-matrix heat map.
     save_confusion_matrix(metrics["confusion_matrix"], names, "confusion_matrix.png")
     save_bar_chart(["block1", ...], [61.2, ...], "probe_layers.png", "top-1 (%) per layer")
 
-Figures are matplotlib `Figure` objects that never touch pyplot, so there is no GUI backend, no
-window and no global state to close: savefig renders them with Agg. Each save_* returns its
-figure, which figure_to_array turns into an image for TensorBoard's add_image.
+Figures are matplotlib `Figure` objects made outside pyplot (sklearn's ConfusionMatrixDisplay
+imports it, but draws on the axes it is given), so there is no window and no pyplot figure to
+close: savefig renders them with Agg. Each save_* returns its figure, which figure_to_array
+turns into an image for TensorBoard's add_image.
 """
 import os
 import textwrap
@@ -136,31 +137,40 @@ def save_prediction_grid(images, targets, preds, confidences, names, path, mean,
 
 
 def save_confusion_matrix(confusion, names, path, title="Confusion matrix"):
-    """confusion (C, C) counts, rows: true class, columns: predicted (sklearn's layout). Cells
-    are coloured by the fraction of their true class (row-normalised, so rare classes show as
-    clearly as common ones) and, up to 20 classes, labelled with their counts; class names on
-    the axes up to 40 classes. Returns the figure."""
+    """confusion (C, C) counts, rows: true class, columns: predicted (sklearn's layout), drawn by
+    sklearn's ConfusionMatrixDisplay. Cells are coloured by the fraction of their true class
+    (row-normalised, so rare classes show as clearly as common ones) and, up to 20 classes,
+    labelled with their counts (zeros blank); class names on the axes up to 40 classes,
+    class indices above.
+    Returns the figure."""
+    from sklearn.metrics import ConfusionMatrixDisplay  # (imports pyplot; draws on our figure)
     cm = np.asarray(confusion, dtype=np.int64)
     c = len(cm)
     frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side = min(max(4.0, 0.4 * c + 2.5), 16.0)
     fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot()
-    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    short = [_short(str(n), 12) for n in names]
+    display = ConfusionMatrixDisplay(frac, display_labels=short).plot(
+        ax=ax, cmap="Blues", colorbar=False, include_values=c <= 20, text_kw={"fontsize": 8},
+        im_kw={"vmin": 0, "vmax": 1}, xticks_rotation=90 if max(map(len, short)) > 3 else 0)
+    if display.text_ is not None:  # the counts, in a colour that reads on the cell's fraction
+        for (i, j), text in np.ndenumerate(display.text_):
+            if cm[i, j]:
+                text.set_text(str(cm[i, j]))
+                text.set_color("white" if frac[i, j] > 0.5 else "black")
+            else:
+                text.remove()  # an empty cell stays blank
+    fig.colorbar(display.im_, ax=ax, shrink=0.8, label="fraction of the true class")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    if c <= 40:
-        short = [_short(str(n), 12) for n in names]
-        ax.set_xticks(range(c), short, rotation=90 if max(map(len, short)) > 3 else 0)
-        ax.set_yticks(range(c), short)
-    if c <= 20:
-        for i in range(c):
-            for j in range(c):
-                if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if frac[i, j] > 0.5 else "black")
+    if c > 40:  # too many names to read: matplotlib's own ticks, class indices every few
+        from matplotlib.ticker import AutoLocator, ScalarFormatter
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(AutoLocator())
+            axis.set_major_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", labelrotation=0)
     save_figure(fig, path)
     return fig
 

@@ -56,7 +56,7 @@ from torchvision.transforms import InterpolationMode
 
 from core.amp import full_fp32
 
-from .transforms import (MultiCropTransform, RandomGaussianBlur, RandomSolarize, SingleViewTransform,
+from .transforms import (MultiCropTransform, RandomGaussianBlur, SingleViewTransform,
                          TwoViewTransform)
 
 __all__ = ["batch_seed", "make_generator", "batched_transform", "resized_crop",
@@ -576,7 +576,6 @@ BATCHED_OPS = {
     T.GaussianBlur: _pixel(lambda op, p: _GaussianBlur(p, op.sigma, tuple(op.kernel_size),
                                                        "reflect")),
     RandomGaussianBlur: _pixel(_pil_blur),
-    RandomSolarize: _pixel(lambda op, p: _Solarize(p * op.p, op.threshold)),
     T.RandomSolarize: _pixel(lambda op, p: _Solarize(p * op.p, op.threshold)),
     T.ToTensor: _to_tensor,
     T.Normalize: _normalize,

@@ -9,7 +9,7 @@ Blur needs resolution: at 32px a Gaussian blur of radius up to 2 wipes out most 
 blur=None turns it on only from 64px (SimCLR's CIFAR recipe has no blur either).
 """
 import torch
-from PIL import ImageFilter, ImageOps
+from PIL import ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -33,21 +33,6 @@ class RandomGaussianBlur:
 
     def __repr__(self):
         return f"{type(self).__name__}(p={self.p}, radius=({self.radius_min}, {self.radius_max}))"
-
-
-class RandomSolarize:
-    """PIL solarization with probability p: pixels >= threshold become 255 - pixel."""
-
-    def __init__(self, p=0.2, threshold=128):
-        self.p, self.threshold = p, threshold
-
-    def __call__(self, img):
-        if torch.rand(()).item() >= self.p:
-            return img
-        return ImageOps.solarize(img, threshold=self.threshold)
-
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p}, threshold={self.threshold})"
 
 
 def _flip_and_jitter(brightness, contrast, saturation, hue):
@@ -89,7 +74,8 @@ class MultiCropTransform:
     Returns [g1, ..., g_global_number, l1, ..., l_local_number]: globals are
     (3, global_size, global_size), locals (3, local_size, local_size).
     Global 1: blur p=1.0. Every further global (iBOT's rule; DINO has exactly 2): blur p=0.1 and
-    solarize p=0.2. Locals: blur p=0.5. blur=None enables blur iff global_size >= 64; solarize is
+    solarize p=0.2 (torchvision's RandomSolarize at DINO's PIL threshold 128: pixels >= 128 become
+    255 - pixel). Locals: blur p=0.5. blur=None enables blur iff global_size >= 64; solarize is
     always kept.
     """
 
@@ -110,7 +96,8 @@ class MultiCropTransform:
             return [RandomGaussianBlur(p)] if blur else []
 
         self.global1 = T.Compose(crop(global_size, global_scale) + maybe_blur(1.0) + normalize)
-        self.global2 = T.Compose(crop(global_size, global_scale) + maybe_blur(0.1) + [RandomSolarize(0.2)] + normalize)
+        self.global2 = T.Compose(crop(global_size, global_scale) + maybe_blur(0.1)
+                                + [T.RandomSolarize(threshold=128, p=0.2)] + normalize)
         self.local = T.Compose(crop(local_size, local_scale) + maybe_blur(0.5) + normalize)
 
     def __call__(self, img):

@@ -10,7 +10,7 @@ from torchvision import transforms as T
 from data import (DATASETS, MultiCropTransform, SingleViewTransform, TwoViewTransform, build_dataset,
                   dataset_info, eval_transform, resolve_dataset)
 from data.datasets import _BUILDERS, _holdout
-from data.transforms import RandomGaussianBlur, RandomSolarize
+from data.transforms import RandomGaussianBlur
 
 
 def _save_image(path, value, size=8):
@@ -278,21 +278,45 @@ def test_multi_crop_transform():
     assert all(c.dtype == torch.float32 for c in crops)
     blur_p = [[op.p for op in _ops(c) if isinstance(op, RandomGaussianBlur)] for c in (t.global1, t.global2, t.local)]
     assert blur_p == [[1.0], [0.1], [0.5]]
-    sol_p = [[op.p for op in _ops(c) if isinstance(op, RandomSolarize)] for c in (t.global1, t.global2, t.local)]
+    sol_p = [[op.p for op in _ops(c) if isinstance(op, T.RandomSolarize)] for c in (t.global1, t.global2, t.local)]
     assert sol_p == [[], [0.2], []]
     # at 32px the blur is off everywhere, solarize stays on the second global crop
     small = MultiCropTransform(32, 16, local_number=2)
     assert not any(_has_blur(c) for c in (small.global1, small.global2, small.local))
-    assert any(isinstance(op, RandomSolarize) for op in _ops(small.global2))
+    assert any(isinstance(op, T.RandomSolarize) for op in _ops(small.global2))
     assert len(small(img)) == 4
+
+
+def test_torchvision_solarize_equals_dino_rule_draw_for_draw():
+    """The multi-crop recipe's torchvision RandomSolarize does what DINO's Solarization did (and
+    this repository's own class before it): one uniform draw from torch's generator per image,
+    PIL's ImageOps.solarize at threshold 128 when it is below p, the image untouched otherwise;
+    so a seeded run solarizes the same images as before, the same way."""
+    from PIL import ImageOps
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    op = MultiCropTransform(32, 16, local_number=0, mean=MEAN, std=STD).global2.transforms
+    op = next(o for o in op if isinstance(o, T.RandomSolarize))
+    assert (op.threshold, op.p) == (128, 0.2)
+    hits = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        hit = torch.rand(()).item() < 0.2  # the former rule's draw
+        after = torch.rand(()).item()
+        torch.manual_seed(seed)
+        out = op(img)
+        assert torch.rand(()).item() == after  # exactly one number drawn, as before
+        want = ImageOps.solarize(img, threshold=128) if hit else img
+        assert np.array_equal(np.asarray(out), np.asarray(want))
+        hits += hit
+    assert 0 < hits < 30  # both branches were checked
 
 
 def test_solarize_and_blur_ops():
     row = np.array([[0, 100, 127, 128, 200, 255]], dtype=np.uint8)
     img = Image.fromarray(np.stack([row] * 3, axis=-1))
-    out = np.asarray(RandomSolarize(p=1.0)(img))[..., 0]
+    out = np.asarray(T.RandomSolarize(128, p=1.0)(img))[..., 0]
     assert out.tolist() == [[0, 100, 127, 127, 55, 0]]
-    assert RandomSolarize(p=0.0)(img) is img
+    assert T.RandomSolarize(128, p=0.0)(img) is img
     noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     blurred = np.asarray(RandomGaussianBlur(p=1.0)(noisy), dtype=np.float64)
     assert blurred.std() < np.asarray(noisy, dtype=np.float64).std()

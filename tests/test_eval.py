@@ -7,6 +7,7 @@ images; runs in-process where possible."""
 import argparse
 import ast
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -231,24 +232,87 @@ def test_layer_decay_learning_rates_and_weight_decay():
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
-def test_mixup_and_cutmix_targets():
-    np.random.seed(0)
-    x = torch.arange(4.).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+def _timm_smooth_one_hot(t, c, smoothing):  # timm's one_hot(..., on=1 - s + s/C, off=s/C)
+    return torch.full((len(t), c), smoothing / c).scatter_(1, t.view(-1, 1), 1 - smoothing + smoothing / c)
+
+
+class _FixedLam:  # stands in for v2's Beta sampler: a fixed lambda
+    def __init__(self, lam):
+        self.lam = lam
+
+    def sample(self, shape=()):
+        return torch.tensor(self.lam)
+
+
+def test_mixing_equals_timm_for_a_fixed_lambda_and_box():
+    """finetune.build_mixing (torchvision.transforms.v2) mixes as the former timm-style code did:
+    for a fixed lambda, MixUp blends image and labels with the partner (image i - 1); for a
+    fixed lambda and box centre, CutMix pastes exactly timm's box (side int(H * sqrt(1 - lam)),
+    half of it either side of the centre, clipped to the image) and weights the labels by the
+    box's true area; and the loss with nn.CrossEntropyLoss(label_smoothing=) equals the soft
+    cross-entropy on timm's targets, smoothed before mixing."""
+    from torchvision.transforms import v2
+    b, c, side = 4, 4, 16
+    x = torch.randn(b, 3, side, side)
     t = torch.tensor([0, 1, 2, 3])
-    off = argparse.Namespace(mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1)
-    xs, soft = finetune.mix_batch(x, t, 4, off)
-    assert torch.equal(xs, x) and torch.allclose(soft.sum(1), torch.ones(4))
-    assert soft[0].tolist() == pytest.approx([0.925, 0.025, 0.025, 0.025])
-    for _ in range(5):
-        cut = argparse.Namespace(**{**vars(off), "cutmix": 1.0, "smoothing": 0.0})
-        xs, soft = finetune.mix_batch(x, t, 4, cut)
-        pasted = (xs[0, 0] != x[0, 0]).float().mean().item()  # image 0 got pixels of image 3
-        assert torch.all((xs[0] == 0) | (xs[0] == 3))
-        assert soft[0, 0].item() == pytest.approx(1 - pasted) and soft[0, 3].item() == pytest.approx(pasted)
-    mix = argparse.Namespace(**{**vars(off), "mixup": 0.8, "smoothing": 0.0})
-    xs, soft = finetune.mix_batch(x, t, 4, mix)
-    lam = soft[0, 0].item()
-    assert torch.allclose(xs[0], lam * x[0] + (1 - lam) * x[3], atol=1e-6)
+    partner = torch.roll(torch.arange(b), 1)
+    logits = torch.randn(b, c)
+    ref_loss = lambda soft: torch.sum(-soft * torch.log_softmax(logits, -1), -1).mean()
+    off = argparse.Namespace(mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+                             smoothing=0.1, num_labels=c)
+    xs, ts = finetune.build_mixing(off, c)(x, t)
+    assert xs is x and ts is t
+    ce = nn.CrossEntropyLoss(label_smoothing=0.1)
+    torch.testing.assert_close(ce(logits, t), ref_loss(_timm_smooth_one_hot(t, c, 0.1)))
+    for lam in (0.05, 0.3, 0.5, 0.77, 0.98):
+        mix = finetune.build_mixing(argparse.Namespace(**{**vars(off), "mixup": 0.8}), c)
+        assert isinstance(mix, v2.MixUp) and mix.alpha == 0.8
+        mix._dist = _FixedLam(lam)
+        xs, soft = mix(x, t)
+        torch.testing.assert_close(xs, lam * x + (1 - lam) * x[partner])
+        y = _timm_smooth_one_hot(t, c, 0.1)
+        torch.testing.assert_close(ce(logits, soft), ref_loss(lam * y + (1 - lam) * y[partner]))
+        cut = finetune.build_mixing(argparse.Namespace(**{**vars(off), "cutmix": 1.0}), c)
+        assert isinstance(cut, v2.CutMix) and cut.alpha == 1.0
+        cut._dist = _FixedLam(lam)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            cx, cy = (int(torch.randint(side, (1,))) for _ in range(2))  # v2's centre: x, y
+            torch.manual_seed(seed)
+            xs, soft = cut(x, t)
+            cut_side = int(side * math.sqrt(1 - lam))  # timm's rand_bbox
+            y0, y1 = np.clip(cy - cut_side // 2, 0, side), np.clip(cy + cut_side // 2, 0, side)
+            x0, x1 = np.clip(cx - cut_side // 2, 0, side), np.clip(cx + cut_side // 2, 0, side)
+            want = x.clone()
+            want[:, :, y0:y1, x0:x1] = x[partner][:, :, y0:y1, x0:x1]
+            assert torch.equal(xs, want)
+            area = 1 - (y1 - y0) * (x1 - x0) / side ** 2
+            torch.testing.assert_close(soft, area * nn.functional.one_hot(t, c).float()
+                                       + (1 - area) * nn.functional.one_hot(t[partner], c).float())
+            assert 0 < area < 1 or lam > 0.9  # a box was pasted (lam 0.98: maybe none)
+
+
+def test_mixing_draws_lambda_and_the_op_as_timm():
+    """The random parts: lam ~ Beta(alpha, alpha) (MixUp's drawn lambda passes a
+    Kolmogorov-Smirnov test against it), a batch is mixed with probability --mixup_prob, and
+    with both on it is CutMix with probability --mixup_switch_prob."""
+    from scipy import stats
+    torch.manual_seed(0)
+    x = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 3, 4, 4).contiguous()
+    t = torch.tensor([0, 1])
+    args = argparse.Namespace(mixup=0.8, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5)
+    mix = finetune.build_mixing(args, 2)
+    lams = [mix(x, t)[0][1, 0, 0, 0].item() for _ in range(1000)]  # image 1: lam * 1 + (1 - lam) * 0
+    assert stats.kstest(lams, "beta", args=(0.8, 0.8)).pvalue > 0.01
+    both = finetune.build_mixing(argparse.Namespace(**{**vars(args), "cutmix": 1.0,
+                                                       "mixup_prob": 0.6}), 2)
+    kinds = []
+    for _ in range(1000):
+        xs, ts = both(x, t)
+        kinds.append("none" if ts.ndim == 1 else
+                     "cutmix" if torch.all((xs == 0) | (xs == 1)) else "mixup")
+    share = {k: kinds.count(k) / len(kinds) for k in ("none", "cutmix", "mixup")}
+    assert share == pytest.approx({"none": 0.4, "cutmix": 0.3, "mixup": 0.3}, abs=0.05)
 
 
 def test_report_numbers_equal_sklearn():

@@ -66,10 +66,17 @@ def test_confusion_matrix_heat_map(tmp_path):
     np.testing.assert_allclose(heat.images[0].get_array(),
                                [[5 / 6, 1 / 6, 0], [0, .5, .5], [0, 0, 0]])
     assert sorted(t.get_text() for t in heat.texts) == ["1", "3", "3", "5"]  # counts, zeros blank
-    # many classes: no labels in the cells, still a readable figure
+    colours = {t.get_text(): t.get_color() for t in heat.texts}  # white on the dark cells only
+    assert colours == {"5": "white", "1": "black", "3": "black"}
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["a", "b", "c"]
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["a", "b", "c"]
+    # many classes: no labels in the cells, class indices on the axes, still a readable figure
     big = np.diag(np.arange(1, 101))
-    save_confusion_matrix(big, [str(i) for i in range(100)], tmp_path / "big.png")
+    fig = save_confusion_matrix(big, [f"class {i}" for i in range(100)], tmp_path / "big.png")
     assert open_png(tmp_path / "big.png").size[0] <= 17.2 * 100 + 1
+    assert not fig.axes[0].texts
+    ticks = fig.axes[0].get_xticks()
+    assert 3 <= len(ticks) <= 12 and all(float(t).is_integer() for t in ticks)
 
 
 def test_bar_chart(tmp_path):
