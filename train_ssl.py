@@ -479,7 +479,9 @@ def build_networks(args, niter_per_ep):
     copy of that backbone at its random init when --knn_eval and --knn_random_init, for the
     final baseline). Reads args.input_size (resolve_input) and leaves args as they are."""
     method = METHODS[args.method]
-    cifar_stem = args.input_size <= 64 if args.cifar_stem is None else args.cifar_stem
+    if args.cifar_stem is None:  # the methods build their teacher from args.cifar_stem too
+        raise ValueError("build_networks needs args.cifar_stem; call resolve_input first")
+    cifar_stem = args.cifar_stem
     backbone, embed_dim = build_backbone(args.arch, patch_size=args.patch_size,
                                          img_size=[args.input_size],
                                          drop_path_rate=args.drop_path_rate,

@@ -47,7 +47,7 @@ def main(argv=None):
     with contextlib.redirect_stdout(io.StringIO()):
         distu.init_distributed_mode(args)
     info = dataset_info(args.dataset, args.data_path or None)
-    args.input_size = METHODS[args.method].input_size(args, info)
+    train_ssl.resolve_input(args, info)  # input_size, cifar_stem: as train_ssl.py sets them
     model, _, _ = train_ssl.build_networks(args, niter_per_ep=1)
     optimizer = build_optimizer(args.optimizer, get_params_groups(model), args.device,
                                 betas=args.adamw_betas)

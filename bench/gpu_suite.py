@@ -175,7 +175,7 @@ def bench_args(argv, device):
     args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
     args.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     info = dataset_info(args.dataset, args.data_path or None)
-    args.input_size = METHODS[args.method].input_size(args, info)
+    train_ssl.resolve_input(args, info)  # input_size, cifar_stem: as train_ssl.py sets them
     return args, info, METHODS[args.method].build_transform(args, info)
 
 

@@ -166,7 +166,7 @@ def main(argv=None):
     with contextlib.redirect_stdout(io.StringIO()):
         distu.init_distributed_mode(args)  # a world-size-1 group: both all-reduce the centre
     info = dataset_info(args.dataset, args.data_path or None)
-    args.input_size = dino.input_size(args, info)
+    train_ssl.resolve_input(args, info)  # input_size, cifar_stem: as train_ssl.py sets them
     transform = dino.build_transform(args, info)
     niter = 1 + args.warmup + args.pairs * args.steps
     batch = throughput.synthetic_batch(transform, args.batch_size_per_gpu,

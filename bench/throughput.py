@@ -229,7 +229,7 @@ def main(argv=None):
     amp.set_tf32(args.tf32)  # train_ssl.py's --tf32 (default true)
     info = dataset_info(args.dataset, args.data_path or None)
     # the same order as train_ssl: input size, then the transform, then the networks
-    args.input_size = METHODS[args.method].input_size(args, info)
+    train_ssl.resolve_input(args, info)  # input_size, cifar_stem: as train_ssl.py sets them
     transform = METHODS[args.method].build_transform(args, info)
     arch = f"{args.arch}/{args.patch_size}" if args.arch.startswith(("vit", "deit")) else args.arch
     if args.mode != "step":

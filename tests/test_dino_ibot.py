@@ -350,7 +350,7 @@ def test_build_trains_the_backbone_it_is_given():
         args = train_ssl.parse_args(["--method", method, "--arch", "vit_tiny", "--patch_size", "8",
                                      "--global_crops_size", "16", "--local_crops_size", "8",
                                      "--out_dim", "32", *extra])
-        args.input_size, args.knn_eval, args.device = 16, True, torch.device("cpu")
+        args.input_size, args.cifar_stem, args.knn_eval, args.device = 16, False, True, torch.device("cpu")
         model, backbone, init_backbone = train_ssl.build_networks(args, niter_per_ep=1)
         assert model.student.backbone is backbone and model.eval_backbone() is not backbone
         torch.testing.assert_close(init_backbone.state_dict(), backbone.state_dict())
