@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from core import cli, evaluation
-from core.evaluation import KNN_VOTES
+from core.knn import KNN_VOTES
 from core.checkpoint import extract_backbone_state, load_file
 from data import dataset_info
 from models import VIT_SHAPE

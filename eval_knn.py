@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from core import amp, cli, evaluation
 from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
-from core.evaluation import (KNN_METRICS, KNN_VOTES, check_knn_rule, extract_dataset_features,
-                             knn_classifier, knn_k_used)
+from core.evaluation import extract_dataset_features
+from core.knn import KNN_METRICS, KNN_VOTES, check_knn_rule, knn_classifier, knn_k_used
 from core.logger import bool_flag
 from data import dataset_info, eval_transform
 from data.normalization import with_norm

@@ -12,7 +12,8 @@ import eval_knn
 import eval_linear
 import finetune
 from core import evaluation
-from core.evaluation import extract_dataset_features, knn_classifier
+from core.evaluation import extract_dataset_features
+from core.knn import knn_classifier
 from data import dataset_info, eval_transform
 
 from _ddp import run_ranks
