@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from core import amp, cli, evaluation
 from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features, feature_function
 from core.knn import KNN_METRICS, KNN_VOTES, check_knn_rule, knn_classifier, knn_k_used
 from core.logger import bool_flag
 from data import dataset_info, eval_transform
@@ -194,7 +194,7 @@ def extract_train_test(args, info, model):
     print(f"Data loaded with {len(train)} train imgs ({train.split_name}) and {len(test)} imgs "
           f"to score ({test.split_name}).")
     evaluation.check_scored_split(test)
-    fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
+    fn = feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
     features = []
     for dataset in (train, test):
         print(f"Extracting features for {dataset.split_name} set...")

@@ -35,7 +35,7 @@ from core import amp, cli, evaluation, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features, feature_function
 from core.curves import save_curves
 from core.logger import MetricLogger, StepLog, bool_flag
 from core.optim import lr_for_batch
@@ -220,7 +220,7 @@ def build_frozen_backbone(args, info):
     else:
         names = ["features"]
         dims = [feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)]
-        feats_fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens)
+        feats_fn = feature_function(args.n_last_blocks, args.avgpool_patchtokens)
     return model, snapshot, feats_fn, names, dims
 
 

@@ -35,7 +35,7 @@ from core import amp, cli, evaluation, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, StepLog, bool_flag
 from core.syncbn import sync_batchnorm

@@ -26,6 +26,7 @@ import eval_linear
 import finetune
 from core import evaluation
 from core.cli import error_message
+from core.features import feature_function
 from core.report import classification_metrics, format_report
 from models import build_backbone
 
@@ -405,7 +406,7 @@ def test_use_cls_false_mean_pools_patch_tokens_of_last_blocks():
     model = small_vit().eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        f = evaluation.feature_function(n_last_blocks=2, use_cls=False)(model, x)
+        f = feature_function(n_last_blocks=2, use_cls=False)(model, x)
         layers = model.get_intermediate_layers(x, 2)
     assert f.shape == (2, 2 * 192)
     assert torch.allclose(f, torch.cat([layers[0][:, 1:].mean(1), layers[1][:, 1:].mean(1)], 1))

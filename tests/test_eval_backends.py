@@ -12,7 +12,7 @@ import eval_knn
 import eval_linear
 import finetune
 from core import evaluation
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features
 from core.knn import knn_classifier
 from data import dataset_info, eval_transform
 

@@ -19,7 +19,7 @@ from torchvision.transforms import functional as F
 import eval_knn
 import train_ssl
 from core import cli, evaluation
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features
 from data import (BadImageError, TwoViewTransform, build_dataset, dataset_info, eval_transform,
                   resolve_dataset)
 from data.datasets import decode_image
