@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core import amp, cli, evaluation
+from core import amp, cli, eval_data, evaluation
 from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
 from core.features import extract_dataset_features, feature_function
@@ -155,7 +155,7 @@ def check_args(args):
     check_knn_rule(1, args.temperature, args.knn_vote, args.knn_metric)
     if not args.load_features:
         # the scored split is there, the train split (--train_split) labelled
-        evaluation.check_eval_data(args, selects=False)
+        eval_data.check_eval_data(args, selects=False)
 
 
 def rule(args):
@@ -189,11 +189,11 @@ def extract_train_test(args, info, model):
     if not args.use_cls and not is_vit(model):
         print("Note: --use_cls false only changes ViT features; a ResNet's are pooled already.")
     transform = eval_transform(args.image_size, info.mean, info.std)
-    train = evaluation.eval_split(args, "train", transform)  # --data_backend tensor or pil
-    test = evaluation.eval_split(args, "test", transform)  # the --eval_split folder
+    train = eval_data.eval_split(args, "train", transform)  # --data_backend tensor or pil
+    test = eval_data.eval_split(args, "test", transform)  # the --eval_split folder
     print(f"Data loaded with {len(train)} train imgs ({train.split_name}) and {len(test)} imgs "
           f"to score ({test.split_name}).")
-    evaluation.check_scored_split(test)
+    eval_data.check_scored_split(test)
     fn = feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
     features = []
     for dataset in (train, test):

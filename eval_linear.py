@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, evaluation, preempt
+from core import amp, cli, eval_data, evaluation, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -232,15 +232,15 @@ def build_datasets(args, info):
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     train_tf = val_tf if args.cached_features else SingleViewTransform(args.image_size, info.mean, info.std)
     if args.cached_features:  # images read once, through --data_backend tensor or pil
-        dataset_train = evaluation.eval_split(args, "train", val_tf, val_split=args.val_split)
+        dataset_train = eval_data.eval_split(args, "train", val_tf, val_split=args.val_split)
     else:  # (training_batches builds the augmented loader)
         dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf,
                                       val_split=args.val_split, seed=args.seed,
                                       train_split=args.train_split)
-    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)
+    dataset_val = eval_data.eval_split(args, "val", val_tf, val_split=args.val_split)
     separate = resolve_split(args.dataset, args.data_path, "test", args.eval_split) != \
         resolve_split(args.dataset, args.data_path, "val", args.eval_split, args.val_split)
-    dataset_test = evaluation.eval_split(args, "test", val_tf) if separate else None
+    dataset_test = eval_data.eval_split(args, "test", val_tf) if separate else None
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -249,7 +249,7 @@ def build_datasets(args, info):
           f"{len(dataset_val)} val imgs ({dataset_val.split_name})"
           + (f"; {len(dataset_test)} test imgs ({dataset_test.split_name}) held back for the "
              f"best-on-val probe." if dataset_test is not None else ", the split scored."))
-    evaluation.check_scored_split(dataset_test if dataset_test is not None else dataset_val)
+    eval_data.check_scored_split(dataset_test if dataset_test is not None else dataset_val)
     return dataset_train, dataset_val, dataset_test
 
 
@@ -280,7 +280,7 @@ def training_batches(model, feats_fn, dataset_train, info, args):
         print("Extracting features once, without augmentation (--cached_features)...")
         features, labels = cached(model, dataset_train, feats_fn, args, "train features")
         return FeatureBatches(features, labels, args.batch_size_per_gpu, args.seed), lambda x: x
-    loader = evaluation.train_loader(
+    loader = eval_data.train_loader(
         args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
         drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size,
         val_split=args.val_split)
@@ -525,7 +525,7 @@ def check_args(args):
     if args.num_labels is not None and args.num_labels < 2:
         raise ValueError(f"--num_labels {args.num_labels} is too small; a classifier needs >= 2 "
                          "labels (default: the dataset's)")
-    evaluation.check_eval_data(args, args.val_split)  # before any image is read
+    eval_data.check_eval_data(args, args.val_split)  # before any image is read
 
 
 def run_linear(args):

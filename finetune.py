@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, evaluation, preempt
+from core import amp, cli, eval_data, evaluation, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -372,7 +372,7 @@ def check_args(args):
         raise ValueError("--unfreeze_layers and --unfreeze_last_blocks both given; pick one")
     if args.val_split is None:  # select on val/ when it is not the scored split, else hold out
         args.val_split = 0.0 if selects_apart(args, 0) else 0.1
-    evaluation.check_eval_data(args, args.val_split)  # before any image is read
+    eval_data.check_eval_data(args, args.val_split)  # before any image is read
 
 
 def selects_apart(args, val_split):
@@ -388,8 +388,8 @@ def build_datasets(args, info):
     split = dict(val_split=args.val_split, seed=args.seed, train_split=args.train_split)
     dataset_train = build_dataset(args.dataset, args.data_path, "train",
                                   SingleViewTransform(args.image_size, info.mean, info.std), **split)
-    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)  # tensor / pil
-    dataset_test = evaluation.eval_split(args, "test", val_tf)
+    dataset_val = eval_data.eval_split(args, "val", val_tf, val_split=args.val_split)  # tensor / pil
+    dataset_test = eval_data.eval_split(args, "test", val_tf)
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -400,7 +400,7 @@ def build_datasets(args, info):
     if not selects_apart(args, args.val_split):
         print(f"Warning: --val_split 0 selects the best epoch on {dataset_test.split_name}, the "
               "scored split itself; hold images out with --val_split N.")
-    evaluation.check_scored_split(dataset_test)
+    eval_data.check_scored_split(dataset_test)
     return dataset_train, dataset_val, dataset_test
 
 
@@ -460,7 +460,7 @@ def _run_finetune(args):
         raise ValueError(f"the train split has {len(dataset_train)} images, fewer than one global "
                          f"batch ({global_batch}); lower --batch_size_per_gpu")
     # each rank's DistributedSampler(shuffle=True) order with drop_last, as train_ssl.py
-    loader = evaluation.train_loader(args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
+    loader = eval_data.train_loader(args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
                                      val_split=args.val_split)
     print(f"Training images: {loader.describe}.")
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from core import amp
 from core import dist as distu
-from core.evaluation import LoadedSplit
+from core.eval_data import LoadedSplit
 from data.loaders import epoch_indices
 from models import extract_features, feature_dim, is_vit
 

@@ -10,7 +10,7 @@ vote, by cosine similarity or Euclidean distance.
 """
 import torch
 
-from core.evaluation import check_scored_split, eval_split
+from core.eval_data import check_scored_split, eval_split
 from core.features import extract_dataset_features
 from data import build_dataset, dataset_info, eval_transform
 
