@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core import cli, evaluation
+from core import cli, evaluation, model_flags
 from core.knn import KNN_VOTES
 from core.checkpoint import extract_backbone_state, load_file
 from data import dataset_info
@@ -134,7 +134,7 @@ def resolve_model_flags(args):
     and reads the same inputs (and a checkpoint that does not fit is refused before any run
     starts); a variant deeper than the network is refused. Returns the depth: ViT blocks, or
     ResNet stages (4)."""
-    backbone, _ = evaluation.load_backbone(
+    backbone, _ = model_flags.load_backbone(
         args, default_image_size=dataset_info(args.dataset, args.data_path).image_size)
     depth = len(backbone.blocks) if hasattr(backbone, "blocks") else 4
     for v in args.finetune_variants if "finetune" in args.evals else ():

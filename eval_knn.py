@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core import amp, cli, eval_data, evaluation
+from core import amp, cli, eval_data, evaluation, model_flags
 from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
 from core.features import extract_dataset_features, feature_function
@@ -217,7 +217,7 @@ def run_knn(args):
     info = dataset_info(args.dataset, args.data_path)
     # the flags the checkpoint decides (model shape, image size, normalisation), then the listing
     model = None if args.load_features else \
-        evaluation.load_backbone(args, default_image_size=info.image_size)[0]
+        model_flags.load_backbone(args, default_image_size=info.image_size)[0]
     cli.print_args(args)
     for folder in (args.output_dir, args.dump_features):
         if folder and distu.is_main_process():

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, eval_data, evaluation, preempt
+from core import amp, cli, eval_data, evaluation, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -206,7 +206,7 @@ def build_frozen_backbone(args, info):
     """The backbone in eval mode without gradients, a snapshot of its state for sanity_check,
     and the features the probe reads: (model, snapshot, feats_fn, names, dims), one name and
     feature size per head (one head, or one per layer with --probe_layers)."""
-    model, _ = evaluation.load_backbone(args, default_image_size=info.image_size)
+    model, _ = model_flags.load_backbone(args, default_image_size=info.image_size)
     model.to(args.device).eval()
     for p in model.parameters():
         p.requires_grad = False

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, eval_data, evaluation, preempt
+from core import amp, cli, eval_data, evaluation, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -421,7 +421,7 @@ def _run_finetune(args):
     info = dataset_info(args.dataset, args.data_path)
 
     # ============ building the network and the data ... ============
-    backbone, _ = evaluation.load_backbone(args, default_image_size=info.image_size,
+    backbone, _ = model_flags.load_backbone(args, default_image_size=info.image_size,
                                            drop_path_rate=args.drop_path)
     info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     if not args.pretrained_weights:

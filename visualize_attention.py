@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from core import cli, evaluation
+from core import cli, evaluation, model_flags
 from core.logger import bool_flag
 from core.report import DPI, figure_to_array, new_figure, save_figure
 from data import DatasetInfo, build_dataset, dataset_info
@@ -198,7 +198,7 @@ def main(args):
         args.norm_stats = "imagenet"  # random init on a picture: ImageNet's, as DINO's script
     requested_size = args.image_size
     args.image_size = None  # load_backbone fills it with the training crop size, if known
-    model, _ = evaluation.load_backbone(args)
+    model, _ = model_flags.load_backbone(args)
     if not is_vit(model):
         raise ValueError(f"--arch {args.arch} has no self-attention; attention maps need a ViT "
                          "(vit_tiny, vit_small, vit_base)")

@@ -24,7 +24,7 @@ import eval_compare
 import eval_knn
 import eval_linear
 import finetune
-from core import evaluation
+from core import evaluation, model_flags
 from core.cli import error_message
 from core.features import feature_function
 from core.report import classification_metrics, format_report
@@ -549,10 +549,10 @@ def test_model_flags_come_from_the_checkpoint_read_once(tmp_path, monkeypatch, s
         ckpt["args"] = stored
     torch.save(ckpt, tmp_path / "w.pth")
     reads = []
-    monkeypatch.setattr(evaluation, "load_file", lambda p: reads.append(p) or torch.load(
+    monkeypatch.setattr(model_flags, "load_file", lambda p: reads.append(p) or torch.load(
         p, weights_only=False))
     args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
-    model, dim = evaluation.load_backbone(args, default_image_size=32)
+    model, dim = model_flags.load_backbone(args, default_image_size=32)
     assert reads == [str(tmp_path / "w.pth")]  # one read: flags and weights
     assert (args.arch, args.patch_size, dim) == ("vit_tiny", 8, 192)  # vit_small/16 if ignored
     assert args.image_size == (16 if stored is not None else 32)  # the training crop, else the dataset's
@@ -565,7 +565,7 @@ def test_resnet_stem_of_released_weights_is_read_from_conv1(tmp_path):
     torch.save(backbone.state_dict(), tmp_path / "r.pth")  # no args, 3x3 conv1
     args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "r.pth"),
                                                     "--arch", "resnet18"])
-    evaluation.load_backbone(args, default_image_size=224)
+    model_flags.load_backbone(args, default_image_size=224)
     assert args.cifar_stem is True and args.image_size == 224
 
 
@@ -576,7 +576,7 @@ def test_vit_nano_of_released_weights_is_read_from_its_depth(tmp_path):
         torch.save(backbone.state_dict(), tmp_path / f"{arch}.pth")  # no args
         args = evaluation.get_args_parser().parse_args(["--pretrained_weights",
                                                         str(tmp_path / f"{arch}.pth")])
-        model, dim = evaluation.load_backbone(args, default_image_size=16)
+        model, dim = model_flags.load_backbone(args, default_image_size=16)
         assert (args.arch, args.patch_size, dim, len(model.blocks)) == \
             (arch, 4, 192, {"vit_nano": 4, "vit_tiny": 12}[arch])
 
