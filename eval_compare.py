@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core import cli, evaluation, model_flags
+from core import cli, eval_runs, evaluation, model_flags
 from core.knn import KNN_VOTES
 from core.checkpoint import extract_backbone_state, load_file
 from data import dataset_info
@@ -334,7 +334,7 @@ def eval_compare(args):
     check_args(args)
     depth = resolve_model_flags(args)
     source = weights_source(args)
-    args.output_dir = args.output_dir or evaluation.default_output_dir("eval_compare", args)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("eval_compare", args)
     cli.print_args(args)  # every flag resolved (the checkpoint's model flags, the folder)
     print(f"Output folder: {args.output_dir} ({len(runs(args, depth))} evaluations, each for the "
           f"checkpoint ({source}) and at random init; {args.num_workers} data workers each)")

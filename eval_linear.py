@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, eval_data, evaluation, model_flags, preempt
+from core import amp, cli, eval_data, eval_runs, evaluation, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -376,7 +376,7 @@ def restart_probe(path, probe, optimizer, scheduler, args):
     if not os.path.isfile(path):
         return 0, 0, None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
     ckpt = load_file(path)
-    evaluation.check_resume(path, ckpt, args)
+    eval_runs.check_resume(path, ckpt, args)
     written_by = preempt.check_world_size(path, ckpt, args.world_size, args.batch_size_per_gpu,
                                           args.allow_world_size_change,
                                           lambda batch: args.lr * batch / 256.0)
@@ -407,7 +407,7 @@ def evaluate_probe(model, probe, feats_fn, dataset, names, dims, args):
     path = args.linear_weights or os.path.join(args.output_dir, "checkpoint.pth.tar")
     ckpt = load_file(path)
     if not args.linear_weights:
-        evaluation.check_resume(path, ckpt, args)
+        eval_runs.check_resume(path, ckpt, args)
     load_probe(probe, ckpt.get("state_dict", ckpt), path)
     stats = validate_network(model, probe, dataset, feats_fn, args, dataset.split_name)
     for name, s in zip(names, stats):
@@ -549,7 +549,7 @@ def _run_linear(args):
     info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     dataset_train, dataset_val, dataset_test = build_datasets(args, info)
     probe = build_probe(dims, names, args)
-    args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("eval_linear", args)
     cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any feature is extracted
@@ -600,7 +600,7 @@ def _run_linear(args):
                          "sampler": {"seed": args.seed, "epoch": epoch,
                                      "world_size": args.world_size,
                                      "batch_size": args.batch_size_per_gpu},
-                         "ranks": ranks, "args": evaluation.run_args(args)}, ckpt_path)
+                         "ranks": ranks, "args": eval_runs.run_args(args)}, ckpt_path)
         stopper.saved()
 
     writer = None

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, eval_data, evaluation, model_flags, preempt
+from core import amp, cli, eval_data, eval_runs, evaluation, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -436,7 +436,7 @@ def _run_finetune(args):
           f"({len(trainable)} tensors) and the head.")
     model.to(args.device)
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
-    args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("finetune", args)
     cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any training
@@ -447,7 +447,7 @@ def _run_finetune(args):
         path = args.finetuned_weights or best_path
         ckpt = load_file(path)
         if not args.finetuned_weights:
-            evaluation.check_resume(path, ckpt, args)
+            eval_runs.check_resume(path, ckpt, args)
         model.load_state_dict(ckpt["model"])
         metrics = test_report(model, dataset_test, info, args)
         return {"best_val_acc": None, "test_acc": metrics["accuracy"], "metrics": metrics,
@@ -488,7 +488,7 @@ def _run_finetune(args):
     start_epoch, start_iter, rank_states, best_acc = 0, 0, None, -1.0
     if os.path.isfile(ckpt_path):
         ckpt = load_file(ckpt_path)
-        evaluation.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
+        eval_runs.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
         # another number of processes: refused, or said (the lrs do not scale with the batch)
         preempt.check_world_size(ckpt_path, ckpt, args.world_size, args.batch_size_per_gpu,
                                  args.allow_world_size_change)
@@ -512,7 +512,7 @@ def _run_finetune(args):
                          "val_acc": val_acc, "sampler": {"seed": args.seed, "epoch": epoch,
                                                          "world_size": args.world_size,
                                                          "batch_size": args.batch_size_per_gpu},
-                         "ranks": ranks, "args": evaluation.run_args(args)}
+                         "ranks": ranks, "args": eval_runs.run_args(args)}
             if scaler.is_enabled():
                 save_dict["fp16_scaler"] = scaler.state_dict()
             save_atomic(save_dict, ckpt_path)
@@ -549,7 +549,7 @@ def _run_finetune(args):
               f"best: {best_acc:.2f}%")
         if is_best and distu.is_main_process():  # before checkpoint.pth, which records best_acc
             save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc,
-                         "args": evaluation.run_args(args)}, best_path)
+                         "args": eval_runs.run_args(args)}, best_path)
         save_checkpoint(epoch + 1, 0, val_acc=val_acc)
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from core import cli, evaluation, model_flags
+from core import cli, eval_runs, evaluation, model_flags
 from core.logger import bool_flag
 from core.report import DPI, figure_to_array, new_figure, save_figure
 from data import DatasetInfo, build_dataset, dataset_info
@@ -224,7 +224,7 @@ def main(args):
     scale = args.display_scale or max(1, math.ceil(256 / min(h, w)))
     subject = os.path.splitext(os.path.basename(args.image_path))[0] if args.image_path \
         else f"{args.dataset}_{args.sample_index}"
-    args.output_dir = args.output_dir or evaluation.default_output_dir("visualize_attention", args, subject)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("visualize_attention", args, subject)
     os.makedirs(args.output_dir, exist_ok=True)
     shown = img[0].cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     shown = upscale(shown.clamp(0, 1), scale).permute(1, 2, 0).numpy()  # (H, W, 3)

@@ -24,7 +24,7 @@ import eval_compare
 import eval_knn
 import eval_linear
 import finetune
-from core import evaluation, model_flags
+from core import eval_runs, evaluation, model_flags
 from core.cli import error_message
 from core.features import feature_function
 from core.report import classification_metrics, format_report
@@ -583,7 +583,7 @@ def test_vit_nano_of_released_weights_is_read_from_its_depth(tmp_path):
 
 def test_default_output_dirs_differ_by_weights_and_dataset():
     def out(weights, dataset="cifar10", arch=None):
-        return evaluation.default_output_dir("eval_linear", argparse.Namespace(
+        return eval_runs.default_output_dir("eval_linear", argparse.Namespace(
             pretrained_weights=weights, dataset=dataset, arch=arch))
     assert out("out/dino/checkpoint.pth") == os.path.join("out", "eval_linear", "dino_checkpoint_cifar10")
     assert len({out("out/dino/checkpoint.pth"), out("out/simclr/checkpoint.pth"),
@@ -594,19 +594,19 @@ def test_default_output_dirs_differ_by_weights_and_dataset():
 
 def test_resume_guard_names_the_first_difference():
     args = argparse.Namespace(pretrained_weights="a.pth", arch="resnet18", lr=0.1, epochs=5, num_workers=2)
-    stored = evaluation.run_args(args)
-    evaluation.check_resume("x/ck.pth", {"args": stored}, args)  # the same run: fine
-    evaluation.check_resume("x/ck.pth", {"args": {**stored, "epochs": 3, "num_workers": 8}}, args)  # may change
-    evaluation.check_resume("x/ck.pth", {"args": argparse.Namespace(**stored)}, args)  # DINO-style record
+    stored = eval_runs.run_args(args)
+    eval_runs.check_resume("x/ck.pth", {"args": stored}, args)  # the same run: fine
+    eval_runs.check_resume("x/ck.pth", {"args": {**stored, "epochs": 3, "num_workers": 8}}, args)  # may change
+    eval_runs.check_resume("x/ck.pth", {"args": argparse.Namespace(**stored)}, args)  # DINO-style record
     with pytest.raises(ValueError) as e:
-        evaluation.check_resume("x/ck.pth", {"args": {**stored, "arch": "vit_tiny", "lr": 0.5}}, args)
+        eval_runs.check_resume("x/ck.pth", {"args": {**stored, "arch": "vit_tiny", "lr": 0.5}}, args)
     one_line_error(e, "x/ck.pth was written by a run with --arch vit_tiny, this command has --arch resnet18",
                    "--output_dir")
     with pytest.raises(ValueError) as e:
-        evaluation.check_resume("x/ck.pth", {"args": {**stored, "lr": 0.5}}, args)
+        eval_runs.check_resume("x/ck.pth", {"args": {**stored, "lr": 0.5}}, args)
     one_line_error(e, "--lr 0.5, this command has --lr 0.1")
     with pytest.raises(ValueError) as e:
-        evaluation.check_resume("x/ck.pth", {"state_dict": {}}, args)  # no record: cannot tell
+        eval_runs.check_resume("x/ck.pth", {"state_dict": {}}, args)  # no record: cannot tell
     one_line_error(e, "no record", "--output_dir")
 
 
