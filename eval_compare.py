@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core import cli, eval_runs, evaluation, model_flags
+from core import cli, eval_args, eval_runs, model_flags
 from core.knn import KNN_VOTES
 from core.checkpoint import extract_backbone_state, load_file
 from data import dataset_info
@@ -65,8 +65,8 @@ def available_cpus():
 
 def get_args_parser():
     parser = cli.ArgumentParser("Pretrained vs random init", parents=[
-        evaluation.model_parser(), evaluation.data_parser(train_split=True),
-        evaluation.run_parser()])
+        eval_args.model_parser(), eval_args.data_parser(train_split=True),
+        eval_args.run_parser()])
     # one value for every run, sized to this machine unless given
     parser.set_defaults(num_workers=None)
     for action in parser._actions:
@@ -113,7 +113,7 @@ def get_args_parser():
 def check_args(args):
     if args.num_workers is None:  # one value for every run, sized to this machine
         args.num_workers = min(10, max(available_cpus() // max(args.nproc_per_node, 1), 1))
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if not args.pretrained_weights:
         raise ValueError("eval_compare.py needs --pretrained_weights (the checkpoint to compare "
                          "with its own architecture at random init)")

@@ -21,7 +21,7 @@ transfer recipe):
 
 Without --pretrained_weights the backbone keeps its random init (the baseline). Model flags
 (--arch, --patch_size, --image_size) default to the values stored in the checkpoint. The
-shared flags (model, features, data, run) are in core/evaluation.py; with --output_dir the
+shared flags (model, features, data, run) are in core/eval_args.py; with --output_dir the
 results are also written to <output_dir>/results.json.
 """
 import json
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core import amp, cli, eval_data, evaluation, model_flags
+from core import amp, cli, eval_args, eval_data, model_flags
 from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
 from core.features import extract_dataset_features, feature_function
@@ -44,7 +44,7 @@ from models import is_vit
 
 def get_args_parser():
     parser = cli.ArgumentParser("Evaluation with weighted k-NN",
-                                parents=[evaluation.get_args_parser()])
+                                parents=[eval_args.get_args_parser()])
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", default=None, nargs="+", type=int,
                        help="Number of NN to use. 20 is usually working the best. Default: "
@@ -138,7 +138,7 @@ def few_shot_eval(train_f, train_labels, test_f, test_labels, num_classes, n_sho
 
 
 def check_args(args):
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.n_shot < 0 or args.n_episodes < 1:
         raise ValueError(f"--n_shot {args.n_shot} / --n_episodes {args.n_episodes} are invalid; "
                          "use --n_shot >= 0 (0: full k-NN) and --n_episodes >= 1")

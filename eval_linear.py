@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, eval_data, eval_runs, evaluation, model_flags, preempt
+from core import amp, cli, eval_args, eval_data, eval_runs, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -48,7 +48,7 @@ from models import MLPClassifier, feature_dim, is_vit, layerwise_features
 
 def get_args_parser():
     parser = cli.ArgumentParser("Evaluation with linear classification",
-                                parents=[evaluation.get_args_parser()],
+                                parents=[eval_args.get_args_parser()],
                                 formatter_class=cli.HelpFormatter)  # every flag with its default
     parser.set_defaults(n_last_blocks=4)  # DINO: 4 for ViT-Small, 1 for ViT-Base
 
@@ -517,7 +517,7 @@ def report_layers(layers, splits, args):
 # ============ the run ... ============
 
 def check_args(args):
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.epochs < 1 and not args.evaluate:
         raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
     if args.val_freq < 1 or args.batch_size_per_gpu < 1:

@@ -18,7 +18,7 @@ report.txt / report.json, and --save_predictions N test images with predicted cl
 confidence and true class in predictions.png. Without --output_dir the run goes to
 out/finetune/<weights>_<dataset>; it resumes from <output_dir>/checkpoint.pth only if that file
 was written with the same flags. The shared flags (model, features, data, run, --precision) are
-in core/evaluation.py.
+in core/eval_args.py.
 """
 import json
 import math
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, eval_data, eval_runs, evaluation, model_flags, preempt
+from core import amp, cli, eval_args, eval_data, eval_runs, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
@@ -47,7 +47,7 @@ from models import MLPClassifier, extract_features, feature_dim, is_vit
 
 
 def get_args_parser():
-    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()],
+    parser = cli.ArgumentParser("Fine-tuning", parents=[eval_args.get_args_parser()],
                                 formatter_class=cli.HelpFormatter)  # every flag with its default
     group = parser.add_argument_group("What trains")
     group.add_argument("--drop_path", default=0.1, type=float,
@@ -357,7 +357,7 @@ def test_report(model, dataset_test, info, args, writer=None):
 
 
 def check_args(args):
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.epochs < 1 and not args.evaluate:
         raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
     if args.epochs <= args.warmup_epochs and not args.evaluate:

@@ -5,7 +5,7 @@ facebookresearch/dino visualize_attention.py.
     python visualize_attention.py --pretrained_weights dino_deitsmall8_pretrain.pth \
         --image_path cat.jpg --image_size 480 480 --threshold 0.6 --output_dir attn/
 
-Writes PNGs to --output_dir (drawn with matplotlib; shared flags: core/evaluation.py):
+Writes PNGs to --output_dir (drawn with matplotlib; shared flags: core/eval_args.py):
     img.png                      the (resized) input image
     attn-head{j}.png             head j's attention from [CLS] to every patch (viridis colours,
                                  each map scaled to its own min..max: plt.imsave, as DINO)
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from core import cli, eval_runs, evaluation, model_flags
+from core import cli, eval_args, eval_runs, model_flags
 from core.logger import bool_flag
 from core.report import DPI, figure_to_array, new_figure, save_figure
 from data import DatasetInfo, build_dataset, dataset_info
@@ -39,7 +39,7 @@ from models import is_vit
 
 def get_args_parser():
     parser = cli.ArgumentParser("Visualize Self-Attention maps", parents=[
-        evaluation.model_parser(image_size=False), evaluation.data_parser()])
+        eval_args.model_parser(image_size=False), eval_args.data_parser()])
     group = parser.add_argument_group("Image and maps")
     group.add_argument("--image_path", default=None, type=str,
                        help="Path of the image to load (normalised with the statistics the "
@@ -186,7 +186,7 @@ def load_image(args):
 
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.image_size is not None and len(args.image_size) > 2:
         raise ValueError(f"--image_size takes H W or one number, not {len(args.image_size)} values")
     if args.threshold is not None and not 0 < args.threshold <= 1:

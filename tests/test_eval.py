@@ -1,9 +1,9 @@
 """CPU tests of the evaluation suite: eval_linear.py (frozen-backbone check, a probe that learns,
 layer-wise probes), finetune.py (exactly the asked layers train, layer decay, mixup, the test
 report equals scikit-learn's), eval_knn.py few-shot and patch-token features, eval_compare.py,
-core/evaluation.py (model flags from a checkpoint read once, output folders, the resume guard,
-no script importing another), and one-line errors with exit code 2. Tiny .npy datasets of 16px
-images; runs in-process where possible."""
+core/eval_args.py, model_flags.py, eval_runs.py (model flags from a checkpoint read once, output
+folders, the resume guard, no script importing another), and one-line errors with exit code 2.
+Tiny .npy datasets of 16px images; runs in-process where possible."""
 import argparse
 import ast
 import json
@@ -24,7 +24,7 @@ import eval_compare
 import eval_knn
 import eval_linear
 import finetune
-from core import eval_runs, evaluation, model_flags
+from core import eval_args, eval_runs, model_flags
 from core.cli import error_message
 from core.features import feature_function
 from core.report import classification_metrics, format_report
@@ -504,7 +504,7 @@ def test_bad_inputs_in_process(npy_root, tmp_path):
     one_line_error(e, "--n_shot")
 
 
-# ============ core/evaluation.py: one home for what the scripts share ============
+# ============ core/eval_args.py and co.: one home for what the scripts share ============
 
 EVAL_SCRIPTS = ["eval_knn.py", "eval_linear.py", "finetune.py", "eval_compare.py", "visualize_attention.py"]
 
@@ -525,7 +525,7 @@ def test_no_script_imports_another_and_each_shared_flag_is_declared_once():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & names, f"{script} imports {imported & names}"
-    shared = declared_flags(ROOT / "core" / "evaluation.py")
+    shared = declared_flags(ROOT / "core" / "eval_args.py")
     assert {"--arch", "--pretrained_weights", "--dataset", "--n_last_blocks", "--batch_size_per_gpu"} <= set(shared)
     for script in EVAL_SCRIPTS:
         again = set(declared_flags(ROOT / script)) & set(shared)
@@ -551,7 +551,7 @@ def test_model_flags_come_from_the_checkpoint_read_once(tmp_path, monkeypatch, s
     reads = []
     monkeypatch.setattr(model_flags, "load_file", lambda p: reads.append(p) or torch.load(
         p, weights_only=False))
-    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
+    args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
     model, dim = model_flags.load_backbone(args, default_image_size=32)
     assert reads == [str(tmp_path / "w.pth")]  # one read: flags and weights
     assert (args.arch, args.patch_size, dim) == ("vit_tiny", 8, 192)  # vit_small/16 if ignored
@@ -563,7 +563,7 @@ def test_model_flags_come_from_the_checkpoint_read_once(tmp_path, monkeypatch, s
 def test_resnet_stem_of_released_weights_is_read_from_conv1(tmp_path):
     backbone, _ = build_backbone("resnet18", cifar_stem=True)
     torch.save(backbone.state_dict(), tmp_path / "r.pth")  # no args, 3x3 conv1
-    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "r.pth"),
+    args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "r.pth"),
                                                     "--arch", "resnet18"])
     model_flags.load_backbone(args, default_image_size=224)
     assert args.cifar_stem is True and args.image_size == 224
@@ -574,7 +574,7 @@ def test_vit_nano_of_released_weights_is_read_from_its_depth(tmp_path):
     for arch in ("vit_nano", "vit_tiny"):
         backbone, _ = build_backbone(arch, patch_size=4, img_size=[16])
         torch.save(backbone.state_dict(), tmp_path / f"{arch}.pth")  # no args
-        args = evaluation.get_args_parser().parse_args(["--pretrained_weights",
+        args = eval_args.get_args_parser().parse_args(["--pretrained_weights",
                                                         str(tmp_path / f"{arch}.pth")])
         model, dim = model_flags.load_backbone(args, default_image_size=16)
         assert (args.arch, args.patch_size, dim, len(model.blocks)) == \

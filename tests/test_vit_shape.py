@@ -21,7 +21,7 @@ import eval_linear
 import finetune
 import train_ssl
 import visualize_attention
-from core import cli, evaluation, model_flags
+from core import cli, eval_args, model_flags
 from core.checkpoint import extract_backbone_state, load_pretrained_weights
 from models import build_backbone
 
@@ -85,7 +85,7 @@ def test_the_checkpoint_records_the_shape_and_every_script_rebuilds_it(shaped, n
     assert len({k.split(".")[1] for k in teacher if k.startswith("blocks.")}) == 3
 
     # the shared loader, given only the checkpoint: the same tensors, key for key (strict)
-    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(shaped)])
+    args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(shaped)])
     model, dim = model_flags.load_backbone(args, default_image_size=32)
     assert_shape(args, model)
     assert dim == 64
@@ -142,7 +142,7 @@ def test_bare_weights_of_any_shape_and_a_deeper_checkpoint(tmp_path, capsys):
                                 {"embed_dim": None, "depth": None, "num_heads": None})):
         net, _ = build_backbone("vit_small", patch_size=8, img_size=[16], **shape)
         torch.save(net.state_dict(), tmp_path / "w.pth")
-        args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
+        args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
         model, _ = model_flags.load_backbone(args, default_image_size=16)
         assert args.arch == arch and {k: getattr(args, k) for k in found} == found
         assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
@@ -171,7 +171,7 @@ def test_a_shape_that_cannot_be_built_is_one_line(argv, words, capsys):
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
     assert all(w in err[0] for w in words), err[0]
     with pytest.raises(ValueError) as e:  # the evaluation scripts' flags, the same check
-        model_flags.resolve_model_flags(evaluation.get_args_parser().parse_args(argv))
+        model_flags.resolve_model_flags(eval_args.get_args_parser().parse_args(argv))
     assert words[0] in str(e.value)
 
 

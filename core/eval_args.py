@@ -1,48 +1,29 @@
-"""What the evaluation scripts share (eval_knn.py, eval_linear.py, finetune.py, eval_compare.py,
-visualize_attention.py), so that no script imports another:
+"""The flags the evaluation scripts share (eval_knn.py, eval_linear.py, finetune.py,
+eval_compare.py, visualize_attention.py), declared once here so that no script imports another:
 
     get_args_parser()        parent parser of the flags they share, used through parents=[...]:
                              model_parser() + features_parser() + data_parser() + run_parser()
-    check_common_args(args)  --dataset given or inferred from --data_path (never ignored)
-    check_eval_data(args), check_knn_data(args)   data a score can be computed on, before any
-                             image is read (eval scripts; train_ssl.py's k-NN check)
-    load_backbone(args)      read --pretrained_weights once, fill the model flags left unset
-                             from it (resolve_model_flags), build the backbone, load the weights
-    default_output_dir(script, args)   out/<script>/<weights>_<dataset>
-    run_args(args), check_resume(path, ckpt, args)   never resume another run's checkpoint
-    eval_split(args, split, transform), train_loader(args, split, transform)
-                             the images through --data_backend tensor or pil (data/loaders.py)
-    extract_dataset_features(model, dataset, ...)    features (N, F) of a whole dataset
-    knn_classifier(...), KNNEvaluator, knn_eval_backbone(...)   DINO's weighted k-NN
-                             (knn_rank: also the majority vote, the Euclidean distance)
+    add_eval_split_arg(parser)   --eval_split, also train_ssl.py's (its k-NN check)
+    check_common_args(args)  --dataset given or inferred from --data_path (never ignored), the
+                             norm statistics, workers and batch size, --precision / --use_fp16
 
-Errors are ordinary exceptions (ValueError, FileNotFoundError) with a one-line message; each
-script's entry point prints them (core/cli.py).
+The rest of what they share: core/model_flags.py (checkpoint -> backbone), core/eval_data.py
+(the labelled splits), core/features.py, core/knn.py, core/eval_runs.py (output folder, resume
+guard). Errors are ordinary exceptions (ValueError, FileNotFoundError) with a one-line message;
+each script's entry point prints them (core/cli.py).
 """
 import argparse
-import datetime
-import os
-import time
-from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 from core import amp
-from core import dist as distu
-from core.checkpoint import (check_same_run, checkpoint_args, extract_backbone_state, load_file,
-                             load_pretrained_weights, weights_arch)
 from core.logger import bool_flag
-from data import DATASETS, build_dataset, dataset_info, eval_transform, resolve_dataset
-from data.datasets import (EVAL_SPLITS, check_train_split, resolve_split, split_label,
-                           train_labels)
-from data.loaders import add_data_args, build_train_loader, epoch_indices
-from data.normalization import add_norm_args, check_norm_args, resolve_eval_norm
-from models import (ARCHS, VIT_SHAPE, VIT_SIZES, build_backbone, check_patch_size, check_vit_shape,
-                    extract_features, feature_dim, is_vit, vit_shape)
+from data import DATASETS, resolve_dataset
+from data.datasets import EVAL_SPLITS
+from data.loaders import add_data_args
+from data.normalization import add_norm_args, check_norm_args
+from models import ARCHS
 
 
-# ============ the shared flags ... ============
+# ============ the shared flags ============
 
 def avgpool_type(s):
     """DINO's bool flag (false -> 0, true -> 2: CLS and patch mean) or iBOT's 0 / 1 / 2."""
