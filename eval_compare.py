@@ -36,8 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core import cli, evaluation
-from core.evaluation import KNN_VOTES
+from core import cli, eval_args, eval_runs, model_flags
+from core.knn import KNN_VOTES
 from core.checkpoint import extract_backbone_state, load_file
 from data import dataset_info
 from models import VIT_SHAPE
@@ -65,8 +65,8 @@ def available_cpus():
 
 def get_args_parser():
     parser = cli.ArgumentParser("Pretrained vs random init", parents=[
-        evaluation.model_parser(), evaluation.data_parser(train_split=True),
-        evaluation.run_parser()])
+        eval_args.model_parser(), eval_args.data_parser(train_split=True),
+        eval_args.run_parser()])
     # one value for every run, sized to this machine unless given
     parser.set_defaults(num_workers=None)
     for action in parser._actions:
@@ -113,7 +113,7 @@ def get_args_parser():
 def check_args(args):
     if args.num_workers is None:  # one value for every run, sized to this machine
         args.num_workers = min(10, max(available_cpus() // max(args.nproc_per_node, 1), 1))
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if not args.pretrained_weights:
         raise ValueError("eval_compare.py needs --pretrained_weights (the checkpoint to compare "
                          "with its own architecture at random init)")
@@ -134,7 +134,7 @@ def resolve_model_flags(args):
     and reads the same inputs (and a checkpoint that does not fit is refused before any run
     starts); a variant deeper than the network is refused. Returns the depth: ViT blocks, or
     ResNet stages (4)."""
-    backbone, _ = evaluation.load_backbone(
+    backbone, _ = model_flags.load_backbone(
         args, default_image_size=dataset_info(args.dataset, args.data_path).image_size)
     depth = len(backbone.blocks) if hasattr(backbone, "blocks") else 4
     for v in args.finetune_variants if "finetune" in args.evals else ():
@@ -334,7 +334,7 @@ def eval_compare(args):
     check_args(args)
     depth = resolve_model_flags(args)
     source = weights_source(args)
-    args.output_dir = args.output_dir or evaluation.default_output_dir("eval_compare", args)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("eval_compare", args)
     cli.print_args(args)  # every flag resolved (the checkpoint's model flags, the folder)
     print(f"Output folder: {args.output_dir} ({len(runs(args, depth))} evaluations, each for the "
           f"checkpoint ({source}) and at random init; {args.num_workers} data workers each)")

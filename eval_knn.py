@@ -21,7 +21,7 @@ transfer recipe):
 
 Without --pretrained_weights the backbone keeps its random init (the baseline). Model flags
 (--arch, --patch_size, --image_size) default to the values stored in the checkpoint. The
-shared flags (model, features, data, run) are in core/evaluation.py; with --output_dir the
+shared flags (model, features, data, run) are in core/eval_args.py; with --output_dir the
 results are also written to <output_dir>/results.json.
 """
 import json
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core import amp, cli, evaluation
+from core import amp, cli, eval_args, eval_data, model_flags
 from core import dist as distu
 from core.checkpoint import load_file, make_output_dir, save_atomic
-from core.evaluation import (KNN_METRICS, KNN_VOTES, check_knn_rule, extract_dataset_features,
-                             knn_classifier, knn_k_used)
+from core.features import extract_dataset_features, feature_function
+from core.knn import KNN_METRICS, KNN_VOTES, check_knn_rule, knn_classifier, knn_k_used
 from core.logger import bool_flag
 from data import dataset_info, eval_transform
 from data.normalization import with_norm
@@ -44,7 +44,7 @@ from models import is_vit
 
 def get_args_parser():
     parser = cli.ArgumentParser("Evaluation with weighted k-NN",
-                                parents=[evaluation.get_args_parser()])
+                                parents=[eval_args.get_args_parser()])
     group = parser.add_argument_group("k-NN")
     group.add_argument("--nb_knn", default=None, nargs="+", type=int,
                        help="Number of NN to use. 20 is usually working the best. Default: "
@@ -138,7 +138,7 @@ def few_shot_eval(train_f, train_labels, test_f, test_labels, num_classes, n_sho
 
 
 def check_args(args):
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.n_shot < 0 or args.n_episodes < 1:
         raise ValueError(f"--n_shot {args.n_shot} / --n_episodes {args.n_episodes} are invalid; "
                          "use --n_shot >= 0 (0: full k-NN) and --n_episodes >= 1")
@@ -155,7 +155,7 @@ def check_args(args):
     check_knn_rule(1, args.temperature, args.knn_vote, args.knn_metric)
     if not args.load_features:
         # the scored split is there, the train split (--train_split) labelled
-        evaluation.check_eval_data(args, selects=False)
+        eval_data.check_eval_data(args, selects=False)
 
 
 def rule(args):
@@ -189,12 +189,12 @@ def extract_train_test(args, info, model):
     if not args.use_cls and not is_vit(model):
         print("Note: --use_cls false only changes ViT features; a ResNet's are pooled already.")
     transform = eval_transform(args.image_size, info.mean, info.std)
-    train = evaluation.eval_split(args, "train", transform)  # --data_backend tensor or pil
-    test = evaluation.eval_split(args, "test", transform)  # the --eval_split folder
+    train = eval_data.eval_split(args, "train", transform)  # --data_backend tensor or pil
+    test = eval_data.eval_split(args, "test", transform)  # the --eval_split folder
     print(f"Data loaded with {len(train)} train imgs ({train.split_name}) and {len(test)} imgs "
           f"to score ({test.split_name}).")
-    evaluation.check_scored_split(test)
-    fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
+    eval_data.check_scored_split(test)
+    fn = feature_function(args.n_last_blocks, args.avgpool_patchtokens, args.use_cls)
     features = []
     for dataset in (train, test):
         print(f"Extracting features for {dataset.split_name} set...")
@@ -217,7 +217,7 @@ def run_knn(args):
     info = dataset_info(args.dataset, args.data_path)
     # the flags the checkpoint decides (model shape, image size, normalisation), then the listing
     model = None if args.load_features else \
-        evaluation.load_backbone(args, default_image_size=info.image_size)[0]
+        model_flags.load_backbone(args, default_image_size=info.image_size)[0]
     cli.print_args(args)
     for folder in (args.output_dir, args.dump_features):
         if folder and distu.is_main_process():

@@ -31,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, evaluation, preempt
+from core import amp, cli, eval_args, eval_data, eval_runs, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features, feature_function
 from core.curves import save_curves
 from core.logger import MetricLogger, StepLog, bool_flag
 from core.optim import lr_for_batch
@@ -48,7 +48,7 @@ from models import MLPClassifier, feature_dim, is_vit, layerwise_features
 
 def get_args_parser():
     parser = cli.ArgumentParser("Evaluation with linear classification",
-                                parents=[evaluation.get_args_parser()],
+                                parents=[eval_args.get_args_parser()],
                                 formatter_class=cli.HelpFormatter)  # every flag with its default
     parser.set_defaults(n_last_blocks=4)  # DINO: 4 for ViT-Small, 1 for ViT-Base
 
@@ -206,7 +206,7 @@ def build_frozen_backbone(args, info):
     """The backbone in eval mode without gradients, a snapshot of its state for sanity_check,
     and the features the probe reads: (model, snapshot, feats_fn, names, dims), one name and
     feature size per head (one head, or one per layer with --probe_layers)."""
-    model, _ = evaluation.load_backbone(args, default_image_size=info.image_size)
+    model, _ = model_flags.load_backbone(args, default_image_size=info.image_size)
     model.to(args.device).eval()
     for p in model.parameters():
         p.requires_grad = False
@@ -220,7 +220,7 @@ def build_frozen_backbone(args, info):
     else:
         names = ["features"]
         dims = [feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)]
-        feats_fn = evaluation.feature_function(args.n_last_blocks, args.avgpool_patchtokens)
+        feats_fn = feature_function(args.n_last_blocks, args.avgpool_patchtokens)
     return model, snapshot, feats_fn, names, dims
 
 
@@ -232,15 +232,15 @@ def build_datasets(args, info):
     val_tf = eval_transform(args.image_size, info.mean, info.std)
     train_tf = val_tf if args.cached_features else SingleViewTransform(args.image_size, info.mean, info.std)
     if args.cached_features:  # images read once, through --data_backend tensor or pil
-        dataset_train = evaluation.eval_split(args, "train", val_tf, val_split=args.val_split)
+        dataset_train = eval_data.eval_split(args, "train", val_tf, val_split=args.val_split)
     else:  # (training_batches builds the augmented loader)
         dataset_train = build_dataset(args.dataset, args.data_path, "train", train_tf,
                                       val_split=args.val_split, seed=args.seed,
                                       train_split=args.train_split)
-    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)
+    dataset_val = eval_data.eval_split(args, "val", val_tf, val_split=args.val_split)
     separate = resolve_split(args.dataset, args.data_path, "test", args.eval_split) != \
         resolve_split(args.dataset, args.data_path, "val", args.eval_split, args.val_split)
-    dataset_test = evaluation.eval_split(args, "test", val_tf) if separate else None
+    dataset_test = eval_data.eval_split(args, "test", val_tf) if separate else None
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -249,7 +249,7 @@ def build_datasets(args, info):
           f"{len(dataset_val)} val imgs ({dataset_val.split_name})"
           + (f"; {len(dataset_test)} test imgs ({dataset_test.split_name}) held back for the "
              f"best-on-val probe." if dataset_test is not None else ", the split scored."))
-    evaluation.check_scored_split(dataset_test if dataset_test is not None else dataset_val)
+    eval_data.check_scored_split(dataset_test if dataset_test is not None else dataset_val)
     return dataset_train, dataset_val, dataset_test
 
 
@@ -280,7 +280,7 @@ def training_batches(model, feats_fn, dataset_train, info, args):
         print("Extracting features once, without augmentation (--cached_features)...")
         features, labels = cached(model, dataset_train, feats_fn, args, "train features")
         return FeatureBatches(features, labels, args.batch_size_per_gpu, args.seed), lambda x: x
-    loader = evaluation.train_loader(
+    loader = eval_data.train_loader(
         args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
         drop_last=args.head == "mlp" and len(dataset_train) > args.batch_size_per_gpu * args.world_size,
         val_split=args.val_split)
@@ -376,7 +376,7 @@ def restart_probe(path, probe, optimizer, scheduler, args):
     if not os.path.isfile(path):
         return 0, 0, None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
     ckpt = load_file(path)
-    evaluation.check_resume(path, ckpt, args)
+    eval_runs.check_resume(path, ckpt, args)
     written_by = preempt.check_world_size(path, ckpt, args.world_size, args.batch_size_per_gpu,
                                           args.allow_world_size_change,
                                           lambda batch: args.lr * batch / 256.0)
@@ -407,7 +407,7 @@ def evaluate_probe(model, probe, feats_fn, dataset, names, dims, args):
     path = args.linear_weights or os.path.join(args.output_dir, "checkpoint.pth.tar")
     ckpt = load_file(path)
     if not args.linear_weights:
-        evaluation.check_resume(path, ckpt, args)
+        eval_runs.check_resume(path, ckpt, args)
     load_probe(probe, ckpt.get("state_dict", ckpt), path)
     stats = validate_network(model, probe, dataset, feats_fn, args, dataset.split_name)
     for name, s in zip(names, stats):
@@ -517,7 +517,7 @@ def report_layers(layers, splits, args):
 # ============ the run ... ============
 
 def check_args(args):
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.epochs < 1 and not args.evaluate:
         raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
     if args.val_freq < 1 or args.batch_size_per_gpu < 1:
@@ -525,7 +525,7 @@ def check_args(args):
     if args.num_labels is not None and args.num_labels < 2:
         raise ValueError(f"--num_labels {args.num_labels} is too small; a classifier needs >= 2 "
                          "labels (default: the dataset's)")
-    evaluation.check_eval_data(args, args.val_split)  # before any image is read
+    eval_data.check_eval_data(args, args.val_split)  # before any image is read
 
 
 def run_linear(args):
@@ -549,7 +549,7 @@ def _run_linear(args):
     info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     dataset_train, dataset_val, dataset_test = build_datasets(args, info)
     probe = build_probe(dims, names, args)
-    args.output_dir = args.output_dir or evaluation.default_output_dir("eval_linear", args)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("eval_linear", args)
     cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any feature is extracted
@@ -600,7 +600,7 @@ def _run_linear(args):
                          "sampler": {"seed": args.seed, "epoch": epoch,
                                      "world_size": args.world_size,
                                      "batch_size": args.batch_size_per_gpu},
-                         "ranks": ranks, "args": evaluation.run_args(args)}, ckpt_path)
+                         "ranks": ranks, "args": eval_runs.run_args(args)}, ckpt_path)
         stopper.saved()
 
     writer = None

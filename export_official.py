@@ -33,7 +33,7 @@ import torch
 from core import cli
 from core.checkpoint import (checkpoint_args, load_file, load_pretrained_weights, save_atomic,
                              strip_prefixes)
-from core.evaluation import resolve_model_flags
+from core.model_flags import resolve_model_flags
 from core.logger import bool_flag
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from data.normalization import checkpoint_stats

@@ -18,7 +18,7 @@ report.txt / report.json, and --save_predictions N test images with predicted cl
 confidence and true class in predictions.png. Without --output_dir the run goes to
 out/finetune/<weights>_<dataset>; it resumes from <output_dir>/checkpoint.pth only if that file
 was written with the same flags. The shared flags (model, features, data, run, --precision) are
-in core/evaluation.py.
+in core/eval_args.py.
 """
 import json
 import math
@@ -31,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from core import amp, cli, evaluation, preempt
+from core import amp, cli, eval_args, eval_data, eval_runs, model_flags, preempt
 from core import dist as distu
 from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove_stale_tmp,
                              save_atomic, unlock_output_dir)
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features
 from core.curves import save_curves
 from core.logger import MetricLogger, StepLog, bool_flag
 from core.syncbn import sync_batchnorm
@@ -47,7 +47,7 @@ from models import MLPClassifier, extract_features, feature_dim, is_vit
 
 
 def get_args_parser():
-    parser = cli.ArgumentParser("Fine-tuning", parents=[evaluation.get_args_parser()],
+    parser = cli.ArgumentParser("Fine-tuning", parents=[eval_args.get_args_parser()],
                                 formatter_class=cli.HelpFormatter)  # every flag with its default
     group = parser.add_argument_group("What trains")
     group.add_argument("--drop_path", default=0.1, type=float,
@@ -357,7 +357,7 @@ def test_report(model, dataset_test, info, args, writer=None):
 
 
 def check_args(args):
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.epochs < 1 and not args.evaluate:
         raise ValueError(f"--epochs {args.epochs} trains nothing; use --epochs >= 1")
     if args.epochs <= args.warmup_epochs and not args.evaluate:
@@ -372,7 +372,7 @@ def check_args(args):
         raise ValueError("--unfreeze_layers and --unfreeze_last_blocks both given; pick one")
     if args.val_split is None:  # select on val/ when it is not the scored split, else hold out
         args.val_split = 0.0 if selects_apart(args, 0) else 0.1
-    evaluation.check_eval_data(args, args.val_split)  # before any image is read
+    eval_data.check_eval_data(args, args.val_split)  # before any image is read
 
 
 def selects_apart(args, val_split):
@@ -388,8 +388,8 @@ def build_datasets(args, info):
     split = dict(val_split=args.val_split, seed=args.seed, train_split=args.train_split)
     dataset_train = build_dataset(args.dataset, args.data_path, "train",
                                   SingleViewTransform(args.image_size, info.mean, info.std), **split)
-    dataset_val = evaluation.eval_split(args, "val", val_tf, val_split=args.val_split)  # tensor / pil
-    dataset_test = evaluation.eval_split(args, "test", val_tf)
+    dataset_val = eval_data.eval_split(args, "val", val_tf, val_split=args.val_split)  # tensor / pil
+    dataset_test = eval_data.eval_split(args, "test", val_tf)
     args.num_labels = args.num_labels or dataset_train.num_classes
     if args.num_labels < dataset_train.num_classes:
         raise ValueError(f"--num_labels {args.num_labels} is below the {dataset_train.num_classes} "
@@ -400,7 +400,7 @@ def build_datasets(args, info):
     if not selects_apart(args, args.val_split):
         print(f"Warning: --val_split 0 selects the best epoch on {dataset_test.split_name}, the "
               "scored split itself; hold images out with --val_split N.")
-    evaluation.check_scored_split(dataset_test)
+    eval_data.check_scored_split(dataset_test)
     return dataset_train, dataset_val, dataset_test
 
 
@@ -421,7 +421,7 @@ def _run_finetune(args):
     info = dataset_info(args.dataset, args.data_path)
 
     # ============ building the network and the data ... ============
-    backbone, _ = evaluation.load_backbone(args, default_image_size=info.image_size,
+    backbone, _ = model_flags.load_backbone(args, default_image_size=info.image_size,
                                            drop_path_rate=args.drop_path)
     info = with_norm(info, args)  # the statistics the weights were trained with (printed)
     if not args.pretrained_weights:
@@ -436,7 +436,7 @@ def _run_finetune(args):
           f"({len(trainable)} tensors) and the head.")
     model.to(args.device)
     model = sync_batchnorm(model, args.device)  # BatchNorm statistics over all ranks, CPU too
-    args.output_dir = args.output_dir or evaluation.default_output_dir("finetune", args)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("finetune", args)
     cli.print_args(args)  # every flag final from here on: the listing is what checkpoints store
     print(f"Output folder: {args.output_dir}")
     make_output_dir(args.output_dir)  # writable, before any training
@@ -447,7 +447,7 @@ def _run_finetune(args):
         path = args.finetuned_weights or best_path
         ckpt = load_file(path)
         if not args.finetuned_weights:
-            evaluation.check_resume(path, ckpt, args)
+            eval_runs.check_resume(path, ckpt, args)
         model.load_state_dict(ckpt["model"])
         metrics = test_report(model, dataset_test, info, args)
         return {"best_val_acc": None, "test_acc": metrics["accuracy"], "metrics": metrics,
@@ -460,7 +460,7 @@ def _run_finetune(args):
         raise ValueError(f"the train split has {len(dataset_train)} images, fewer than one global "
                          f"batch ({global_batch}); lower --batch_size_per_gpu")
     # each rank's DistributedSampler(shuffle=True) order with drop_last, as train_ssl.py
-    loader = evaluation.train_loader(args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
+    loader = eval_data.train_loader(args, "train", SingleViewTransform(args.image_size, info.mean, info.std),
                                      val_split=args.val_split)
     print(f"Training images: {loader.describe}.")
     ddp_model = DistributedDataParallel(model, device_ids=[args.gpu] if args.device.type == "cuda"
@@ -488,7 +488,7 @@ def _run_finetune(args):
     start_epoch, start_iter, rank_states, best_acc = 0, 0, None, -1.0
     if os.path.isfile(ckpt_path):
         ckpt = load_file(ckpt_path)
-        evaluation.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
+        eval_runs.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
         # another number of processes: refused, or said (the lrs do not scale with the batch)
         preempt.check_world_size(ckpt_path, ckpt, args.world_size, args.batch_size_per_gpu,
                                  args.allow_world_size_change)
@@ -512,7 +512,7 @@ def _run_finetune(args):
                          "val_acc": val_acc, "sampler": {"seed": args.seed, "epoch": epoch,
                                                          "world_size": args.world_size,
                                                          "batch_size": args.batch_size_per_gpu},
-                         "ranks": ranks, "args": evaluation.run_args(args)}
+                         "ranks": ranks, "args": eval_runs.run_args(args)}
             if scaler.is_enabled():
                 save_dict["fp16_scaler"] = scaler.state_dict()
             save_atomic(save_dict, ckpt_path)
@@ -549,7 +549,7 @@ def _run_finetune(args):
               f"best: {best_acc:.2f}%")
         if is_best and distu.is_main_process():  # before checkpoint.pth, which records best_acc
             save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc,
-                         "args": evaluation.run_args(args)}, best_path)
+                         "args": eval_runs.run_args(args)}, best_path)
         save_checkpoint(epoch + 1, 0, val_acc=val_acc)
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:

@@ -33,7 +33,9 @@ from core.checkpoint import (check_same_run, checkpoint_args, load_file, load_re
                              lock_output_dir, make_output_dir, remove_stale_tmp,
                              restart_from_checkpoint, save_atomic)
 from core.curves import save_curves
-from core.evaluation import KNNEvaluator, add_eval_split_arg, check_knn_data
+from core.eval_args import add_eval_split_arg
+from core.eval_data import check_knn_data
+from core.knn import KNNEvaluator
 from core.logger import MetricLogger, StepLog, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,

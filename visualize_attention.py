@@ -5,7 +5,7 @@ facebookresearch/dino visualize_attention.py.
     python visualize_attention.py --pretrained_weights dino_deitsmall8_pretrain.pth \
         --image_path cat.jpg --image_size 480 480 --threshold 0.6 --output_dir attn/
 
-Writes PNGs to --output_dir (drawn with matplotlib; shared flags: core/evaluation.py):
+Writes PNGs to --output_dir (drawn with matplotlib; shared flags: core/eval_args.py):
     img.png                      the (resized) input image
     attn-head{j}.png             head j's attention from [CLS] to every patch (viridis colours,
                                  each map scaled to its own min..max: plt.imsave, as DINO)
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from core import cli, evaluation
+from core import cli, eval_args, eval_runs, model_flags
 from core.logger import bool_flag
 from core.report import DPI, figure_to_array, new_figure, save_figure
 from data import DatasetInfo, build_dataset, dataset_info
@@ -39,7 +39,7 @@ from models import is_vit
 
 def get_args_parser():
     parser = cli.ArgumentParser("Visualize Self-Attention maps", parents=[
-        evaluation.model_parser(image_size=False), evaluation.data_parser()])
+        eval_args.model_parser(image_size=False), eval_args.data_parser()])
     group = parser.add_argument_group("Image and maps")
     group.add_argument("--image_path", default=None, type=str,
                        help="Path of the image to load (normalised with the statistics the "
@@ -186,7 +186,7 @@ def load_image(args):
 
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    evaluation.check_common_args(args)
+    eval_args.check_common_args(args)
     if args.image_size is not None and len(args.image_size) > 2:
         raise ValueError(f"--image_size takes H W or one number, not {len(args.image_size)} values")
     if args.threshold is not None and not 0 < args.threshold <= 1:
@@ -198,7 +198,7 @@ def main(args):
         args.norm_stats = "imagenet"  # random init on a picture: ImageNet's, as DINO's script
     requested_size = args.image_size
     args.image_size = None  # load_backbone fills it with the training crop size, if known
-    model, _ = evaluation.load_backbone(args)
+    model, _ = model_flags.load_backbone(args)
     if not is_vit(model):
         raise ValueError(f"--arch {args.arch} has no self-attention; attention maps need a ViT "
                          "(vit_tiny, vit_small, vit_base)")
@@ -224,7 +224,7 @@ def main(args):
     scale = args.display_scale or max(1, math.ceil(256 / min(h, w)))
     subject = os.path.splitext(os.path.basename(args.image_path))[0] if args.image_path \
         else f"{args.dataset}_{args.sample_index}"
-    args.output_dir = args.output_dir or evaluation.default_output_dir("visualize_attention", args, subject)
+    args.output_dir = args.output_dir or eval_runs.default_output_dir("visualize_attention", args, subject)
     os.makedirs(args.output_dir, exist_ok=True)
     shown = img[0].cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     shown = upscale(shown.clamp(0, 1), scale).permute(1, 2, 0).numpy()  # (H, W, 3)

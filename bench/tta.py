@@ -168,7 +168,7 @@ def knn_of_checkpoint(path, dataset, data_path, k, batch_size, num_workers, devi
     import torch
 
     from core.checkpoint import checkpoint_args, load_file, load_pretrained_weights
-    from core.evaluation import knn_eval_backbone
+    from core.knn import knn_eval_backbone
     from models import build_backbone, vit_shape
 
     ckpt = load_file(path)

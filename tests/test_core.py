@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from core import amp, cli
 from core.checkpoint import checkpoint_args, load_pretrained_weights, save_atomic
-from core.evaluation import load_backbone
+from core.model_flags import load_backbone
 from core.logger import bool_flag
 from core.optim import (LARS, cancel_gradients_last_layer, clip_gradients, cosine_scheduler,
                         get_params_groups, lr_for_batch)

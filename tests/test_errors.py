@@ -134,11 +134,11 @@ def test_bad_flag_values_are_refused_at_parse_time(argv, words, capsys):
 def test_patch_size_is_free_for_a_resnet_and_checked_for_eval_sizes(capsys):
     train_ssl.parse_args(["--method", "simclr", "--arch", "resnet18", "--patch_size", "5",
                           "--crop_size", "16"])  # a ResNet has no patches
-    from core import evaluation
+    from core import model_flags
     import eval_knn
     args = eval_knn.get_args_parser().parse_args(["--arch", "vit_tiny", "--patch_size", "16",
                                                   "--image_size", "40", "--num_workers", "0"])
-    exits_with_one_line(lambda: evaluation.load_backbone(args), capsys,
+    exits_with_one_line(lambda: model_flags.load_backbone(args), capsys,
                         "--patch_size 16 does not divide --image_size 40")
     args = eval_knn.get_args_parser().parse_args(["--num_workers", "-1"])
     exits_with_one_line(lambda: eval_knn.check_args(args), capsys, "--num_workers -1 must be >= 0")

@@ -1,9 +1,9 @@
 """CPU tests of the evaluation suite: eval_linear.py (frozen-backbone check, a probe that learns,
 layer-wise probes), finetune.py (exactly the asked layers train, layer decay, mixup, the test
 report equals scikit-learn's), eval_knn.py few-shot and patch-token features, eval_compare.py,
-core/evaluation.py (model flags from a checkpoint read once, output folders, the resume guard,
-no script importing another), and one-line errors with exit code 2. Tiny .npy datasets of 16px
-images; runs in-process where possible."""
+core/eval_args.py, model_flags.py, eval_runs.py (model flags from a checkpoint read once, output
+folders, the resume guard, no script importing another), and one-line errors with exit code 2.
+Tiny .npy datasets of 16px images; runs in-process where possible."""
 import argparse
 import ast
 import json
@@ -24,8 +24,9 @@ import eval_compare
 import eval_knn
 import eval_linear
 import finetune
-from core import evaluation
+from core import eval_args, eval_runs, model_flags
 from core.cli import error_message
+from core.features import feature_function
 from core.report import classification_metrics, format_report
 from models import build_backbone
 
@@ -405,7 +406,7 @@ def test_use_cls_false_mean_pools_patch_tokens_of_last_blocks():
     model = small_vit().eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        f = evaluation.feature_function(n_last_blocks=2, use_cls=False)(model, x)
+        f = feature_function(n_last_blocks=2, use_cls=False)(model, x)
         layers = model.get_intermediate_layers(x, 2)
     assert f.shape == (2, 2 * 192)
     assert torch.allclose(f, torch.cat([layers[0][:, 1:].mean(1), layers[1][:, 1:].mean(1)], 1))
@@ -503,7 +504,7 @@ def test_bad_inputs_in_process(npy_root, tmp_path):
     one_line_error(e, "--n_shot")
 
 
-# ============ core/evaluation.py: one home for what the scripts share ============
+# ============ core/eval_args.py and co.: one home for what the scripts share ============
 
 EVAL_SCRIPTS = ["eval_knn.py", "eval_linear.py", "finetune.py", "eval_compare.py", "visualize_attention.py"]
 
@@ -524,7 +525,7 @@ def test_no_script_imports_another_and_each_shared_flag_is_declared_once():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & names, f"{script} imports {imported & names}"
-    shared = declared_flags(ROOT / "core" / "evaluation.py")
+    shared = declared_flags(ROOT / "core" / "eval_args.py")
     assert {"--arch", "--pretrained_weights", "--dataset", "--n_last_blocks", "--batch_size_per_gpu"} <= set(shared)
     for script in EVAL_SCRIPTS:
         again = set(declared_flags(ROOT / script)) & set(shared)
@@ -548,10 +549,10 @@ def test_model_flags_come_from_the_checkpoint_read_once(tmp_path, monkeypatch, s
         ckpt["args"] = stored
     torch.save(ckpt, tmp_path / "w.pth")
     reads = []
-    monkeypatch.setattr(evaluation, "load_file", lambda p: reads.append(p) or torch.load(
+    monkeypatch.setattr(model_flags, "load_file", lambda p: reads.append(p) or torch.load(
         p, weights_only=False))
-    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
-    model, dim = evaluation.load_backbone(args, default_image_size=32)
+    args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
+    model, dim = model_flags.load_backbone(args, default_image_size=32)
     assert reads == [str(tmp_path / "w.pth")]  # one read: flags and weights
     assert (args.arch, args.patch_size, dim) == ("vit_tiny", 8, 192)  # vit_small/16 if ignored
     assert args.image_size == (16 if stored is not None else 32)  # the training crop, else the dataset's
@@ -562,9 +563,9 @@ def test_model_flags_come_from_the_checkpoint_read_once(tmp_path, monkeypatch, s
 def test_resnet_stem_of_released_weights_is_read_from_conv1(tmp_path):
     backbone, _ = build_backbone("resnet18", cifar_stem=True)
     torch.save(backbone.state_dict(), tmp_path / "r.pth")  # no args, 3x3 conv1
-    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "r.pth"),
+    args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "r.pth"),
                                                     "--arch", "resnet18"])
-    evaluation.load_backbone(args, default_image_size=224)
+    model_flags.load_backbone(args, default_image_size=224)
     assert args.cifar_stem is True and args.image_size == 224
 
 
@@ -573,16 +574,16 @@ def test_vit_nano_of_released_weights_is_read_from_its_depth(tmp_path):
     for arch in ("vit_nano", "vit_tiny"):
         backbone, _ = build_backbone(arch, patch_size=4, img_size=[16])
         torch.save(backbone.state_dict(), tmp_path / f"{arch}.pth")  # no args
-        args = evaluation.get_args_parser().parse_args(["--pretrained_weights",
+        args = eval_args.get_args_parser().parse_args(["--pretrained_weights",
                                                         str(tmp_path / f"{arch}.pth")])
-        model, dim = evaluation.load_backbone(args, default_image_size=16)
+        model, dim = model_flags.load_backbone(args, default_image_size=16)
         assert (args.arch, args.patch_size, dim, len(model.blocks)) == \
             (arch, 4, 192, {"vit_nano": 4, "vit_tiny": 12}[arch])
 
 
 def test_default_output_dirs_differ_by_weights_and_dataset():
     def out(weights, dataset="cifar10", arch=None):
-        return evaluation.default_output_dir("eval_linear", argparse.Namespace(
+        return eval_runs.default_output_dir("eval_linear", argparse.Namespace(
             pretrained_weights=weights, dataset=dataset, arch=arch))
     assert out("out/dino/checkpoint.pth") == os.path.join("out", "eval_linear", "dino_checkpoint_cifar10")
     assert len({out("out/dino/checkpoint.pth"), out("out/simclr/checkpoint.pth"),
@@ -593,19 +594,19 @@ def test_default_output_dirs_differ_by_weights_and_dataset():
 
 def test_resume_guard_names_the_first_difference():
     args = argparse.Namespace(pretrained_weights="a.pth", arch="resnet18", lr=0.1, epochs=5, num_workers=2)
-    stored = evaluation.run_args(args)
-    evaluation.check_resume("x/ck.pth", {"args": stored}, args)  # the same run: fine
-    evaluation.check_resume("x/ck.pth", {"args": {**stored, "epochs": 3, "num_workers": 8}}, args)  # may change
-    evaluation.check_resume("x/ck.pth", {"args": argparse.Namespace(**stored)}, args)  # DINO-style record
+    stored = eval_runs.run_args(args)
+    eval_runs.check_resume("x/ck.pth", {"args": stored}, args)  # the same run: fine
+    eval_runs.check_resume("x/ck.pth", {"args": {**stored, "epochs": 3, "num_workers": 8}}, args)  # may change
+    eval_runs.check_resume("x/ck.pth", {"args": argparse.Namespace(**stored)}, args)  # DINO-style record
     with pytest.raises(ValueError) as e:
-        evaluation.check_resume("x/ck.pth", {"args": {**stored, "arch": "vit_tiny", "lr": 0.5}}, args)
+        eval_runs.check_resume("x/ck.pth", {"args": {**stored, "arch": "vit_tiny", "lr": 0.5}}, args)
     one_line_error(e, "x/ck.pth was written by a run with --arch vit_tiny, this command has --arch resnet18",
                    "--output_dir")
     with pytest.raises(ValueError) as e:
-        evaluation.check_resume("x/ck.pth", {"args": {**stored, "lr": 0.5}}, args)
+        eval_runs.check_resume("x/ck.pth", {"args": {**stored, "lr": 0.5}}, args)
     one_line_error(e, "--lr 0.5, this command has --lr 0.1")
     with pytest.raises(ValueError) as e:
-        evaluation.check_resume("x/ck.pth", {"state_dict": {}}, args)  # no record: cannot tell
+        eval_runs.check_resume("x/ck.pth", {"state_dict": {}}, args)  # no record: cannot tell
     one_line_error(e, "no record", "--output_dir")
 
 

@@ -11,8 +11,9 @@ import torch.nn as nn
 import eval_knn
 import eval_linear
 import finetune
-from core import evaluation
-from core.evaluation import extract_dataset_features, knn_classifier
+from core import eval_data
+from core.features import extract_dataset_features
+from core.knn import knn_classifier
 from data import dataset_info, eval_transform
 
 from _ddp import run_ranks
@@ -56,7 +57,7 @@ def split_pixels(backend, split, rank=0, world_size=1, **kw):
     args = local(eval_knn.get_args_parser().parse_args(
         TINY_VIT + ["--data_backend", backend, "--batch_size_per_gpu", "8"]), rank, world_size)
     info = dataset_info("digits")
-    data = evaluation.eval_split(args, split, eval_transform(32, info.mean, info.std), **kw)
+    data = eval_data.eval_split(args, split, eval_transform(32, info.mean, info.std), **kw)
     feats = extract_dataset_features(nn.Identity(), data, 8, 0, args.device, pixels,
                                      normalize=False, precision="fp32")
     return data, feats
@@ -68,7 +69,7 @@ def test_tensor_eval_images_and_knn_equal_pil_on_digits():
     out = {}
     for backend in ("pil", "tensor"):
         (train, train_f), (test, test_f) = (split_pixels(backend, s) for s in ("train", "test"))
-        assert isinstance(train, evaluation.LoadedSplit) == (backend == "tensor")
+        assert isinstance(train, eval_data.LoadedSplit) == (backend == "tensor")
         assert train_f.shape == (1438, 3072) and test_f.shape == (359, 3072)
         out[backend] = (train_f, test_f), knn_classifier(
             nn.functional.normalize(train_f, dim=1), torch.as_tensor(train.targets),

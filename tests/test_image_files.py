@@ -18,8 +18,8 @@ from torchvision.transforms import functional as F
 
 import eval_knn
 import train_ssl
-from core import cli, evaluation
-from core.evaluation import extract_dataset_features
+from core import cli, eval_data
+from core.features import extract_dataset_features
 from data import (BadImageError, TwoViewTransform, build_dataset, dataset_info, eval_transform,
                   resolve_dataset)
 from data.datasets import decode_image
@@ -132,14 +132,14 @@ def test_one_size_is_stored_as_is(tmp_path):
 
 
 def _pixels(backend, root, split="train", **flags):
-    """The eval images of `split` through core.evaluation.eval_split, as the k-NN reads them."""
+    """The eval images of `split` through core.eval_data.eval_split, as the k-NN reads them."""
     args = eval_knn.get_args_parser().parse_args(
         ["--dataset", "imagefolder", "--data_path", str(root), "--num_workers", "0",
          "--batch_size_per_gpu", "5", "--data_backend", backend])
     args.rank, args.world_size, args.device = 0, 1, torch.device("cpu")
     for k, v in flags.items():
         setattr(args, k, v)
-    data = evaluation.eval_split(args, split, eval_transform(24, MEAN, STD))
+    data = eval_data.eval_split(args, split, eval_transform(24, MEAN, STD))
     return data, extract_dataset_features(torch.nn.Identity(), data, 5, 0, args.device,
                                           lambda model, x: x.flatten(1), normalize=False,
                                           precision="fp32")
@@ -147,7 +147,7 @@ def _pixels(backend, root, split="train", **flags):
 
 def test_eval_split_features_of_mixed_sizes_agree(mixed):
     (_, pil), (data, tensor) = _pixels("pil", mixed), _pixels("tensor", mixed)
-    assert isinstance(data, evaluation.LoadedSplit)
+    assert isinstance(data, eval_data.LoadedSplit)
     assert (pil - tensor).abs().mean() < 0.01 and (pil - tensor).abs().max() < 0.1
 
 
@@ -340,7 +340,7 @@ def test_streamed_device_decoding_on_cpu_gives_the_workers_views(tmp_path, monke
 
 
 def test_train_ssl_knn_check_reads_with_skip_bad_images(tmp_path):
-    """core.evaluation.eval_split passes train_ssl.py's --skip_bad_images on (its k-NN check)."""
+    """core.eval_data.eval_split passes train_ssl.py's --skip_bad_images on (its k-NN check)."""
     root = _folder_with_bad_files(tmp_path, ["a/3_garbage.png"])
     (root / "val").mkdir()
     for c in ("a", "b"):

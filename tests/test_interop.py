@@ -14,7 +14,7 @@ from PIL import Image
 import eval_knn
 import export_official
 import train_ssl
-from core import evaluation
+from core import model_flags
 from data import dataset_info
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from data.normalization import checkpoint_stats, resolve_train_norm
@@ -234,7 +234,7 @@ def test_norm_flags_win_over_the_checkpoint(grey_run):
     over = local(eval_knn.get_args_parser().parse_args(
         ["--pretrained_weights", str(weights), "--data_path", str(data),
          "--norm_mean", "0.5", "--norm_std", "0.25"]))
-    evaluation.load_backbone(over)
+    model_flags.load_backbone(over)
     assert (over.norm_mean, over.norm_std) == ([0.5] * 3, [0.25] * 3)
 
 
@@ -268,7 +268,7 @@ def load_error(tmp_path, state, *flags):
     args = eval_knn.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth"),
                                                   *flags])
     with pytest.raises(ValueError) as e:
-        evaluation.load_backbone(args, default_image_size=32)
+        model_flags.load_backbone(args, default_image_size=32)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -286,7 +286,7 @@ def test_torchvision_weights_into_the_cifar_stem_name_cifar_stem(tmp_path):
                 "args": argparse.Namespace(arch="resnet18", patch_size=16)}, tmp_path / "dino.pth")
     args = eval_knn.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "dino.pth"),
                                                   "--image_size", "32"])
-    evaluation.load_backbone(args)
+    model_flags.load_backbone(args)
     assert (args.arch, args.cifar_stem) == ("resnet18", False)
 
 
@@ -312,7 +312,7 @@ def test_keys_under_a_prefix_name_checkpoint_key(tmp_path, capsys):
     for key in ("base_encoder", "module.base_encoder"):  # the prefix works as a key
         args = eval_knn.get_args_parser().parse_args(
             ["--pretrained_weights", str(tmp_path / "w.pth"), "--checkpoint_key", key])
-        model, _ = evaluation.load_backbone(args, default_image_size=32)
+        model, _ = model_flags.load_backbone(args, default_image_size=32)
         assert torch.equal(model.state_dict()["blocks.3.attn.qkv.weight"],
                            vit["blocks.3.attn.qkv.weight"])
     msg = load_error(tmp_path, {"teacher": {}, "student": {}, "epoch": 3}, "--checkpoint_key", "model")
@@ -340,7 +340,7 @@ def test_torchvision_and_timm_layouts_load_without_model_flags(tmp_path):
     tv = torchvision.models.resnet18().eval()
     torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
     args = eval_knn.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "resnet18.pth")])
-    model, _ = evaluation.load_backbone(args, default_image_size=64)
+    model, _ = model_flags.load_backbone(args, default_image_size=64)
     assert (args.arch, args.cifar_stem) == ("resnet18", False)
     tv.fc = nn.Identity()
     x = torch.randn(1, 3, 64, 64)
@@ -350,7 +350,7 @@ def test_torchvision_and_timm_layouts_load_without_model_flags(tmp_path):
     timm = {**vit, "head.weight": torch.zeros(1000, 192), "head.bias": torch.zeros(1000)}
     torch.save(timm, tmp_path / "timm.pth")
     args = eval_knn.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "timm.pth")])
-    model, _ = evaluation.load_backbone(args, default_image_size=32)
+    model, _ = model_flags.load_backbone(args, default_image_size=32)
     assert (args.arch, args.patch_size, args.norm_mean) == ("vit_tiny", 16, list(IMAGENET_MEAN))
 
 

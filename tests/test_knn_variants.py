@@ -11,7 +11,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import eval_knn
 from core import cli
-from core.evaluation import knn_classifier, knn_predict
+from core.knn import knn_classifier, knn_predict
 
 
 def _features(seed=0, n_train=300, n_test=200, dim=16, classes=6):

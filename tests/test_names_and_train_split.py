@@ -15,7 +15,7 @@ import eval_knn
 import eval_linear
 import finetune
 from core import cli, report
-from core.evaluation import eval_split
+from core.eval_data import eval_split
 from data import build_dataset, dataset_info, eval_transform
 from test_splits import local, make_folder, make_npy
 

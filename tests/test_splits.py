@@ -16,8 +16,8 @@ import eval_knn
 import eval_linear
 import finetune
 import train_ssl
-from core import cli, evaluation
-from core.evaluation import KNNEvaluator, knn_classifier
+from core import cli
+from core.knn import KNNEvaluator, knn_classifier
 from data import build_dataset, dataset_info
 from data import datasets
 from models import build_backbone

@@ -12,7 +12,7 @@ import torch
 import eval_linear
 import finetune
 import train_ssl
-from core.evaluation import extract_dataset_features
+from core.features import extract_dataset_features
 from test_eval import local, npy_root  # noqa: F401  (the fixture: 4 colour classes, 20 + 8 a class)
 from test_eval_options import TINY_VIT, data
 

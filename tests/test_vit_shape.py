@@ -21,7 +21,7 @@ import eval_linear
 import finetune
 import train_ssl
 import visualize_attention
-from core import cli, evaluation
+from core import cli, eval_args, model_flags
 from core.checkpoint import extract_backbone_state, load_pretrained_weights
 from models import build_backbone
 
@@ -85,8 +85,8 @@ def test_the_checkpoint_records_the_shape_and_every_script_rebuilds_it(shaped, n
     assert len({k.split(".")[1] for k in teacher if k.startswith("blocks.")}) == 3
 
     # the shared loader, given only the checkpoint: the same tensors, key for key (strict)
-    args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(shaped)])
-    model, dim = evaluation.load_backbone(args, default_image_size=32)
+    args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(shaped)])
+    model, dim = model_flags.load_backbone(args, default_image_size=32)
     assert_shape(args, model)
     assert dim == 64
     state = model.state_dict()
@@ -94,14 +94,14 @@ def test_the_checkpoint_records_the_shape_and_every_script_rebuilds_it(shaped, n
     assert all(torch.equal(state[k], teacher[k]) for k in state)
 
     seen = {}  # each script's backbone, as load_backbone built it
-    real = evaluation.load_backbone
+    real = model_flags.load_backbone
 
     def spy(args, *a, **kw):
         model, dim = real(args, *a, **kw)
         seen[len(seen)] = (argparse.Namespace(**vars(args)), model)
         return model, dim
 
-    evaluation.load_backbone = spy
+    model_flags.load_backbone = spy
     try:
         res = eval_knn.run_knn(local(eval_knn.get_args_parser().parse_args(
             common(npy_root, shaped, tmp_path / "knn") + ["--nb_knn", "5"])))
@@ -120,7 +120,7 @@ def test_the_checkpoint_records_the_shape_and_every_script_rebuilds_it(shaped, n
             "--pretrained_weights", str(shaped), "--data_path", str(npy_root),
             "--output_dir", str(tmp_path / "attn")]))
     finally:
-        evaluation.load_backbone = real
+        model_flags.load_backbone = real
     assert len(seen) == 4
     for args, model in seen.values():
         assert_shape(args, model)
@@ -142,12 +142,12 @@ def test_bare_weights_of_any_shape_and_a_deeper_checkpoint(tmp_path, capsys):
                                 {"embed_dim": None, "depth": None, "num_heads": None})):
         net, _ = build_backbone("vit_small", patch_size=8, img_size=[16], **shape)
         torch.save(net.state_dict(), tmp_path / "w.pth")
-        args = evaluation.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
-        model, _ = evaluation.load_backbone(args, default_image_size=16)
+        args = eval_args.get_args_parser().parse_args(["--pretrained_weights", str(tmp_path / "w.pth")])
+        model, _ = model_flags.load_backbone(args, default_image_size=16)
         assert args.arch == arch and {k: getattr(args, k) for k in found} == found
         assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
     assert "assuming 2 heads" in capsys.readouterr().out
-    assert evaluation.guess_num_heads(512) == 8 and evaluation.guess_num_heads(384) == 6
+    assert model_flags.guess_num_heads(512) == 8 and model_flags.guess_num_heads(384) == 6
 
     deep, _ = build_backbone("vit_small", patch_size=8, img_size=[16], embed_dim=64, depth=3,
                              num_heads=4)
@@ -171,7 +171,7 @@ def test_a_shape_that_cannot_be_built_is_one_line(argv, words, capsys):
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
     assert all(w in err[0] for w in words), err[0]
     with pytest.raises(ValueError) as e:  # the evaluation scripts' flags, the same check
-        evaluation.resolve_model_flags(evaluation.get_args_parser().parse_args(argv))
+        model_flags.resolve_model_flags(eval_args.get_args_parser().parse_args(argv))
     assert words[0] in str(e.value)
 
 
