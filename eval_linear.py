@@ -352,10 +352,7 @@ def restart_probe(path, probe, optimizer, scheduler, args):
         return None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
     ckpt = load_file(path)
     evaluation.check_resume(path, ckpt, args)
-    written_by = preempt.check_world_size(path, ckpt, args.world_size, args.batch_size_per_gpu,
-                                          args.allow_world_size_change,
-                                          lambda batch: args.lr * batch / 256.0)
-    preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+    written_by = preempt.check_resumable(path, ckpt, args, lambda batch: args.lr * batch / 256.0)
     load_probe(probe, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

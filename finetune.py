@@ -479,9 +479,7 @@ def _run_finetune(args):
         ckpt = load_file(ckpt_path)
         evaluation.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
         # another number of processes: refused, or said (the lrs do not scale with the batch)
-        preempt.check_world_size(ckpt_path, ckpt, args.world_size, args.batch_size_per_gpu,
-                                 args.allow_world_size_change)
-        preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+        preempt.check_resumable(ckpt_path, ckpt, args)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and "fp16_scaler" in ckpt:

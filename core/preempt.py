@@ -24,6 +24,7 @@ run gives: bit-identical on CPU with a fixed seed and num_workers 0 (tests/test_
     check_world_size(...)            a resume by another number of processes: refused, or with
                                      --allow_world_size_change true, said (new global batch, lr)
     check_position(ckpt, ...)        a mid-epoch checkpoint needs the same processes and batch
+    check_resumable(path, ckpt, args)    both (eval_linear.py, finetune.py)
     gather_rank_states(logger)       every rank's random generators and running sums, on rank 0
     restore_rank_state(state, logger)
     keep_rng()                       a block that leaves the random generators as it found them
@@ -376,6 +377,7 @@ class EpochSteps:
                 # one all-reduce: non-finite losses, a signal on any rank, a checkpoint due
                 flags = pre.agree(self.nonfinite, it)
                 if flags.nonfinite:
+                    self.run.preemption.close()  # (the loop ends here: handlers put back)
                     raise FloatingPointError(
                         f"loss is not finite (nan/inf) at epoch {self.epoch}, iteration {i}; "
                         f"stopping without saving. {self.run.fix}")
@@ -499,6 +501,17 @@ def check_world_size(path, ckpt, world_size, batch_size, allow, lr=None):
     print(f"Resuming {path}, written by {stored} processes, with {world_size} "
           f"(--allow_world_size_change true): {change}", flush=True)
     return stored
+
+
+def check_resumable(path, ckpt, args, lr=None):
+    """The resume guard of eval_linear.py and finetune.py: check_world_size (another number of
+    processes: refused, or with --allow_world_size_change true said), then check_position (a
+    mid-epoch checkpoint needs the same processes and batch). Returns the number of processes
+    that wrote `path` (None when it did not say)."""
+    written_by = check_world_size(path, ckpt, args.world_size, args.batch_size_per_gpu,
+                                  args.allow_world_size_change, lr)
+    check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+    return written_by
 
 
 # ============ the data order of a resumed epoch ... ============
