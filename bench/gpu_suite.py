@@ -587,7 +587,8 @@ def torchrun_row(ctx, nproc, backend_flags=()):
         outputs.append(text)
     epoch = load_file(str(run_dir / "checkpoint.pth"))["epoch"]
     shutil.rmtree(run_dir, ignore_errors=True)  # the checkpoints
-    init = [line for line in outputs[0].splitlines() if "distributed init" in line]
+    # (every rank prints its init line, in any order)
+    init = [line for line in outputs[0].splitlines() if "distributed init (rank 0/" in line]
     checks = {f"rank 0/{nproc} over {backend}": bool(init) and f"rank 0/{nproc}" in init[0]
               and backend in init[0],
               "epoch 0 trained": "Starting dino training from epoch 0!" in outputs[0],
