@@ -262,9 +262,9 @@ class ResumableRun:
     step), the non-finite-loss check that rides on it, the mid-epoch checkpoints, and stopping.
 
     args: epochs, print_freq, device, seed, world_size, batch_size_per_gpu and preempt's flags.
-    batches: the training batches, with len() (steps per epoch) and, optionally,
-        set_epoch(epoch, start_iter) (data/loaders.py, eval_linear's FeatureBatches; a list
-        for the benchmarks).
+    batches: the training batches, with len() (steps per epoch) and set_epoch(epoch,
+        start_iter) (data/loaders.py, eval_linear's FeatureBatches); without set_epoch (a list,
+        in the benchmarks) the same batches every epoch, a resumed one's first skipped.
     save(position, **extra): writes the script's checkpoint with position (the keys an exact
         resume reads: "epoch", "iteration", "sampler", "ranks"); every rank calls it. None:
         no mid-epoch checkpoints (the benchmarks).
@@ -367,6 +367,8 @@ class EpochSteps:
         pre, n = self.run.preemption, self.niter
         with keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
             batches = iter(self.run.batches)
+        if not hasattr(self.run.batches, "set_epoch"):  # (which would have skipped them)
+            batches = itertools.islice(batches, self.start_iter, None)
         if self.rank_states is not None:  # resumed: the generators and sums of the checkpoint
             restore_rank_state(self.rank_states, self.logger)
         for i, batch in enumerate(self.logger.log_every(batches, n, self.start_iter),
