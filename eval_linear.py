@@ -37,7 +37,7 @@ from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove
                              save_atomic, unlock_output_dir)
 from core.features import extract_dataset_features, feature_function
 from core.curves import save_curves
-from core.logger import MetricLogger, StepLog, bool_flag
+from core.logger import StepLog, bool_flag
 from core.optim import lr_for_batch
 from core.syncbn import sync_batchnorm
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
@@ -294,35 +294,24 @@ def training_batches(model, feats_fn, dataset_train, info, args):
 
 # ============ training and validation ... ============
 
-def train_one_epoch(model, probe, optimizer, scaler, batches, epoch, encode, args, stopper=None,
-                    save_checkpoint=None, start_iter=0, rank_states=None, steps=None):
-    """encode(images) -> features under no_grad; identity for cached features. From iteration
-    start_iter (a resumed epoch, with its rank_states); returns None when a signal stopped the
-    ranks mid-epoch (after save_checkpoint(epoch, iteration, logger)). steps
-    (core.logger.StepLog): where each printed line's loss and lr also go."""
+# the end of the one line a loss gone nan/inf stops the run with (core/preempt.py)
+NONFINITE_FIX = "Lower --lr, or extract the features in --precision bf16 or fp32 if this was fp16."
+
+
+def train_one_epoch(probe, optimizer, scaler, encode, epoch, run, args):
+    """One epoch of the probe, from where `run` (core.preempt.ResumableRun) stands in it.
+    encode(images) -> features under no_grad (identity for cached features). Returns the
+    epoch's averages, or None when a signal stopped the ranks mid-epoch (checkpoint written)."""
     probe.train()
-    n = len(batches)
-    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
-                          on_print=steps.for_epoch(epoch, n) if steps is not None else None)
-    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
-        it_batches = iter(batches)
-    if rank_states is not None:
-        preempt.restore_rank_state(rank_states, logger)
-    for i, (x, target) in enumerate(logger.log_every(it_batches, n, start_iter), start=start_iter):
+    steps = run.epoch(epoch)
+    for _, (x, target) in steps:
         x = x.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
         outputs = probe(encode(x))  # the probe itself runs in float32, as DINO's
         loss = sum(F.cross_entropy(o, target) for o in outputs)
         amp.backward_step(loss, optimizer, scaler)
-        logger.update(loss=loss.detach() / len(outputs), lr=optimizer.param_groups[0]["lr"])
-        if stopper is not None and (i % args.print_freq == 0 or stopper.sync_due(n * epoch + i)) \
-                and i < n - 1:  # (the epoch's last step: run_linear saves the epoch)
-            flags = stopper.agree(it=n * epoch + i)
-            if flags.save:
-                save_checkpoint(epoch, i + 1, logger)
-                if flags.stop:
-                    return None
-    return logger.global_averages()
+        steps.update(loss / len(outputs), lr=optimizer.param_groups[0]["lr"])
+    return steps.averages()
 
 
 @torch.no_grad()
@@ -371,16 +360,13 @@ def keep_best(stats, best, best_state, probe):
 
 def restart_probe(path, probe, optimizer, scheduler, args):
     """Resume from `path` if it exists and was written by this same run (else a one-line
-    error), at the epoch and iteration it was written. Returns (start_epoch, start_iter, every
-    rank's generators or None, best accuracy per head, best-on-validation probe state)."""
+    error), at the epoch and iteration it was written. Returns (the checkpoint, None for a
+    fresh run; best accuracy per head; best-on-validation probe state)."""
     if not os.path.isfile(path):
-        return 0, 0, None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
+        return None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
     ckpt = load_file(path)
     eval_runs.check_resume(path, ckpt, args)
-    written_by = preempt.check_world_size(path, ckpt, args.world_size, args.batch_size_per_gpu,
-                                          args.allow_world_size_change,
-                                          lambda batch: args.lr * batch / 256.0)
-    preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+    written_by = preempt.check_resumable(path, ckpt, args, lambda batch: args.lr * batch / 256.0)
     load_probe(probe, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -396,9 +382,7 @@ def restart_probe(path, probe, optimizer, scheduler, args):
     print(f"Found checkpoint at {path}: resuming from epoch {ckpt['epoch']}"
           + (f", iteration {start_iter}." if start_iter else "."))
     best_state = probe_state(ckpt.get("best_state_dict", ckpt["state_dict"]), len(probe.heads))
-    ranks = ckpt.get("ranks") if len(ckpt.get("ranks") or ()) == args.world_size else None
-    return (ckpt["epoch"], start_iter, ranks, ckpt.get("best_accs", [ckpt["best_acc"]]),
-            best_state)
+    return ckpt, ckpt.get("best_accs", [ckpt["best_acc"]]), best_state
 
 
 def evaluate_probe(model, probe, feats_fn, dataset, names, dims, args):
@@ -585,23 +569,17 @@ def _run_linear(args):
     if distu.is_main_process():
         remove_stale_tmp(args.output_dir)  # the unfinished writes of a killed run
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth.tar")
-    start_epoch, start_iter, rank_states, best, best_state = restart_probe(
-        ckpt_path, probe, optimizer, scheduler, args)
+    resume, best, best_state = restart_probe(ckpt_path, probe, optimizer, scheduler, args)
 
-    def save_checkpoint(epoch, iteration, logger=None):
-        """checkpoint.pth.tar at `iteration` of `epoch` (0: the start of it); all ranks call."""
-        ranks = preempt.gather_rank_states(logger)
+    def save_checkpoint(position):
+        """checkpoint.pth.tar (rank 0) at `position` (core/preempt.py: the epoch, the iteration
+        in it, the data order, every rank's generators and running sums)."""
         if distu.is_main_process():
-            save_atomic({"epoch": epoch, "iteration": iteration,
-                         "state_dict": saved_state(probe.state_dict(), len(dims)),
+            save_atomic({**position, "state_dict": saved_state(probe.state_dict(), len(dims)),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": best[-1], "best_accs": best,
                          "best_state_dict": saved_state(best_state, len(dims)),
-                         "sampler": {"seed": args.seed, "epoch": epoch,
-                                     "world_size": args.world_size,
-                                     "batch_size": args.batch_size_per_gpu},
-                         "ranks": ranks, "args": eval_runs.run_args(args)}, ckpt_path)
-        stopper.saved()
+                         "args": eval_runs.run_args(args)}, ckpt_path)
 
     writer = None
     if args.tensorboard and distu.is_main_process():
@@ -613,15 +591,12 @@ def _run_linear(args):
     # DINO's names, do not say it)
     val_key = getattr(dataset_val, "split_key", "heldout" if args.val_split else "test")
 
-    # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and stop (exit 0,
-    # or 130 after Ctrl-C)
-    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
-                                 args.device)
-    for epoch in range(start_epoch, args.epochs):
-        batches.set_epoch(epoch, start_iter)
-        train_stats = train_one_epoch(model, ddp_probe, optimizer, scaler, batches, epoch, encode,
-                                      args, stopper, save_checkpoint, start_iter, rank_states, steps)
-        start_iter, rank_states = 0, None
+    # the epochs from the checkpoint's position; on SIGTERM / SIGUSR1 / Ctrl-C the ranks finish
+    # the step, save, and stop (exit 0, or 130 after Ctrl-C)
+    run = preempt.ResumableRun(args, batches, save_checkpoint, resume=resume, step_log=steps,
+                               fix=NONFINITE_FIX)
+    for epoch in run.epochs():
+        train_stats = train_one_epoch(ddp_probe, optimizer, scaler, encode, epoch, run, args)
         if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
             break
         scheduler.step()
@@ -648,18 +623,15 @@ def _run_linear(args):
         if writer is not None:  # (train/<name>: per step, StepLog)
             writer.add_scalar("train_epoch/loss", train_stats["loss"], epoch)
             writer.add_scalar("train_epoch/lr", train_stats["lr"], epoch)
-        save_checkpoint(epoch + 1, 0)
+        run.save(epoch + 1)
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             save_curves(args.output_dir)
-        if stopper.agree().stop:  # a signal in the epoch's last step or its validation
-            break
-    stopper.close()
     if writer is not None:
         writer.close()
-    if stopper.stop:
-        stopper.finish()
+    if run.stopped:  # by a signal, checkpoint written
+        run.finish()
         return None
 
     sanity_check(model, snapshot)  # the backbone must not have moved, in every training run

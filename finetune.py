@@ -21,7 +21,6 @@ was written with the same flags. The shared flags (model, features, data, run, -
 in core/eval_args.py.
 """
 import json
-import math
 import os
 import sys
 
@@ -37,7 +36,7 @@ from core.checkpoint import (load_file, lock_output_dir, make_output_dir, remove
                              save_atomic, unlock_output_dir)
 from core.features import extract_dataset_features
 from core.curves import save_curves
-from core.logger import MetricLogger, StepLog, bool_flag
+from core.logger import StepLog, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import cosine_scheduler
 from data import SingleViewTransform, build_dataset, dataset_info, eval_transform
@@ -257,17 +256,15 @@ def build_mixing(args, num_classes):
 
 # ============ training, validation, test report ... ============
 
-def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, epoch, args,
-                    stopper=None, save_checkpoint=None, start_iter=0, rank_states=None,
-                    steps=None):
-    """One epoch from iteration start_iter (a resumed epoch, with its rank_states); returns None
-    when a signal stopped the ranks mid-epoch (after save_checkpoint(epoch, iteration, logger)).
-    steps (core.logger.StepLog): where each printed line's loss and learning rates also go."""
+# the end of the one line a loss gone nan/inf stops the run with (core/preempt.py)
+NONFINITE_FIX = ("Lower --lr / --backbone_lr, raise --warmup_epochs, turn on --clip_grad, or train "
+                 "in --precision bf16 or fp32 if this was fp16.")
+
+
+def train_one_epoch(ddp_model, model, optimizer, scaler, lr_schedule, epoch, run, args):
+    """One epoch, from where `run` (core.preempt.ResumableRun) stands in it. Returns the epoch's
+    averages, or None when a signal stopped the ranks mid-epoch (checkpoint written)."""
     train_mode(ddp_model)
-    n = len(loader)  # iterations of the whole epoch, wherever it starts
-    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
-                          batch_size=args.batch_size_per_gpu,
-                          on_print=steps.for_epoch(epoch, n) if steps is not None else None)
     clip = (lambda: nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)) if args.clip_grad else None
     # the learning rates logged: the head's and, when the backbone trains, the highest of its
     # groups (its top layer's; --layer_decay lowers those below); one schedule scales them all
@@ -276,12 +273,8 @@ def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, ep
     lrs = {"lr_head": args.lr, **({"lr_backbone": max(backbone)} if backbone else {})}
     mix = build_mixing(args, args.num_labels)  # --mixup / --cutmix; the identity when both are 0
     criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)  # class indices or mixed
-    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
-        batches = iter(loader)
-    if rank_states is not None:
-        preempt.restore_rank_state(rank_states, logger)
-    for i, (images, targets) in enumerate(logger.log_every(batches, n, start_iter), start=start_iter):
-        it = n * epoch + i
+    steps = run.epoch(epoch)
+    for it, (images, targets) in steps:  # it: the global training iteration
         scale = float(lr_schedule[it])  # a numpy float would not pass weights_only
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * scale
@@ -292,19 +285,8 @@ def train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule, ep
             logits = ddp_model(images)
         loss = criterion(logits.float(), targets)
         amp.backward_step(loss, optimizer, scaler, after_unscale=clip)
-        logger.update(loss=loss.detach(), **{k: lr * scale for k, lr in lrs.items()})
-        if stopper is not None and (i % args.print_freq == 0 or stopper.sync_due(it)) \
-                and i < n - 1:  # (the epoch's last step: run_finetune saves the epoch)
-            flags = stopper.agree(it=it)
-            if flags.save:
-                save_checkpoint(epoch, i + 1, logger)
-                if flags.stop:
-                    return None
-    stats = logger.global_averages()
-    if not math.isfinite(stats["loss"]):
-        raise ValueError(f"loss is not finite at epoch {epoch}; lower --lr / --backbone_lr or turn "
-                         "on --clip_grad")
-    return stats
+        steps.update(loss, **{k: lr * scale for k, lr in lrs.items()})
+    return steps.averages()
 
 
 @torch.no_grad()
@@ -485,38 +467,30 @@ def _run_finetune(args):
     # ============ optionally resume training ... ============
     if distu.is_main_process():
         remove_stale_tmp(args.output_dir)  # the unfinished writes of a killed run
-    start_epoch, start_iter, rank_states, best_acc = 0, 0, None, -1.0
+    ckpt, best_acc = None, -1.0
     if os.path.isfile(ckpt_path):
         ckpt = load_file(ckpt_path)
         eval_runs.check_resume(ckpt_path, ckpt, args)  # never another run's checkpoint
         # another number of processes: refused, or said (the lrs do not scale with the batch)
-        preempt.check_world_size(ckpt_path, ckpt, args.world_size, args.batch_size_per_gpu,
-                                 args.allow_world_size_change)
-        preempt.check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+        preempt.check_resumable(ckpt_path, ckpt, args)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and "fp16_scaler" in ckpt:
             scaler.load_state_dict(ckpt["fp16_scaler"])
-        start_epoch, start_iter, best_acc = ckpt["epoch"], ckpt.get("iteration", 0), ckpt["best_acc"]
-        if len(ckpt.get("ranks") or ()) == args.world_size:
-            rank_states = ckpt["ranks"]
-        print(f"Found checkpoint at {ckpt_path}: resuming from epoch {start_epoch}"
-              + (f", iteration {start_iter}." if start_iter else "."))
+        best_acc = ckpt["best_acc"]
+        print(f"Found checkpoint at {ckpt_path}: resuming from epoch {ckpt['epoch']}"
+              + (f", iteration {ckpt['iteration']}." if ckpt.get("iteration") else "."))
 
-    def save_checkpoint(epoch, iteration, logger=None, val_acc=None):
-        """checkpoint.pth at `iteration` of `epoch` (0: the start of it); all ranks call."""
-        ranks = preempt.gather_rank_states(logger)
+    def save_checkpoint(position, val_acc=None):
+        """checkpoint.pth (rank 0) at `position` (core/preempt.py: the epoch, the iteration in
+        it, the data order, every rank's generators and running sums)."""
         if distu.is_main_process():
             save_dict = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "iteration": iteration, "best_acc": best_acc,
-                         "val_acc": val_acc, "sampler": {"seed": args.seed, "epoch": epoch,
-                                                         "world_size": args.world_size,
-                                                         "batch_size": args.batch_size_per_gpu},
-                         "ranks": ranks, "args": eval_runs.run_args(args)}
+                         **position, "best_acc": best_acc, "val_acc": val_acc,
+                         "args": eval_runs.run_args(args)}
             if scaler.is_enabled():
                 save_dict["fp16_scaler"] = scaler.state_dict()
             save_atomic(save_dict, ckpt_path)
-        stopper.saved()
 
     writer = None
     if args.tensorboard and distu.is_main_process():
@@ -527,16 +501,13 @@ def _run_finetune(args):
     steps = StepLog(args.output_dir, writer, prefix="train", main_process=distu.is_main_process())
     val_key = getattr(dataset_val, "split_key", "heldout" if args.val_split else "test")
 
-    # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and stop (exit 0,
-    # or 130 after Ctrl-C)
-    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
-                                 args.device)
-    for epoch in range(start_epoch, args.epochs):
-        loader.set_epoch(epoch, start_iter)
-        train_stats = train_one_epoch(ddp_model, model, loader, optimizer, scaler, lr_schedule,
-                                      epoch, args, stopper, save_checkpoint, start_iter, rank_states,
-                                      steps)
-        start_iter, rank_states = 0, None
+    # the epochs from the checkpoint's position; on SIGTERM / SIGUSR1 / Ctrl-C the ranks finish
+    # the step, save, and stop (exit 0, or 130 after Ctrl-C)
+    run = preempt.ResumableRun(args, loader, save_checkpoint, resume=ckpt, step_log=steps,
+                               batch_size=args.batch_size_per_gpu, fix=NONFINITE_FIX)
+    for epoch in run.epochs():
+        train_stats = train_one_epoch(ddp_model, model, optimizer, scaler, lr_schedule, epoch,
+                                      run, args)
         if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
             break
         logits = predict(model, dataset_val, args, "validation").float().cpu()
@@ -550,7 +521,7 @@ def _run_finetune(args):
         if is_best and distu.is_main_process():  # before checkpoint.pth, which records best_acc
             save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "val_acc": val_acc,
                          "args": eval_runs.run_args(args)}, best_path)
-        save_checkpoint(epoch + 1, 0, val_acc=val_acc)
+        run.save(epoch + 1, val_acc=val_acc)
         if distu.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps({**{f"train_{k}": v for k, v in train_stats.items()},
@@ -562,11 +533,8 @@ def _run_finetune(args):
                     writer.add_scalar(f"train_epoch/{k}", v, epoch)
                 writer.add_scalar(f"val/top1_{val_key}", val_acc, epoch)
                 writer.add_scalar(f"val/loss_{val_key}", val_loss, epoch)
-        if stopper.agree().stop:  # a signal in the epoch's last step or its validation
-            break
-    stopper.close()
-    if stopper.stop:
-        stopper.finish()
+    if run.stopped:  # by a signal, checkpoint written
+        run.finish()
         if writer is not None:
             writer.close()
         return None

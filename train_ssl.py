@@ -14,6 +14,7 @@ The file reads top to bottom like facebookresearch/dino's main_dino.py: argument
 init, data, networks, optimizer, schedules, resume, the epoch loop, and one training epoch.
 Everything method-specific lives in methods/<name>.py.
 """
+import argparse
 import copy
 import datetime
 import inspect
@@ -21,8 +22,10 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -36,7 +39,7 @@ from core.curves import save_curves
 from core.eval_args import add_eval_split_arg
 from core.eval_data import check_knn_data
 from core.knn import KNNEvaluator
-from core.logger import MetricLogger, StepLog, bool_flag
+from core.logger import StepLog, bool_flag
 from core.syncbn import sync_batchnorm
 from core.optim import (build_optimizer, clip_gradients, cosine_scheduler, get_params_groups,
                         lr_for_batch)
@@ -365,21 +368,17 @@ def train_ssl(args):
                                 fp16_scaler=scaler if scaler.is_enabled() else None,
                                 **model.checkpoint_modules())
         del ckpt
-    start_epoch, start_iter = to_restore["epoch"], to_restore["iteration"]
-    # every rank's random generators and running sums, restored once the epoch's data iterator
-    # exists (None from a checkpoint of another world size: the run goes on, not bit-exact)
-    rank_states = to_restore["ranks"] if len(to_restore["ranks"] or ()) == args.world_size else None
 
-    def save_checkpoint(epoch, iteration, logger=None):
-        """checkpoint.pth (rank 0) at `iteration` of `epoch` (0: the epoch starts there); a
-        collective: every rank's generators and running sums are gathered."""
-        ranks = preempt.gather_rank_states(logger)
-        save_dict = checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks)
+    def save_checkpoint(position):
+        """checkpoint.pth (rank 0) at `position` (core/preempt.py: the epoch, the iteration in
+        it, the data order, every rank's generators and running sums), and at the end of every
+        --saveckp_freq-th epoch a snapshot checkpoint{epoch:04}.pth."""
+        save_dict = checkpoint_dict(model, optimizer, scaler, args, position)
         if distu.is_main_process():
             save_atomic(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-            if iteration == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            epoch = position["epoch"]
+            if position["iteration"] == 0 and args.saveckp_freq and epoch % args.saveckp_freq == 0:
                 save_atomic(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-        stopper.saved()
 
     writer = None
     if args.tensorboard and distu.is_main_process():
@@ -394,22 +393,18 @@ def train_ssl(args):
         knn = KNNEvaluator.for_run(args, info)
 
     knn_top1 = None  # the k-NN top-1 after the last epoch, when --knn_freq evaluated it
-    # SIGTERM / SIGUSR1 / Ctrl-C from here on: the ranks finish the step, save, and exit (0, or
-    # 130 after Ctrl-C; a second Ctrl-C stops at once)
-    stopper = preempt.Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
-                                 args.device)
+    # the epochs from the checkpoint's position; on SIGTERM / SIGUSR1 / Ctrl-C the ranks finish
+    # the step, save, and exit (0, or 130 after Ctrl-C; a second Ctrl-C stops at once)
+    run = preempt.ResumableRun(args, data_loader, save_checkpoint, resume=to_restore,
+                               step_log=steps, batch_size=args.batch_size_per_gpu,
+                               fix=NONFINITE_FIX)
+    training = Training(ddp_model, model, optimizer, scaler, lr_schedule, wd_schedule, args)
     start_time = time.time()
-    print(f"Starting {args.method} training from epoch {start_epoch}"
-          + (f", iteration {start_iter}" if start_iter else "") + "!")
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.set_epoch(epoch, start_iter)  # start_iter > 0: a resumed epoch
-
+    print(f"Starting {args.method} training from epoch {run.start_epoch}"
+          + (f", iteration {run.start_iter}" if run.start_iter else "") + "!")
+    for epoch in run.epochs():
         # ============ training one epoch ... ============
-        train_stats = train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule,
-                                      wd_schedule, epoch, scaler, args, stopper=stopper,
-                                      save_checkpoint=save_checkpoint, start_iter=start_iter,
-                                      rank_states=rank_states, steps=steps)
-        start_iter, rank_states = 0, None
+        train_stats = train_one_epoch(training, epoch, run)
         if train_stats is None:  # stopped mid-epoch by a signal, checkpoint written
             break
         # the method's own check of the epoch (DINO/iBOT: one warning line if the teacher collapsed)
@@ -419,7 +414,7 @@ def train_ssl(args):
             knn_top1 = knn_during_training(knn, model.eval_backbone(), epoch, args)
 
         # ============ writing logs and checkpoint ... ============
-        save_checkpoint(epoch + 1, 0)
+        run.save(epoch + 1)
         if distu.is_main_process():
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             if knn_top1 is not None:
@@ -433,17 +428,14 @@ def train_ssl(args):
                 if knn_top1 is not None:
                     writer.add_scalar(f"knn/top1_{knn.split_key}", knn_top1, epoch)
                 writer.flush()
-        if stopper.stop:  # the signal came in the epoch's last step
-            break
-        left = (time.time() - start_time) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
+        done = epoch + 1 - run.start_epoch
+        left = (time.time() - start_time) / done * (args.epochs - epoch - 1)
         print(f"Epoch {epoch + 1}/{args.epochs} done; eta of the training "
               f"{datetime.timedelta(seconds=int(left))}", flush=True)
-    stopper.agree()  # a signal after the last step: the ranks skip the final k-NN check together
-    stopper.close()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
-    if stopper.stop:
-        code = stopper.finish()  # 130 after Ctrl-C: an interrupted command
+    if run.stopped:  # by a signal (also after the last step: the final k-NN check is skipped)
+        code = run.finish()  # 130 after Ctrl-C: an interrupted command
         if writer is not None:
             writer.close()
         distu.cleanup()
@@ -498,17 +490,14 @@ def build_networks(args, niter_per_ep):
     return model, backbone, init_backbone
 
 
-def checkpoint_dict(model, optimizer, scaler, args, epoch, iteration, ranks):
+def checkpoint_dict(model, optimizer, scaler, args, position):
     """What checkpoint.pth holds: DINO's keys (the networks and loss buffers under the method's
     names, "optimizer", "fp16_scaler", "epoch" = finished epochs, "args") and what an exact
-    resume at `iteration` of `epoch` needs: the data order ("sampler") and every rank's random
-    generators and running sums ("ranks", core/preempt.py). The schedules are indexed by
-    (epoch, iteration), so they need nothing more."""
+    resume at `position` needs (core/preempt.py ResumableRun.position: "epoch", "iteration",
+    the data order "sampler", every rank's random generators and running sums "ranks"). The
+    schedules are indexed by (epoch, iteration), so they need nothing more."""
     save_dict = {k: m.state_dict() for k, m in model.checkpoint_modules().items()}
-    save_dict.update(optimizer=optimizer.state_dict(), epoch=epoch, iteration=iteration,
-                     sampler={"seed": args.seed, "epoch": epoch, "world_size": args.world_size,
-                              "batch_size": args.batch_size_per_gpu},
-                     ranks=ranks, args=vars_plain(args))
+    save_dict.update(optimizer=optimizer.state_dict(), **position, args=vars_plain(args))
     if scaler.is_enabled():
         save_dict["fp16_scaler"] = scaler.state_dict()  # main_dino.py's key
     return save_dict
@@ -526,79 +515,59 @@ def compile_backbones(model, backend="inductor"):
             module.compile(backend=backend, dynamic=False)
 
 
-def train_one_epoch(ddp_model, model, data_loader, optimizer, lr_schedule, wd_schedule, epoch,
-                    scaler, args, stopper=None, save_checkpoint=None, start_iter=0,
-                    rank_states=None, steps=None):
-    """One epoch from iteration start_iter. stopper (core.preempt.Preemption) and
-    save_checkpoint(epoch, iteration, logger): mid-epoch checkpoints and stopping on a signal;
-    rank_states: the generators and running sums a resumed epoch starts with; steps
-    (core.logger.StepLog): where each printed line's values also go. Returns the epoch's
-    averaged stats, or None when the ranks stopped mid-epoch (checkpoint written)."""
-    niter = len(data_loader)  # iterations of the whole epoch, wherever it starts
-    logger = MetricLogger(header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
-                          batch_size=args.batch_size_per_gpu,
-                          on_print=steps.for_epoch(epoch, niter) if steps is not None else None)
-    ddp_model.train()
-    nonfinite = torch.zeros((), device=args.device)
-    channels_last = input_channels_last(model, args.device)
+@dataclass
+class Training:
+    """What a training step works with (train_one_epoch's `t`)."""
+    ddp_model: nn.Module  # the method's module (methods/), DDP-wrapped with several processes
+    model: nn.Module  # the same, unwrapped: after_backward, after_step, eval_backbone
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # a no-op unless fp16
+    lr_schedule: np.ndarray  # per global iteration
+    wd_schedule: np.ndarray
+    args: argparse.Namespace
+
+
+# the end of the one line a loss gone nan/inf stops the run with (core/preempt.py)
+NONFINITE_FIX = ("Lower --lr, raise --warmup_epochs, keep --clip_grad on, or train in --precision "
+                 "bf16 or fp32 if this was fp16.")
+
+
+def train_one_epoch(t, epoch, run):
+    """One epoch of training, from where `run` (core.preempt.ResumableRun) stands in it: the
+    run deals the batches, agrees with the other ranks every print_freq steps, stops on a
+    non-finite loss and saves and stops on a signal. Returns the epoch's averaged stats, or
+    None when the ranks stopped mid-epoch (checkpoint written)."""
+    args = t.args
+    t.ddp_model.train()
+    channels_last = input_channels_last(t.model, args.device)
 
     def edit_gradients():  # between backward and step, on the unscaled gradients
         if args.clip_grad:
-            clip_gradients(model, args.clip_grad)
-        model.after_backward(epoch)  # e.g. DINO's frozen last layer
+            clip_gradients(t.model, args.clip_grad)
+        t.model.after_backward(epoch)  # e.g. DINO's frozen last layer
 
-    with preempt.keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
-        batches = iter(data_loader)
-    if rank_states is not None:  # resumed: the generators and sums of the checkpoint
-        preempt.restore_rank_state(rank_states, logger)
-    for i, (views, _) in enumerate(logger.log_every(batches, niter, start_iter), start=start_iter):
-        it = niter * epoch + i  # global training iteration
-        lr, wd = float(lr_schedule[it]), float(wd_schedule[it])  # host floats: no sync
-        for j, group in enumerate(optimizer.param_groups):
+    steps = run.epoch(epoch)
+    for it, (views, _) in steps:  # it: the global training iteration
+        lr, wd = float(t.lr_schedule[it]), float(t.wd_schedule[it])  # host floats: no sync
+        for j, group in enumerate(t.optimizer.param_groups):
             group["lr"] = lr
             if j == 0:  # only the first group is regularized
                 group["weight_decay"] = wd
 
         views = to_device(views, args.device, channels_last)
         with amp.autocast(args.precision, args.device):
-            loss, stats = ddp_model(views, epoch, it)
-        # Checked on the host only every print_freq steps, so the step has no device sync.
-        nonfinite += ~torch.isfinite(loss.detach())
-
-        amp.backward_step(loss, optimizer, scaler, after_unscale=edit_gradients)
-        model.after_step(it)
-
-        logger.update(loss=loss.detach(), lr=lr, wd=wd, **stats)
-        if stopper is None:
-            if i % args.print_freq == 0 or i == niter - 1:
-                check_finite(nonfinite, epoch, i)
-        elif i % args.print_freq == 0 or i == niter - 1 or stopper.sync_due(it):
-            # one all-reduce: non-finite losses, a signal on any rank, a checkpoint due
-            flags = stopper.agree(nonfinite, it)
-            check_finite(flags.nonfinite, epoch, i)
-            if flags.save and i < niter - 1:  # (after the last step, train_ssl saves the epoch)
-                save_checkpoint(epoch, i + 1, logger)
-                if flags.stop:
-                    return None
-    stats = logger.global_averages()
-    stats.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
+            loss, stats = t.ddp_model(views, epoch, it)
+        amp.backward_step(loss, t.optimizer, t.scaler, after_unscale=edit_gradients)
+        t.model.after_step(it)
+        # kept on the device; a nan/inf loss is read on the host every print_freq steps
+        steps.update(loss, lr=lr, wd=wd, **stats)
+    stats = steps.averages()
+    if stats is None:  # stopped by a signal
+        return None
+    stats.update(lr=t.optimizer.param_groups[0]["lr"],
+                 wd=t.optimizer.param_groups[0]["weight_decay"])
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in stats.items()))
     return stats
-
-
-def check_finite(nonfinite, epoch, i):
-    """nonfinite: the count of non-finite losses, all ranks together (an int), or this rank's
-    (a tensor, all-reduced here)."""
-    if torch.is_tensor(nonfinite):
-        n = nonfinite.clone()
-        if distu.get_world_size() > 1:
-            torch.distributed.all_reduce(n)
-        nonfinite = n.item()
-    if nonfinite > 0:
-        print(f"error: loss is not finite (nan/inf) at epoch {epoch}, iteration {i}; stopping "
-              "without saving. Lower --lr, raise --warmup_epochs, keep --clip_grad on, or train "
-              "in --precision bf16 or fp32 if this was fp16.", file=sys.stderr, force=True)
-        sys.exit(1)
 
 
 def to_device(obj, device, channels_last=False):

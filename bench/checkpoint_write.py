@@ -30,7 +30,6 @@ from core import dist as distu  # noqa: E402
 from core.checkpoint import save_atomic  # noqa: E402
 from core.optim import build_optimizer, get_params_groups  # noqa: E402
 from data import dataset_info  # noqa: E402
-from methods import METHODS  # noqa: E402
 
 
 def get_args_parser(method):
@@ -60,8 +59,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(dir=args.output_dir if os.path.isdir(args.output_dir) else None) as tmp:
         for _ in range(args.repeats):
             start = time.perf_counter()
-            ranks = preempt.gather_rank_states()
-            save_dict = train_ssl.checkpoint_dict(model, optimizer, scaler, args, 0, 1, ranks)
+            position = preempt.ResumableRun(args, []).position(0, 1)  # gathers the generators
+            save_dict = train_ssl.checkpoint_dict(model, optimizer, scaler, args, position)
             gathered = time.perf_counter()
             save_atomic(save_dict, os.path.join(tmp, "checkpoint.pth"))
             done = time.perf_counter()

@@ -82,7 +82,7 @@ sys.path.insert(0, str(REPO))
 
 import train_ssl  # noqa: E402
 from bench import throughput, tta, two_ranks  # noqa: E402
-from core import amp, cli  # noqa: E402
+from core import amp, cli, preempt  # noqa: E402
 from core import dist as distu  # noqa: E402
 from core.checkpoint import load_file  # noqa: E402
 from core.logger import bool_flag  # noqa: E402
@@ -209,9 +209,9 @@ def run_steps(ddp_model, model, batch, optimizer, scaler, args, n, lr):
     recipe's weight decay, as the last epoch of the run (warmup-only behaviour over)."""
     lrs = np.full(args.epochs * n, lr)
     wds = np.full(args.epochs * n, args.weight_decay)
+    t = train_ssl.Training(ddp_model, model, optimizer, scaler, lrs, wds, args)
     with contextlib.redirect_stdout(io.StringIO()):
-        train_ssl.train_one_epoch(ddp_model, model, [batch] * n, optimizer, lrs, wds,
-                                  args.epochs - 1, scaler, args)
+        train_ssl.train_one_epoch(t, args.epochs - 1, preempt.ResumableRun(args, [batch] * n))
 
 
 def sync(device):
@@ -321,7 +321,7 @@ def correctness_losses(method, arch, precision, device, tiny):
         # AdamW at a constant 1e-4 for every method: the check is about the code path and the
         # precision (20 steps of each recipe's warmup-scaled lr barely move on a small batch)
         run_steps(recorder, model, batch, optimizer, scaler, args, steps, lr=1e-4)
-    except SystemExit:  # train_one_epoch stops on a non-finite loss
+    except FloatingPointError:  # train_one_epoch stops on a non-finite loss
         pass
     losses = torch.stack(recorder.losses).cpu().tolist()
     k = max(2, len(losses) // 4)
@@ -839,8 +839,9 @@ class OpNames(TorchDispatchMode):
 
 def setting_host_sync(device, tiny):
     """Synchronising CUDA calls inside train_one_epoch (torch.cuda.set_sync_debug_mode),
-    besides those made once per --print_freq steps by design: the logging (core/logger.py,
-    check_finite) and the SVD of the effective-rank diagnostic (core/diagnostics.py)."""
+    besides those made once per --print_freq steps by design: the logging (core/logger.py), the
+    ranks' agreement that reads the non-finite-loss count (core/preempt.py agree) and the SVD
+    of the effective-rank diagnostic (core/diagnostics.py)."""
     if device == "cpu":
         return "n/a", {}, "cuda only (torch.cuda.set_sync_debug_mode)"
     found = {}
@@ -863,8 +864,8 @@ def setting_host_sync(device, tiny):
         where = {f"{Path(w.filename).name}:{w.lineno}" for w in caught
                  if "synchroniz" in str(w.message)
                  and not w.filename.endswith(("core/logger.py", "core/diagnostics.py"))
-                 and not (w.filename.endswith("train_ssl.py") and "check_finite" in
-                          _function_at(w.filename, w.lineno))}
+                 and not (w.filename.endswith("core/preempt.py") and
+                          _function_at(w.filename, w.lineno) == "agree")}
         if where:
             found[f"{method}/{arch}"] = sorted(where)
     values = {"methods": 4, "with_syncs": len(found)}
@@ -1135,7 +1136,7 @@ def worker_main(args):
             traceback.print_exc()
             status, values, note = "fail", {}, f"{type(e).__name__}: " \
                 f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-        except SystemExit as e:  # train_one_epoch stops on a non-finite loss
+        except SystemExit as e:  # a script that ends with sys.exit
             status, values, note = "fail", {}, f"exited with {e.code}"
         result = dict(status=status, values=values, note=note,
                       seconds=round(time.time() - start, 1), cpu_s=round(cpu_seconds() - cpu, 1))

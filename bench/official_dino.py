@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import train_ssl  # noqa: E402
 from bench import throughput  # noqa: E402
-from core import cli  # noqa: E402
+from core import cli, preempt  # noqa: E402
 from core import dist as distu  # noqa: E402
 from core.optim import lr_for_batch  # noqa: E402
 from data import dataset_info  # noqa: E402
@@ -186,10 +186,11 @@ def main(argv=None):
     position = {"official": first_it}
     losses = {"official": []}
 
+    t = train_ssl.Training(model, model, optimizer, scaler, lr, wd, args)
+
     def ours(n):
         with contextlib.redirect_stdout(io.StringIO()):  # train_one_epoch's progress lines
-            train_ssl.train_one_epoch(model, model, [batch] * n, optimizer, lr, wd, epoch, scaler,
-                                      args)
+            train_ssl.train_one_epoch(t, epoch, preempt.ResumableRun(args, [batch] * n))
 
     def theirs(n):
         for _ in range(n):

@@ -52,7 +52,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import train_ssl  # noqa: E402
-from core import amp, cli  # noqa: E402
+from core import amp, cli, preempt  # noqa: E402
 from core import dist as distu  # noqa: E402
 from core.optim import build_optimizer, get_params_groups, lr_for_batch  # noqa: E402
 from data import dataset_info  # noqa: E402
@@ -136,10 +136,11 @@ def measure(args, info, transform, batch_size):
     epoch = args.epochs - 1
     cuda = args.device.type == "cuda"
 
+    t = train_ssl.Training(model, model, optimizer, scaler, lr, wd, args)
+
     def run(n):
         with contextlib.redirect_stdout(io.StringIO()):  # train_one_epoch's progress lines
-            train_ssl.train_one_epoch(model, model, [batch] * n, optimizer, lr, wd, epoch, scaler,
-                                      args)
+            train_ssl.train_one_epoch(t, epoch, preempt.ResumableRun(args, [batch] * n))
 
     if args.warmup:
         run(args.warmup)
@@ -201,10 +202,12 @@ def measure_loader(args, transform, batch_size, backend, train):
         lr = np.full(args.epochs * niter, lr_for_batch(args.lr, batch_size))
         wd = np.full(args.epochs * niter, args.weight_decay)
 
+        t = train_ssl.Training(model, model, optimizer, scaler, lr, wd, args)
+
         def run(n):
             with contextlib.redirect_stdout(io.StringIO()):
-                train_ssl.train_one_epoch(model, model, _Batches(batches, n), optimizer, lr, wd,
-                                          args.epochs - 1, scaler, args)
+                train_ssl.train_one_epoch(t, args.epochs - 1,
+                                          preempt.ResumableRun(args, _Batches(batches, n)))
     else:
         def run(n):
             for views, _ in itertools.islice(batches, n):

@@ -6,6 +6,7 @@ message; the script's entry point turns them into one `error: ...` line and exit
 
 Set MINISSL_TRACEBACK=1 to see the full traceback instead. Ctrl-C outside a training loop (whose
 own handler finishes the step and saves, core/preempt.py) ends with one line and exit code 130.
+A training loss gone nan/inf (FloatingPointError, core/preempt.py) is one line and exit code 1.
 
 ArgumentParser prints argparse's own error line without the usage block before it;
 HelpFormatter makes `--help` end every flag's help with its effective default.
@@ -39,14 +40,15 @@ def error_message(exc):
 
 def run(main):
     """Call main(); a user error ends the process with one line on stderr and exit code 2, a
-    Ctrl-C with one line and exit code 130 (what an interrupted command returns)."""
+    non-finite training loss with one line and exit code 1 (as DINO), a Ctrl-C with one line
+    and exit code 130 (what an interrupted command returns)."""
     try:
         return main()
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, FloatingPointError) as exc:
         if os.environ.get("MINISSL_TRACEBACK"):
             raise
         print(error_message(exc), file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(1 if isinstance(exc, FloatingPointError) else 2)
     except KeyboardInterrupt:
         if os.environ.get("MINISSL_TRACEBACK"):
             raise

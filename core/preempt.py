@@ -6,15 +6,25 @@ run gives: bit-identical on CPU with a fixed seed and num_workers 0 (tests/test_
 
     add_args(parser)                 --checkpoint_every_iters, --checkpoint_every_minutes,
                                      --allow_world_size_change
-    preempt = Preemption(args)       SIGTERM, SIGUSR1 and a first Ctrl-C only set a flag: the
-                                     step in flight ends; a second Ctrl-C stops at once (130)
-    preempt.sync_due(it)             where the loop must call agree() (besides its print_freq)
-    flags = preempt.agree(nonfinite, it)   flags.nonfinite, flags.stop, flags.save
-    preempt.saved()                  restart the --checkpoint_every_minutes clock
-    preempt.finish()                 after the last checkpoint: SLURM requeue on SIGUSR1; returns
-                                     the exit code (130 after Ctrl-C, else 0)
+    run = ResumableRun(args, loader, save, resume=ckpt, step_log=steps, fix="lower --lr")
+    for epoch in run.epochs():       # from the checkpoint's epoch; signals caught meanwhile
+        steps = run.epoch(epoch)     # (in train_one_epoch)
+        for it, batch in steps:      # it: the global iteration; the resumed epoch's batches
+            ...                      # the step, no host sync
+            steps.update(loss, lr=lr)    # logged; nan/inf counted, read where the ranks agree
+        stats = steps.averages()     # None: a signal stopped the ranks mid-epoch (saved)
+        ...                          # evaluate
+        run.save(epoch + 1)          # the epoch's checkpoint, through save(position)
+    if run.stopped:
+        code = run.finish()          # said, SLURM requeue after SIGUSR1; 130 after Ctrl-C
+    Preemption                       what ResumableRun decides with: SIGTERM, SIGUSR1 and a
+                                     first Ctrl-C only set a flag (the step in flight ends; a
+                                     second Ctrl-C stops at once, 130); agree() compares the
+                                     flags of every rank
     check_world_size(...)            a resume by another number of processes: refused, or with
                                      --allow_world_size_change true, said (new global batch, lr)
+    check_position(ckpt, ...)        a mid-epoch checkpoint needs the same processes and batch
+    check_resumable(path, ckpt, args)    both (eval_linear.py, finetune.py)
     gather_rank_states(logger)       every rank's random generators and running sums, on rank 0
     restore_rank_state(state, logger)
     keep_rng()                       a block that leaves the random generators as it found them
@@ -47,6 +57,12 @@ to every process of the job, and torchrun forwards the SIGINT it gets to its wor
 worker sees one press as two signals milliseconds apart: signals within SAME_PRESS_S of the
 first count as that press. Forked DataLoader workers inherit the handler and ignore Ctrl-C: the
 main process stops them (otherwise they would die at once, and the step after it with them).
+
+A loss that turns nan or inf ends the run the same way in every script: the step adds the loss's
+non-finiteness to a device counter (no sync), the count rides on the agreement's all-reduce, and
+every rank raises FloatingPointError("loss is not finite (nan/inf) at epoch E, iteration I;
+stopping without saving. <the script's advice>") before anything is saved; core/cli.run prints it
+as one `error:` line and exits with code 1 (as DINO's sys.exit(1)).
 """
 import contextlib
 import itertools
@@ -65,7 +81,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from core import dist as distu
-from core.logger import bool_flag
+from core.logger import MetricLogger, bool_flag
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 if hasattr(signal, "SIGUSR1"):  # not on Windows
@@ -103,9 +119,10 @@ def check_args(args):
 class Preemption:
     """Catches SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) for the life of the training loop and
     decides, with the other ranks, when to write a mid-epoch checkpoint and when to stop.
-    close() puts the previous signal handlers back."""
+    The handlers are installed at once (install=False: by install()); close() puts the
+    previous ones back."""
 
-    def __init__(self, every_iters=0, every_minutes=0.0, device="cpu"):
+    def __init__(self, every_iters=0, every_minutes=0.0, device="cpu", install=True):
         self.every_iters, self.every_minutes = every_iters, every_minutes
         self.device = torch.device(device)
         self.world_size = distu.get_world_size()
@@ -120,7 +137,11 @@ class Preemption:
         self.agreed_signal = None  # SIGUSR1 if any rank got it, else SIGINT, else SIGTERM
         self.last_save = time.monotonic()
         self._previous = {}
-        for name, signum in SIGNALS.items():
+        if install:
+            self.install()
+
+    def install(self):
+        for signum in SIGNALS.values():
             try:
                 self._previous[signum] = signal.signal(signum, self._handler)
             except ValueError:  # not the main thread (e.g. a test calling train_one_epoch)
@@ -231,6 +252,156 @@ class Preemption:
 LAST_EXIT_CODE = 0  # the exit code of the last Preemption.finish() (scripts whose loop returns None)
 
 
+# ============ the resumable loop of every training script ... ============
+
+class ResumableRun:
+    """The epochs and steps of a training loop that a signal may stop and a checkpoint resume:
+    train_ssl.py, eval_linear.py and finetune.py run their loops through it (see the top of
+    this file). It owns the resume position, the data order of a resumed epoch, the agreement
+    of the ranks every print_freq steps (and at checkpoint iterations, and the epoch's last
+    step), the non-finite-loss check that rides on it, the mid-epoch checkpoints, and stopping.
+
+    args: epochs, print_freq, device, seed, world_size, batch_size_per_gpu and preempt's flags.
+    batches: the training batches, with len() (steps per epoch) and set_epoch(epoch,
+        start_iter) (data/loaders.py, eval_linear's FeatureBatches); without set_epoch (a list,
+        in the benchmarks) the same batches every epoch, a resumed one's first skipped.
+    save(position, **extra): writes the script's checkpoint with position (the keys an exact
+        resume reads: "epoch", "iteration", "sampler", "ranks"); every rank calls it. None:
+        no mid-epoch checkpoints (the benchmarks).
+    resume: the checkpoint resumed from (its "epoch", "iteration", "ranks"), or None.
+    step_log: core.logger.StepLog, where each printed line's values also go.
+    batch_size: images per step and process, for the progress lines' img/s (None: not shown).
+    fix: the advice the non-finite-loss error line ends with (the script's flags)."""
+
+    def __init__(self, args, batches, save=None, resume=None, step_log=None, batch_size=None,
+                 fix="Lower --lr."):
+        self.args, self.batches, self._save = args, batches, save
+        self.step_log, self.batch_size, self.fix = step_log, batch_size, fix
+        resume = resume or {}
+        self.start_epoch, self.start_iter = resume.get("epoch", 0), resume.get("iteration", 0)
+        # every rank's generators and running sums, restored once the epoch's data iterator
+        # exists (None from a checkpoint of another world size: the run goes on, not bit-exact)
+        ranks = resume.get("ranks")
+        self._resume = (self.start_iter,
+                        ranks if len(ranks or ()) == distu.get_world_size() else None)
+        # the signal handlers are installed when the epochs start (epochs())
+        self.preemption = Preemption(args.checkpoint_every_iters, args.checkpoint_every_minutes,
+                                     args.device, install=False)
+
+    @property
+    def stopped(self):
+        """The ranks agreed to stop on a signal (the last checkpoint written is where it
+        resumes)."""
+        return self.preemption.stop
+
+    def epochs(self):
+        """The epochs left, from the resumed one; SIGTERM / SIGUSR1 / Ctrl-C caught meanwhile.
+        The loop's body trains the epoch (self.epoch), breaks when that stopped mid-epoch,
+        evaluates and saves the epoch (self.save); after it the ranks agree whether a signal
+        came in the epoch's last step or since, and if so the loop ends there."""
+        self.preemption.install()
+        try:
+            for epoch in range(self.start_epoch, self.args.epochs):
+                yield epoch
+                if self.preemption.stop or self.preemption.agree().stop:
+                    return
+        finally:
+            self.preemption.close()
+
+    def epoch(self, epoch):
+        """The steps of `epoch` (EpochSteps), from the checkpoint's iteration if it is the
+        resumed one."""
+        start_iter, rank_states = self._resume if epoch == self.start_epoch else (0, None)
+        self._resume = (0, None)  # (a resume happens once)
+        return EpochSteps(self, epoch, start_iter, rank_states)
+
+    def position(self, epoch, iteration, logger=None):
+        """What a checkpoint needs to resume at `iteration` of `epoch` (0: its start): the data
+        order ("sampler": the permutation's seed and epoch, dealt over world_size ranks in
+        batches of batch_size) and every rank's generators and running sums ("ranks"). A
+        collective: every rank calls it."""
+        a = self.args
+        return {"epoch": epoch, "iteration": iteration,
+                "sampler": {"seed": a.seed, "epoch": epoch, "world_size": a.world_size,
+                            "batch_size": a.batch_size_per_gpu},
+                "ranks": gather_rank_states(logger)}
+
+    def save(self, epoch, iteration=0, logger=None, **extra):
+        """The checkpoint at `iteration` of `epoch` through the script's save(position,
+        **extra); every rank calls it. Restarts the --checkpoint_every_minutes clock."""
+        self._save(self.position(epoch, iteration, logger), **extra)
+        self.preemption.saved()
+
+    def finish(self):
+        """After a loop the ranks stopped (self.stopped): says so, requeues under SLURM after
+        SIGUSR1, and returns the exit code (130 after Ctrl-C, else 0)."""
+        self.preemption.close()
+        return self.preemption.finish()
+
+
+class EpochSteps:
+    """One epoch of a ResumableRun: iterating yields (global iteration, batch) from where the
+    epoch starts (a resumed one: the checkpoint's iteration, with its generators and running
+    sums); update(loss, **values) after each step logs the values (core.logger.MetricLogger:
+    kept on the device, printed every print_freq steps) and counts a non-finite loss on the
+    device; averages() after the loop. Between steps, every print_freq steps, at the epoch's
+    last step and where a checkpoint is due, the ranks agree (Preemption.agree): a non-finite
+    loss on any rank raises FloatingPointError; a due checkpoint is saved (not after the last
+    step: the script saves the epoch); a signal ends the iteration after that save."""
+
+    def __init__(self, run, epoch, start_iter=0, rank_states=None):
+        self.run, self.epoch = run, epoch
+        self.start_iter, self.rank_states = start_iter, rank_states
+        if hasattr(run.batches, "set_epoch"):
+            run.batches.set_epoch(epoch, start_iter)  # start_iter > 0: a resumed epoch
+        self.niter = len(run.batches)  # iterations of the whole epoch, wherever it starts
+        args = run.args
+        self.logger = MetricLogger(
+            header=f"Epoch: [{epoch}/{args.epochs}]", print_freq=args.print_freq,
+            batch_size=run.batch_size,
+            on_print=run.step_log.for_epoch(epoch, self.niter) if run.step_log else None)
+        self.nonfinite = torch.zeros((), device=args.device)
+        self.stopped = False  # by a signal, mid-epoch (checkpoint written)
+
+    def __iter__(self):
+        pre, n = self.run.preemption, self.niter
+        with keep_rng():  # a DataLoader draws from torch's generator as its iterator starts
+            batches = iter(self.run.batches)
+        if not hasattr(self.run.batches, "set_epoch"):  # (which would have skipped them)
+            batches = itertools.islice(batches, self.start_iter, None)
+        if self.rank_states is not None:  # resumed: the generators and sums of the checkpoint
+            restore_rank_state(self.rank_states, self.logger)
+        for i, batch in enumerate(self.logger.log_every(batches, n, self.start_iter),
+                                  start=self.start_iter):
+            it = n * self.epoch + i  # global training iteration
+            yield it, batch
+            if i % self.logger.print_freq == 0 or i == n - 1 or pre.sync_due(it):
+                # one all-reduce: non-finite losses, a signal on any rank, a checkpoint due
+                flags = pre.agree(self.nonfinite, it)
+                if flags.nonfinite:
+                    self.run.preemption.close()  # (the loop ends here: handlers put back)
+                    raise FloatingPointError(
+                        f"loss is not finite (nan/inf) at epoch {self.epoch}, iteration {i}; "
+                        f"stopping without saving. {self.run.fix}")
+                if flags.save and i < n - 1 and self.run._save is not None:
+                    self.run.save(self.epoch, i + 1, self.logger)
+                    if flags.stop:
+                        self.stopped = True
+                        return
+
+    def update(self, loss, **values):
+        """After a step: its loss (a 0-d tensor, also checked for nan/inf where the ranks agree)
+        and other values (tensors or floats) for the progress lines and the epoch's averages."""
+        loss = loss.detach()
+        self.nonfinite += ~torch.isfinite(loss)
+        self.logger.update(loss=loss, **values)
+
+    def averages(self):
+        """The epoch's averages of every value, over all ranks (a collective); None when a
+        signal stopped the epoch (its checkpoint is written)."""
+        return None if self.stopped else self.logger.global_averages()
+
+
 # ============ random generators and running sums of every rank ... ============
 
 def rng_state():
@@ -332,6 +503,17 @@ def check_world_size(path, ckpt, world_size, batch_size, allow, lr=None):
     print(f"Resuming {path}, written by {stored} processes, with {world_size} "
           f"(--allow_world_size_change true): {change}", flush=True)
     return stored
+
+
+def check_resumable(path, ckpt, args, lr=None):
+    """The resume guard of eval_linear.py and finetune.py: check_world_size (another number of
+    processes: refused, or with --allow_world_size_change true said), then check_position (a
+    mid-epoch checkpoint needs the same processes and batch). Returns the number of processes
+    that wrote `path` (None when it did not say)."""
+    written_by = check_world_size(path, ckpt, args.world_size, args.batch_size_per_gpu,
+                                  args.allow_world_size_change, lr)
+    check_position(ckpt, args.world_size, args.batch_size_per_gpu)
+    return written_by
 
 
 # ============ the data order of a resumed epoch ... ============

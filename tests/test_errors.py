@@ -15,10 +15,15 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+import eval_linear
+import finetune
 import train_ssl
 from core import cli
+from core import dist as distu
 from core.checkpoint import load_file, make_output_dir
 from data import BadImageError, build_dataset
+from test_eval import local, npy_root  # noqa: F401  (the fixture: 4 colour classes, 16px)
+from test_eval_options import TINY_VIT, data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -457,3 +462,50 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(capsys):
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert err.startswith("Stopped by Ctrl-C") and len(err.splitlines()) == 1, err
+
+
+# ============ a loss gone nan/inf: one way in every training script (issue 19) ============
+
+@pytest.mark.parametrize("script", ["train_ssl", "eval_linear", "finetune"])
+def test_a_non_finite_loss_ends_every_training_script_alike(script, npy_root, tmp_path, capsys,
+                                                            monkeypatch):
+    """The first optimizer step diverges (here: leaves nan weights), so the second step's loss is
+    nan. Every training script stops at the next agreement of the ranks (--print_freq 1: that
+    step), before anything is saved, with the same one `error:` line (the epoch, the iteration,
+    the script's flags to change) and exit code 1. Before: train_ssl.py exited 1, finetune.py
+    raised a ValueError at the epoch's end (exit 2), eval_linear.py trained on and reported."""
+    from core import amp
+    step = amp.backward_step
+
+    def diverging(loss, optimizer, *a, **k):
+        step(loss, optimizer, *a, **k)
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+    monkeypatch.setattr(amp, "backward_step", diverging)
+    common = TINY_VIT + data(npy_root, tmp_path) + ["--epochs", "2", "--print_freq", "1"]
+    if script == "train_ssl":
+        args = train_ssl.parse_args(common + [
+            "--method", "simclr", "--proj_hidden_dim", "32", "--crop_size", "16",
+            "--dataset", "npy", "--warmup_epochs", "0", "--knn_eval", "false", "--cpu"])
+        main, fix = lambda: train_ssl.train_ssl(args), train_ssl.NONFINITE_FIX
+    elif script == "eval_linear":
+        args = local(eval_linear.get_args_parser().parse_args(common + ["--n_last_blocks", "1"]))
+        main, fix = lambda: eval_linear.run_linear(args), eval_linear.NONFINITE_FIX
+    else:
+        args = local(finetune.get_args_parser().parse_args(common + [
+            "--warmup_epochs", "0", "--val_split", "16", "--save_predictions", "0"]))
+        main, fix = lambda: finetune.run_finetune(args), finetune.NONFINITE_FIX
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run(main)
+    finally:
+        distu.cleanup()  # (train_ssl.py's process group)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: loss is not finite (nan/inf) at epoch 0, iteration 1; "
+                                f"stopping without saving. {fix}"], err
+    assert "--lr" in fix
+    assert not list(tmp_path.glob("checkpoint*")), list(tmp_path.iterdir())

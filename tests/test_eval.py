@@ -107,13 +107,20 @@ def test_linear_probe_learns_separable_problem_with_frozen_backbone(npy_root, tm
 def test_frozen_check_runs_in_every_training_run(npy_root, tmp_path, monkeypatch):
     """Augmented (non-cached) training with the MLP head: a training step that moved the
     backbone must be caught by the check inside run_linear."""
-    original = eval_linear.train_one_epoch
+    build, train = eval_linear.build_frozen_backbone, eval_linear.train_one_epoch
+    backbone = []
 
-    def moving(model, *a, **kw):
-        stats = original(model, *a, **kw)
+    def building(*a, **kw):
+        built = build(*a, **kw)
+        backbone.append(built[0])
+        return built
+
+    def moving(*a, **kw):
+        stats = train(*a, **kw)
         with torch.no_grad():
-            model.conv1.weight.mul_(1.01)
+            backbone[0].conv1.weight.mul_(1.01)
         return stats
+    monkeypatch.setattr(eval_linear, "build_frozen_backbone", building)
     monkeypatch.setattr(eval_linear, "train_one_epoch", moving)
     args = linear_args(npy_root, tmp_path, "--epochs", "1", "--head", "mlp", "--mlp_dims", "32")
     with pytest.raises(AssertionError, match="conv1.weight is changed"):

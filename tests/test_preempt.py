@@ -487,6 +487,57 @@ def test_signal_sets_a_flag_and_sigusr1_requeues_under_slurm(tmp_path, monkeypat
     assert not (tmp_path / "called").exists()
 
 
+def test_resumable_run_agrees_every_print_freq_steps_and_stops_on_nan_or_signal(monkeypatch):
+    """core/preempt.py's ResumableRun, the loop of all three training scripts, on a list of 7
+    batches: the ranks' agreement (the one host read) only every print_freq steps, at each
+    epoch's last step and after each epoch; a nan loss raises at the next agreement; a signal
+    saves the position after the step in flight and ends the epoch; a resumed run starts at
+    the checkpoint's iteration; the signal handlers are put back."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(epochs=2, print_freq=3, device="cpu", checkpoint_every_iters=0,
+                           checkpoint_every_minutes=0.0, seed=0, world_size=1,
+                           batch_size_per_gpu=4)
+    agreed, saved = [], []
+    agree = preempt.Preemption.agree
+    monkeypatch.setattr(preempt.Preemption, "agree",
+                        lambda self, nonfinite=None, it=None: agreed.append(it) or
+                        agree(self, nonfinite, it))
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def train(run, nan_at=None, term_at=None):
+        seen = []
+        for epoch in run.epochs():
+            steps = run.epoch(epoch)
+            for it, batch in steps:
+                seen.append((it, batch))
+                if it == term_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                steps.update(torch.tensor(float("nan") if it == nan_at else 1.0))
+            if steps.averages() is None:
+                break
+            run.save(epoch + 1)
+        return seen
+
+    save = lambda position: saved.append((position["epoch"], position["iteration"]))  # noqa: E731
+    seen = train(preempt.ResumableRun(args, list("abcdefg"), save))
+    assert seen == [(e * 7 + i, b) for e in range(2) for i, b in enumerate("abcdefg")]
+    assert agreed == [0, 3, 6, None, 7, 10, 13, None] and saved == [(1, 0), (2, 0)]
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+    agreed.clear()
+    with pytest.raises(FloatingPointError, match=r"^loss is not finite \(nan/inf\) at epoch 1, "
+                                                 r"iteration 3; stopping without saving\. Lower"):
+        train(preempt.ResumableRun(args, list("abcdefg"), save), nan_at=8)
+    assert agreed == [0, 3, 6, None, 7, 10] and signal.getsignal(signal.SIGTERM) == handler
+
+    saved.clear()
+    run = preempt.ResumableRun(args, list("abcdefg"), save)
+    assert [it for it, _ in train(run, term_at=4)] == [0, 1, 2, 3, 4]  # one process: that step
+    assert run.stopped and saved == [(0, 5)] and signal.getsignal(signal.SIGTERM) == handler
+    run = preempt.ResumableRun(args, list("abcdefg"), save, resume={"epoch": 0, "iteration": 5})
+    assert train(run) == [(5, "f"), (6, "g")] + [(7 + i, b) for i, b in enumerate("abcdefg")]
+
+
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     torch.manual_seed(1)
     np.random.seed(1)

@@ -21,7 +21,6 @@ the same pack is then a no-op; one unpack into a folder at a time).
 most 64 MiB together; packing fails (and leaves nothing) when the pack plus this checkout's
 working tree (git's tracked and untracked-but-not-ignored files) would not fit.
 """
-import argparse
 import hashlib
 import json
 import os
