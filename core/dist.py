@@ -99,6 +99,14 @@ def local_gpu(local_rank, backend):
     return local_rank % count
 
 
+_ONE_OF_SEVERAL = False  # set when this process is one rank of several (see cli.run)
+
+
+def one_of_several_ranks():
+    """Whether init_distributed_mode made this process one rank of several (world size > 1)."""
+    return _ONE_OF_SEVERAL
+
+
 def init_distributed_mode(args):
     """Sets args.rank, args.world_size, args.gpu, args.device, args.distributed; reads
     args.dist_url, args.cpu and args.dist_backend (each optional)."""
@@ -138,6 +146,8 @@ def init_distributed_mode(args):
                             rank=args.rank, timeout=datetime.timedelta(minutes=30),
                             device_id=device_id)
     args.distributed = args.world_size > 1
+    global _ONE_OF_SEVERAL
+    _ONE_OF_SEVERAL = args.distributed
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}, {args.device})",
           flush=True)
     setup_for_distributed(args.rank == 0)
