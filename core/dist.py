@@ -147,7 +147,7 @@ def init_distributed_mode(args):
                             device_id=device_id)
     args.distributed = args.world_size > 1
     global _ONE_OF_SEVERAL
-    _ONE_OF_SEVERAL = args.distributed
+    _ONE_OF_SEVERAL = args.distributed and dist.is_initialized()  # (not a test's fake group)
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}, {args.device})",
           flush=True)
     setup_for_distributed(args.rank == 0)

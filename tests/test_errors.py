@@ -5,6 +5,7 @@ launcher test needs subprocesses."""
 import os
 import signal
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -509,3 +510,31 @@ def test_a_non_finite_loss_ends_every_training_script_alike(script, npy_root, tm
                                 f"stopping without saving. {fix}"], err
     assert "--lr" in fix
     assert not list(tmp_path.glob("checkpoint*")), list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("body, code, stderr", [
+    ("return None", 0, ""),
+    ("sys.exit(130)", 130, ""),
+    ("raise ValueError('--x 3 is wrong; use --x 2')", 2, "error: --x 3 is wrong; use --x 2"),
+    ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+])
+def test_a_rank_of_several_leaves_with_its_exit_status_and_without_teardown(body, code, stderr):
+    """cli.run ends a rank of a multi-process run with os._exit (gloo's workers would abort the
+    interpreter's teardown): the exit status and the error line or traceback are kept, and
+    nothing after run() runs (an atexit hook does not print)."""
+    program = textwrap.dedent(f"""
+        import atexit, sys
+        from core import cli, dist
+        dist._ONE_OF_SEVERAL = True  # as init_distributed_mode sets it on a rank of several
+        atexit.register(lambda: print("teardown ran"))
+        def main():
+            print("trained", flush=True)
+            {body}
+        cli.run(main)
+        print("after run")
+    """)
+    out = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == code, out.stderr
+    assert out.stdout == "trained\n"
+    assert stderr in out.stderr
