@@ -145,16 +145,6 @@ def clip_gradients(model, clip):
     torch._foreach_mul_(grads, scales.unbind(0))
 
 
-def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
-    """Drop gradients of DINO/iBOT heads' last layer during the first epochs: AdamW then skips
-    those parameters entirely (no update, no weight decay), as the official code."""
-    if epoch >= freeze_last_layer:
-        return
-    for name, p in model.named_parameters():
-        if "last_layer" in name:
-            p.grad = None
-
-
 def lr_for_batch(lr, global_batch, scaling="linear"):
     """The learning rate a run uses. scaling "linear" (--lr_scaling, the default): the linear
     scaling rule (Goyal et al.), --lr is for a global batch of 256 (DINO, MAE's --blr);

@@ -21,7 +21,7 @@ methods/__init__.py):
     python train_ssl.py --method dino --arch vit_tiny --patch_size 4 --global_crops_size 32 \
         --local_crops_size 16 --out_dim 4096 --batch_size_per_gpu 64 --epochs 10 --warmup_epochs 1
 
-README.md (DINO and iBOT) has the recipes for CIFAR, STL-10, Tiny ImageNet and ImageNet.
+docs/methods.md (DINO and iBOT) has the recipes for CIFAR, STL-10, Tiny ImageNet and ImageNet.
 """
 import math
 
@@ -35,7 +35,7 @@ from core import amp
 from core import dist as distu
 from core.diagnostics import Every, check_collapse, teacher_stats
 from core.logger import bool_flag
-from core.optim import cancel_gradients_last_layer, cosine_scheduler
+from core.optim import cosine_scheduler
 from data import MultiCropTransform
 from models import build_backbone, check_patch_size, vit_shape
 
@@ -425,6 +425,16 @@ def init_teacher(student, teacher, strict=True):
 def teacher_momentum_schedule(args, niter_per_ep):
     """Teacher EMA momentum per iteration: cosine from --momentum_teacher to 1, no warmup."""
     return cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+
+
+def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    """Drop gradients of DINO/iBOT heads' last layer during the first epochs: AdamW then skips
+    those parameters entirely (no update, no weight decay), as the official code."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
 
 
 class DINO(TeacherStudent):

@@ -10,7 +10,7 @@
 #       --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14     # DINO's ResNet-50 recipe
 #   DATA=/path/to/cifar10 OUT=out/dino_cifar10 sbatch --nodes=1 slurm/dino_pretrain.sh \
 #       --patch_size 4 --global_crops_size 32 --local_crops_size 16 --batch_size_per_gpu 128 \
-#       --epochs 300                                                   # README.md, DINO recipes
+#       --epochs 300                                                   # docs/methods.md, DINO recipes
 # Extra flags go to train_ssl.py (the last value of a repeated flag wins). A requeued job resumes
 # from $OUT/checkpoint.pth.
 #SBATCH --job-name=dino_pretrain

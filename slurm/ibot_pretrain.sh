@@ -7,7 +7,7 @@
 #       --norm_last_layer true --epochs 400 --batch_size_per_gpu 32    # extra flags win (last value)
 #   DATA=/path/to/cifar10 OUT=out/ibot_cifar10 sbatch --nodes=1 --ntasks-per-node=4 \
 #       --gpus-per-node=4 slurm/ibot_pretrain.sh --patch_size 4 --global_crops_size 32 \
-#       --local_crops_size 16 --batch_size_per_gpu 128 --epochs 300   # README.md, DINO recipes
+#       --local_crops_size 16 --batch_size_per_gpu 128 --epochs 300   # docs/methods.md, DINO recipes
 #SBATCH --job-name=ibot_pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

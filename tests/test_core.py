@@ -14,7 +14,7 @@ from core import amp, cli
 from core.checkpoint import checkpoint_args, load_pretrained_weights, save_atomic
 from core.model_flags import load_backbone
 from core.logger import bool_flag
-from core.optim import (LARS, cancel_gradients_last_layer, clip_gradients, cosine_scheduler,
+from core.optim import (LARS, clip_gradients, cosine_scheduler,
                         get_params_groups, lr_for_batch)
 from models import build_backbone
 
@@ -129,6 +129,7 @@ def test_clip_gradients_equals_dino_loop_exactly():
 
 
 def test_cancel_gradients_last_layer():
+    from methods.dino import cancel_gradients_last_layer
     class Head(nn.Module):
         def __init__(self):
             super().__init__()
