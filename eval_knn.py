@@ -264,7 +264,8 @@ def run_knn(args):
             used = {k: knn_k_used(k, len(train_f)) for k in args.nb_knn}
             capped = [k for k in args.nb_knn if used[k] < k]
             if capped:
-                print(f"note: --nb_knn {' '.join(map(str, capped))} exceed the {len(train_f)} "
+                print(f"note: --nb_knn {' '.join(map(str, capped))} "
+                      f"{'exceeds' if len(capped) == 1 else 'exceed'} the {len(train_f)} "
                       f"train images; k = {len(train_f)} is used instead")
             for k in dict.fromkeys(used.values()):  # each k used once, in the asked order
                 top1, top5 = knn_classifier(train_f, train_labels, test_f, test_labels, k,
