@@ -17,13 +17,18 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from torchvision.ops import stochastic_depth
 import torch.nn.functional as F
 
 
 class DropPath(nn.Module):
     """Stochastic depth: zero the residual branch of whole samples with probability `drop_prob`.
 
-    Kept samples are scaled by 1 / (1 - drop_prob) so the expectation is unchanged.
+    Kept samples are scaled by 1 / (1 - drop_prob) so the expectation is unchanged. This is
+    torchvision.ops.stochastic_depth in "row" mode: one Bernoulli draw per sample, scaled on its
+    own B values, then one pass over x (tests/test_models.py checks it draw for draw against
+    DINO's drop_path written with the same draw). Kept as a module with DINO's name and
+    `drop_prob`, which the official ViT's repr and our tests read.
     """
 
     def __init__(self, drop_prob=0.):
@@ -31,12 +36,7 @@ class DropPath(nn.Module):
         self.drop_prob = drop_prob
 
     def forward(self, x):
-        if self.drop_prob == 0. or not self.training:
-            return x
-        keep_prob = 1. - self.drop_prob
-        # one Bernoulli draw per sample, scaled on its own B values, then one pass over x
-        scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
-        return x * scale.div_(keep_prob)
+        return stochastic_depth(x, self.drop_prob, "row", self.training)
 
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"

@@ -322,6 +322,23 @@ def test_drop_path_is_one_pass_over_its_input():
     assert Count.n == 1
 
 
+def test_drop_path_is_torchvisions_stochastic_depth_draw_for_draw():
+    """DropPath is torchvision.ops.stochastic_depth(mode="row"): the same masks for the same
+    seed as DINO's drop_path written with one Bernoulli draw per sample (which it replaced)."""
+    def dino_drop_path(x, drop_prob):
+        keep_prob = 1. - drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * mask.div_(keep_prob)
+
+    x = torch.randn(256, 17, 8)
+    for p in (0.1, 0.5):
+        torch.manual_seed(3)
+        ours = DropPath(p).train()(x)
+        torch.manual_seed(3)
+        assert torch.equal(ours, dino_drop_path(x, p))
+    assert torch.equal(DropPath(1.0).train()(x), torch.zeros_like(x))  # no 0/0 at p = 1
+
+
 def test_drop_path_rates_increase_linearly():
     model = small_vit(depth=4, drop_path_rate=0.3)
     rates = [blk.drop_path.drop_prob for blk in model.blocks]
