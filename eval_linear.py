@@ -366,11 +366,13 @@ def restart_probe(path, probe, optimizer, scheduler, args):
         return None, [0.0] * len(probe.heads), copy.deepcopy(probe.state_dict())
     ckpt = load_file(path)
     eval_runs.check_resume(path, ckpt, args)
-    written_by = preempt.check_resumable(path, ckpt, args, lambda batch: args.lr * batch / 256.0)
+    written_by = preempt.check_resumable(path, ckpt, args,
+                                         lambda batch: lr_for_batch(args.lr, batch, args.lr_scaling))
     load_probe(probe, ckpt["state_dict"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    if written_by and written_by != args.world_size:  # --allow_world_size_change true
+    if written_by and written_by != args.world_size and args.lr_scaling == "linear":
+        # (--allow_world_size_change true; with --lr_scaling none the lr is the batch's own)
         # the saved optimizer and schedule hold the lr of the old global batch: rescale them
         scale = args.world_size / written_by
         scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]

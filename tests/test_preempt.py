@@ -755,3 +755,23 @@ def _hold_lock(folder, ready, done):
     lock_output_dir(folder)
     ready.set()
     done.wait(60)
+
+
+def test_eval_linear_keeps_an_absolute_lr_when_the_process_count_changes(tmp_path, monkeypatch):
+    """With --lr_scaling none the lr is the one given, whatever the global batch: a probe
+    written by 2 processes and resumed by one with --allow_world_size_change true keeps it
+    (only the linear scaling rule rescales it)."""
+    make_digits(tmp_path / "data", n_train=48)
+    out = tmp_path / "out"
+    flags = ("--epochs", "2", "--lr_scaling", "none")
+    with monkeypatch.context() as m:  # stopped after epoch 0 of 2
+        _sigterm_at_step(m, amp, "backward_step", 2)
+        assert eval_linear.run_linear(_eval_args("eval_linear", tmp_path / "data", out, *flags)) is None
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    ckpt["args"]["world_size"] = ckpt["sampler"]["world_size"] = 2  # the same absolute lr
+    torch.save(ckpt, out / "checkpoint.pth.tar")
+    args = _eval_args("eval_linear", tmp_path / "data", out, *flags,
+                      "--allow_world_size_change", "true")
+    assert eval_linear.run_linear(args) is not None
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert last["epoch"] == 1 and last["train_lr"] == pytest.approx(args.lr / 2, rel=1e-6), last
