@@ -325,21 +325,28 @@ def _hold_lock(folder, ready, done):
     done.wait(60)
 
 
+def start_lock_holder(folder):
+    """A forked process holding `folder`'s lock (as a live run would), once it holds it.
+    Returns (the process, an Event that lets it end)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(folder), ready, done))
+    holder.start()
+    assert ready.wait(30)
+    return holder, done
+
+
 def test_an_output_dir_lock_refuses_a_second_run_until_the_first_is_gone(tmp_path, capsys):
     """core/checkpoint.lock_output_dir: a folder another live process holds is refused with one
     line naming it and the holder's pid; once the holder is gone (here SIGKILLed, its lock file
     left behind, a stale lock), the folder is free. The script-level runs:
     tests/test_preempt.py test_a_second_run_in_one_output_dir_is_refused."""
-    import multiprocessing as mp
     from core.checkpoint import lock_output_dir, unlock_output_dir
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, done))
-    holder.start()
+    holder, _ = start_lock_holder(out)
     try:
-        assert ready.wait(30)
         exits_with_one_line(lambda: lock_output_dir(str(out)), capsys,
                             f"--output_dir {out} is in use by another run (pid {holder.pid} on",
                             "wait for it to end or stop it, or pass another --output_dir")

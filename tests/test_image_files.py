@@ -18,11 +18,12 @@ from torchvision.transforms import functional as F
 
 import eval_knn
 import train_ssl
-from core import cli, eval_data
+from core import eval_data
 from core.features import extract_dataset_features
 from data import (BadImageError, TwoViewTransform, build_dataset, dataset_info, eval_transform,
                   resolve_dataset)
 from data.datasets import decode_image
+from test_errors import exits_with_one_line
 from data.gpu_transforms import BatchedView, make_generator
 from data.loaders import (ResidentLoader, StreamingLoader, _jpeg_components, build_train_loader,
                           decode_bytes)
@@ -294,7 +295,6 @@ def test_streamed_device_decoding_on_cpu_gives_the_workers_views(tmp_path, monke
     each batch in one decode_jpeg call on the device), run on the CPU: the same views and labels
     as the worker-decoded branch with the same seeds, a resumed epoch included; grey JPEGs go
     to the batch decoder, PNGs, CMYK and bad files to the workers' decoding."""
-    rng = np.random.default_rng(2)
     for i, (h, w) in enumerate([(20, 30), (50, 24), (31, 31), (18, 44), (24, 24), (45, 45)]):
         folder = tmp_path / "train" / f"c{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -371,17 +371,6 @@ def test_hidden_entries_are_skipped(tmp_path):
     tensor = build_train_loader("tensor", "imagefolder", str(root), eval_transform(8, MEAN, STD),
                                 2, device="cpu", num_workers=0)
     assert tensor.num_images == 6
-
-
-def exits_with_one_line(fn, capsys, *words):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.run(fn)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for w in words:
-        assert w in err, err
 
 
 def test_data_path_that_is_a_file(tmp_path, capsys):

@@ -42,6 +42,7 @@ import finetune
 import train_ssl  # imported once here: every forked start inherits it
 from core import amp, cli, preempt
 from core.checkpoint import load_resume, remove_stale_tmp, save_atomic
+from test_errors import start_lock_holder
 
 STARTED = []  # every process a test started, killed at its end if a failure left it running
 
@@ -380,10 +381,10 @@ def test_eval_scripts_stop_on_sigterm_and_resume_mid_epoch(script, tmp_path, mon
              "--batch_size_per_gpu", "16", "--tensorboard", "false", "--print_freq", "1",
              "--checkpoint_every_iters", "3", "--val_split", "16"]  # 48 train images: 3 steps
     if script == "eval_linear":
-        mod, parse, run = eval_linear, eval_linear.get_args_parser, eval_linear.run_linear
+        parse, run = eval_linear.get_args_parser, eval_linear.run_linear
         flags += ["--n_last_blocks", "1"]
     else:
-        mod, parse, run = finetune, finetune.get_args_parser, finetune.run_finetune
+        parse, run = finetune.get_args_parser, finetune.run_finetune
         flags += ["--warmup_epochs", "1", "--save_predictions", "0",
                   "--drop_path", "0.1"]
 
@@ -665,16 +666,11 @@ def test_a_second_run_in_one_output_dir_is_refused(tmp_path):
     """Two train_ssl.py runs started in one --output_dir both trained and interleaved log.txt:
     the second stops before reading any data, exit code 2, with one line naming the folder and
     the first run's pid (here a process holding the folder's lock)."""
-    import multiprocessing as mp
     data = make_digits(tmp_path / "data", n_train=32)
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, done))
-    holder.start()
+    holder, done = start_lock_holder(out)
     STARTED.append(holder)
-    assert ready.wait(30)
     run = Run(dino_argv(data, out), tmp_path / "second")
     assert run.join() == [2], run.text()[-3000:]
     errors = [line for line in run.text().splitlines() if line.startswith("error:")]
@@ -708,18 +704,13 @@ def test_eval_scripts_refuse_a_busy_folder_and_another_number_of_processes(scrip
     --allow_world_size_change true the run goes on, saying the new global batch and lr, and
     eval_linear's probe then trains with the lr of the new global batch (the saved optimizer
     and schedule held the old one)."""
-    import multiprocessing as mp
     from core.checkpoint import OutputDirInUse
     make_digits(tmp_path / "data", n_train=48)  # 32 train images: 2 steps of 16
     run = eval_linear.run_linear if script == "eval_linear" else finetune.run_finetune
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(out), ready, done))
-    holder.start()
+    holder, done = start_lock_holder(out)
     STARTED.append(holder)
-    assert ready.wait(30)
     with pytest.raises(OutputDirInUse, match=f"--output_dir {out} is in use by another run "
                                              f"\\(pid {holder.pid} on"):
         run(_eval_args(script, tmp_path / "data", out, "--epochs", "1"))
@@ -748,13 +739,6 @@ def test_eval_scripts_refuse_a_busy_folder_and_another_number_of_processes(scrip
         last = json.loads((out / "log.txt").read_text().splitlines()[-1])
         assert last["epoch"] == 1 and last["train_lr"] == pytest.approx(lr / 2, rel=1e-6), (last, lr)
     assert "lr unchanged" in capsys.readouterr().out if script == "finetune" else True
-
-
-def _hold_lock(folder, ready, done):
-    from core.checkpoint import lock_output_dir
-    lock_output_dir(folder)
-    ready.set()
-    done.wait(60)
 
 
 def test_eval_linear_keeps_an_absolute_lr_when_the_process_count_changes(tmp_path, monkeypatch):
